@@ -1,0 +1,56 @@
+"""Exceptions raised by langgraph_scoped_conn.
+
+Every exception shares :class:`ScopedConnectionError` as its base, so callers can
+catch the package's errors in one place.  Messages carry the context needed to act
+on them and never contain a password or a full DSN.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionBudgetExceededError",
+    "ExecutionConnectionLimitError",
+    "NoActiveScopeError",
+    "ReadOnlyViolationError",
+    "ScopeClosedError",
+    "ScopeUnavailableError",
+    "ScopedConnectionError",
+    "UnsafeQueryError",
+]
+
+
+class ScopedConnectionError(Exception):
+    """Base class of every error raised by langgraph_scoped_conn."""
+
+
+class ConfigurationError(ScopedConnectionError, ValueError):
+    """An option or a database URL is invalid or missing."""
+
+
+class NoActiveScopeError(ScopedConnectionError, LookupError):
+    """A scoped resource was requested outside any execution scope."""
+
+
+class ScopeUnavailableError(ScopedConnectionError):
+    """The run's scope could not be opened, so no scoped resource can be handed out."""
+
+
+class ScopeClosedError(ScopedConnectionError):
+    """A resource was requested through an execution scope that has already ended."""
+
+
+class ConnectionBudgetExceededError(ScopedConnectionError, TimeoutError):
+    """Every connection of the budget stayed in use for longer than ``pool_timeout``."""
+
+
+class ExecutionConnectionLimitError(ScopedConnectionError, TimeoutError):
+    """One execution asked for more than ``max_connections_per_execution`` connections."""
+
+
+class UnsafeQueryError(ScopedConnectionError, ValueError):
+    """The read-only guard refused a statement before it reached the database."""
+
+
+class ReadOnlyViolationError(ScopedConnectionError):
+    """The database refused a write inside a read-only transaction."""

@@ -1,0 +1,157 @@
+"""with_scoped_connections: give a compiled graph one execution scope per run.
+
+The wrapped graph is a copy of the compiled graph (``graph.with_config``) with a
+:class:`~langgraph_scoped_conn.ScopedConnectionHandler` in its callbacks, so it is
+still a ``Pregel`` of the same class: LangGraph Server and ``langgraph dev`` accept
+it from ``langgraph.json``, and every run path (invoke, ainvoke, stream, astream,
+batch, abatch, astream_events, use as a subgraph) goes through the handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
+
+from langgraph.pregel import Pregel
+
+from langgraph_scoped_conn.handler import ExecutionIdFactory, ScopedConnectionHandler
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+
+__all__ = ["with_scoped_connections"]
+
+G = TypeVar("G", bound=Pregel)  # type: ignore[type-arg]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def with_scoped_connections(
+    graph: G,
+    /,
+    *,
+    manager: ExecutionConnectionManager | None = ...,
+    execution_id: ExecutionIdFactory | None = ...,
+) -> G: ...
+
+
+@overload
+def with_scoped_connections(
+    graph: F,
+    /,
+    *,
+    manager: ExecutionConnectionManager | None = ...,
+    execution_id: ExecutionIdFactory | None = ...,
+) -> F: ...
+
+
+@overload
+def with_scoped_connections(
+    graph: None = None,
+    /,
+    *,
+    manager: ExecutionConnectionManager | None = ...,
+    execution_id: ExecutionIdFactory | None = ...,
+) -> Callable[[F], F]: ...
+
+
+def with_scoped_connections(
+    graph: Any = None,
+    /,
+    *,
+    manager: ExecutionConnectionManager | None = None,
+    execution_id: ExecutionIdFactory | None = None,
+) -> Any:
+    """Open an execution scope for every run of a compiled graph and release it at the end.
+
+    Works three ways::
+
+        graph = with_scoped_connections(builder.compile())
+
+        @with_scoped_connections           # on a graph factory, as langgraph dev accepts
+        def make_graph(config): ...
+
+        @with_scoped_connections(execution_id=lambda run: run["configurable"]["thread_id"])
+        def make_graph(config): ...
+
+    Args:
+        graph: a compiled graph, a function returning one (sync or async), or nothing
+            to get a decorator.
+        manager: the manager; the process default (looked up per run) when ``None``.
+        execution_id: a callable returning the execution id from
+            ``{"run_id", "metadata", "tags", "configurable"}``.
+
+    Returns:
+        A compiled graph of the same class (still ``isinstance(x, Pregel)``), or a
+        factory that returns one.
+
+    Raises:
+        TypeError: ``graph`` is neither a compiled graph nor a callable.
+    """
+    if graph is None:
+        return functools.partial(
+            with_scoped_connections, manager=manager, execution_id=execution_id
+        )
+    if isinstance(graph, Pregel):
+        return _wrap(graph, manager, execution_id)
+    if inspect.iscoroutinefunction(graph):
+        factory = graph
+
+        @functools.wraps(factory)
+        async def async_factory(*args: Any, **kwargs: Any) -> Any:
+            return _wrap_result(await factory(*args, **kwargs), manager, execution_id)
+
+        return async_factory
+    if callable(graph):
+        sync_factory: Callable[..., Any] = graph
+
+        @functools.wraps(sync_factory)
+        def factory_wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = sync_factory(*args, **kwargs)
+            if inspect.isawaitable(result):
+                return _await_and_wrap(result, manager, execution_id)
+            return _wrap_result(result, manager, execution_id)
+
+        return factory_wrapper
+    raise TypeError(
+        f"with_scoped_connections() takes a compiled graph (builder.compile()) or a function "
+        f"returning one; got {type(graph).__name__}. Did you pass the StateGraph builder? "
+        "Call .compile() first"
+    )
+
+
+async def _await_and_wrap(
+    result: Awaitable[Any], manager: ExecutionConnectionManager | None, execution_id: Any
+) -> Any:
+    return _wrap_result(await result, manager, execution_id)
+
+
+def _wrap_result(result: Any, manager: ExecutionConnectionManager | None, execution_id: Any) -> Any:
+    if not isinstance(result, Pregel):
+        raise TypeError(
+            f"the graph factory wrapped by with_scoped_connections returned "
+            f"{type(result).__name__}, not a compiled graph; return builder.compile()"
+        )
+    return _wrap(result, manager, execution_id)
+
+
+def _wrap(
+    graph: G, manager: ExecutionConnectionManager | None, execution_id: ExecutionIdFactory | None
+) -> G:
+    callbacks = (graph.config or {}).get("callbacks")
+    if isinstance(callbacks, list) and any(
+        isinstance(cb, ScopedConnectionHandler) for cb in callbacks
+    ):
+        return graph  # already wrapped: one scope per run, not two
+    handler = ScopedConnectionHandler(manager, execution_id=execution_id)
+    return graph.with_config(callbacks=[handler])  # type: ignore[return-value]
+
+
+def scoped_handler_of(graph: Pregel) -> ScopedConnectionHandler | None:  # type: ignore[type-arg]
+    """The handler a wrapped graph carries, or ``None`` for an unwrapped graph."""
+    callbacks = (graph.config or {}).get("callbacks")
+    if isinstance(callbacks, list):
+        for cb in callbacks:
+            if isinstance(cb, ScopedConnectionHandler):
+                return cb
+    return None

@@ -1,0 +1,234 @@
+"""ScopedConnectionHandler: opens an execution scope when a graph run starts, releases it at the end.
+
+The handler is a synchronous langchain-core callback handler with ``run_inline =
+True``: LangChain calls it directly on the calling thread (also from the async
+callback manager), so the scope exists before the first node runs, and the sync
+path never starts an event loop.  Blocking release work is handed to a worker
+thread when an event loop is running, so it never blocks the loop.
+
+Execution id, in order of precedence:
+
+1. the ``execution_id=`` callable, given ``{"run_id", "metadata", "tags", "configurable"}``;
+2. an enclosing :class:`~langgraph_scoped_conn.ExecutionScope` (the run joins it);
+3. ``configurable.run_id`` under LangGraph Server (the same across server retries);
+4. the root run id, which is the caller's ``config["run_id"]`` when given.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from langgraph_scoped_conn.context import register_manager
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.settings import redact_url
+
+__all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]
+
+logger = logging.getLogger("langgraph_scoped_conn")
+
+ExecutionIdFactory = Callable[[Mapping[str, Any]], str]
+
+class ScopedConnectionHandler(BaseCallbackHandler):
+    """Opens one execution scope per root graph run and releases it when the run ends.
+
+    One instance may serve many concurrent runs (as when a module-level graph is
+    served by ``langgraph dev``): all per-run state lives in the manager's registry,
+    keyed by run id, and is pruned as runs end.
+
+    Args:
+        manager: the manager to use; the process default when ``None`` (looked up at
+            each run start, so ``configure()`` after wrapping still takes effect).
+        execution_id: a callable that returns the execution id for a run.
+
+    Example:
+        >>> handler = ScopedConnectionHandler()  # doctest: +SKIP
+        >>> graph.invoke(inputs, {"callbacks": [handler]})
+    """
+
+    run_inline = True
+    raise_error = False
+    ignore_llm = True
+    ignore_chat_model = True
+    ignore_agent = True
+    ignore_retry = True
+    ignore_custom_event = True
+
+    def __init__(
+        self,
+        manager: ExecutionConnectionManager | None = None,
+        *,
+        execution_id: ExecutionIdFactory | None = None,
+    ) -> None:
+        self._manager = manager
+        self._execution_id = execution_id
+        if manager is not None:
+            register_manager(manager)
+
+    @property
+    def manager(self) -> ExecutionConnectionManager:
+        """The manager runs are registered with."""
+        if self._manager is not None:
+            return self._manager
+        from langgraph_scoped_conn.scope import get_connection_manager
+
+        manager = get_connection_manager()
+        register_manager(manager)
+        return manager
+
+    # -- run starts ----------------------------------------------------------------
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._start(run_id, parent_run_id, tags, metadata)
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._start(run_id, parent_run_id, tags, metadata)
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any] | None,
+        query: str,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._start(run_id, parent_run_id, tags, metadata)
+
+    def _start(
+        self,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        manager = self.manager
+        if parent_run_id is not None:
+            manager.link_run(run_id, parent_run_id)
+            if manager.is_known_run(run_id):
+                return
+        # a root: no parent, or a parent this manager has not seen (the wrapped graph
+        # called from inside another runnable, or used as a subgraph of a plain graph)
+        try:
+            execution = manager.open_execution(self._choose_id(run_id, tags, metadata))
+        except Exception as exc:
+            logger.error(
+                "could not open an execution scope for run %s: %s: %s; tools of this run will "
+                "get ScopeUnavailableError",
+                run_id,
+                type(exc).__name__,
+                redact_url(str(exc)),
+            )
+            manager.bind_failed_run(run_id, exc)
+            return
+        manager.bind_run(run_id, execution, root=True)
+
+    def _choose_id(
+        self, run_id: uuid.UUID, tags: list[str] | None, metadata: Mapping[str, Any] | None
+    ) -> str:
+        metadata = metadata or {}
+        if self._execution_id is not None:
+            configurable = {k: v for k, v in metadata.items() if not k.startswith("langgraph_")}
+            chosen = self._execution_id(
+                {
+                    "run_id": run_id,
+                    "metadata": dict(metadata),
+                    "tags": list(tags or ()),
+                    "configurable": configurable,
+                }
+            )
+            if not isinstance(chosen, str) or not chosen:
+                raise TypeError(
+                    f"the execution_id callable returned {chosen!r}; it must return a "
+                    "non-empty string"
+                )
+            return chosen
+        from langgraph_scoped_conn.scope import current_execution
+
+        enclosing = current_execution()
+        if enclosing is not None and enclosing.manager is self.manager:
+            return enclosing.execution_id
+        server_run = metadata.get("run_id")
+        if server_run:
+            return str(server_run)
+        return str(run_id)
+
+    # -- run ends ------------------------------------------------------------------
+
+    def on_chain_end(
+        self, outputs: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None, **kw: Any
+    ) -> None:
+        self._end(run_id, "ended")
+
+    def on_chain_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        self._end(run_id, f"ended with {type(error).__name__}")
+
+    def on_tool_end(
+        self, output: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None, **kw: Any
+    ) -> None:
+        self._end(run_id, "ended")
+
+    def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        self._end(run_id, "ended")
+
+    def on_retriever_end(
+        self, documents: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        self._end(run_id, "ended")
+
+    def on_retriever_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        self._end(run_id, "ended")
+
+    def _end(self, run_id: uuid.UUID, reason: str) -> None:
+        self.manager.end_run(run_id, reason=reason)
+
+    def __repr__(self) -> str:
+        return f"<ScopedConnectionHandler manager={self._manager!r}>"

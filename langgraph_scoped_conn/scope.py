@@ -1,0 +1,253 @@
+"""ExecutionScope and the guide's module-level API over the process-default manager."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import warnings
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from langgraph_scoped_conn import context as _context  # installs node attribution
+from langgraph_scoped_conn.registry import (
+    Execution,
+    ExecutionConnectionManager,
+    require_execution,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+    from langgraph_scoped_conn.pool import ScopedEngine
+    from langgraph_scoped_conn.sql_database import ScopedSQLDatabase
+
+__all__ = [
+    "ExecutionScope",
+    "close_database_connections",
+    "configure",
+    "create_execution_scoped_engine",
+    "create_execution_scoped_engine_sync",
+    "create_execution_scoped_sql_database",
+    "create_execution_scoped_sql_database_sync",
+    "current_execution",
+    "get_connection_manager",
+    "get_connection_stats",
+    "track_connection",
+]
+
+_current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
+    "langgraph_scoped_conn_execution", default=None
+)
+_default_lock = threading.Lock()
+_default_manager: ExecutionConnectionManager | None = None
+
+
+def get_connection_manager() -> ExecutionConnectionManager:
+    """Return the process-default manager, creating it from ``DATABASE_URL`` on first use."""
+    global _default_manager  # noqa: PLW0603
+    with _default_lock:
+        if _default_manager is None:
+            _default_manager = ExecutionConnectionManager()
+        return _default_manager
+
+
+def configure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+    """Replace the process-default manager, closing the old one, and return the new one.
+
+    Args:
+        database_url: the default URL; ``None`` falls back to ``DATABASE_URL``.
+        **options: see the README's configuration table.
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range, or the URL is invalid.
+            The old manager is kept in that case.
+
+    Example:
+        >>> configure("postgresql://app@db/app", max_connections=10)  # doctest: +SKIP
+    """
+    global _default_manager  # noqa: PLW0603
+    new = ExecutionConnectionManager(database_url, **options)
+    with _default_lock:
+        old, _default_manager = _default_manager, new
+    if old is not None:
+        old.close()
+    return new
+
+
+def current_execution() -> Execution | None:
+    """The execution opened by the innermost :class:`ExecutionScope` in this context."""
+    execution = _current.get()
+    return execution if execution is not None and execution.state == "open" else None
+
+
+class ExecutionScope:
+    """Track every database resource created inside, and release them all on exit.
+
+    Usable as ``with`` and ``async with``.  An inner scope with the same id joins the
+    outer one (its exit releases nothing); a scope with another id is an execution of
+    its own.  The exception that ends the block propagates unchanged.
+
+    On exit, idle connections return to the shared pool; a connection still checked
+    out is closed (and reported as a leak), unless another thread is still running
+    the code that checked it out, in which case it is released when returned.
+
+    Args:
+        execution_id: the id; a random one is made up when ``None``.
+        manager: the manager to register with; the process default when ``None``.
+
+    Example:
+        >>> with ExecutionScope("user-1-conv-9") as scope:  # doctest: +SKIP
+        ...     result = await graph.ainvoke(state, config)
+    """
+
+    __slots__ = ("_execution", "_requested_id", "_token", "manager")
+
+    def __init__(
+        self, execution_id: str | None = None, *, manager: ExecutionConnectionManager | None = None
+    ) -> None:
+        self.manager = manager or get_connection_manager()
+        self._requested_id = execution_id
+        self._execution: Execution | None = None
+        self._token: contextvars.Token[Execution | None] | None = None
+
+    @property
+    def execution_id(self) -> str:
+        """The id of this scope's execution (made up on entry when none was given)."""
+        if self._execution is not None:
+            return self._execution.execution_id
+        if self._requested_id is None:
+            raise RuntimeError("execution_id is made up on entry; read it inside the scope")
+        return self._requested_id
+
+    def _enter(self) -> ExecutionScope:
+        if self._execution is not None:
+            raise RuntimeError("an ExecutionScope cannot be entered twice; create a new one")
+        self._execution = self.manager.open_execution(self._requested_id)
+        self._token = _current.set(self._execution)
+        return self
+
+    def _reset_context(self) -> Execution:
+        execution = self._execution
+        assert execution is not None, "scope exited without being entered"
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # exited in another context (e.g. a generator finalised elsewhere)
+                _current.set(None)
+            self._token = None
+        return execution
+
+    def __enter__(self) -> ExecutionScope:
+        return self._enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.manager.release_execution(self._reset_context())
+
+    async def __aenter__(self) -> ExecutionScope:
+        return self._enter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.manager.arelease_execution(self._reset_context())
+
+    def __repr__(self) -> str:
+        state = self._execution.state if self._execution is not None else "not entered"
+        return f"<ExecutionScope {self._requested_id or '(auto)'!s} {state}>"
+
+
+def _resolve(manager: ExecutionConnectionManager | None, what: str) -> Execution:
+    execution = current_execution()
+    if execution is None:
+        execution = _context.execution_from_langgraph_context(manager)
+    return require_execution(execution, what)
+
+
+def create_execution_scoped_engine_sync(
+    database_url: str | URL | None = None, **options: Any
+) -> ScopedEngine:
+    """Synchronous twin of :func:`create_execution_scoped_engine`."""
+    execution = _resolve(None, "create_execution_scoped_engine()")
+    return execution.manager.engine_for(execution, database_url, **options)
+
+
+async def create_execution_scoped_engine(
+    database_url: str | URL | None = None, **options: Any
+) -> ScopedEngine:
+    """Create an engine attached to the current execution, drawing from the shared pool.
+
+    Args:
+        database_url: the URL; defaults to the configured URL, then ``DATABASE_URL``.
+        **options: SQLAlchemy execution options for the engine.
+
+    Raises:
+        NoActiveScopeError: outside any execution scope.
+    """
+    return create_execution_scoped_engine_sync(database_url, **options)
+
+
+def create_execution_scoped_sql_database_sync(
+    database_url: str | URL | None = None, **options: Any
+) -> ScopedSQLDatabase:
+    """Synchronous twin of :func:`create_execution_scoped_sql_database`."""
+    from langgraph_scoped_conn.sql_database import new_scoped_sql_database
+
+    execution = _resolve(None, "create_execution_scoped_sql_database()")
+    return new_scoped_sql_database(execution, database_url, **options)
+
+
+async def create_execution_scoped_sql_database(
+    database_url: str | URL | None = None, **options: Any
+) -> ScopedSQLDatabase:
+    """Create a SQLDatabase attached to the current execution (the guide's API).
+
+    Schema reflection is cached per URL and options, so this costs microseconds
+    after the first call in a process.  With no arguments, it uses the configured
+    URL: ``configure(database_url=...)``, else ``DATABASE_URL``.
+
+    Args:
+        database_url: the URL, or ``None`` for the configured one.
+        **options: ``read_only``, ``statement_timeout`` and the keyword arguments of
+            ``SQLDatabase`` (``include_tables``, ``sample_rows_in_table_info`` ...).
+
+    Raises:
+        NoActiveScopeError: outside any execution scope.
+    """
+    return create_execution_scoped_sql_database_sync(database_url, **options)
+
+
+def track_connection(obj: Any) -> Any:
+    """Attach a closable object (``close``, ``aclose`` or ``dispose``) to the current execution.
+
+    It is closed when the execution ends.  Returns ``obj`` so it can wrap a creation.
+
+    Raises:
+        NoActiveScopeError: outside any execution scope.
+        TypeError: ``obj`` has no close method.
+    """
+    execution = _resolve(None, "track_connection()")
+    execution.manager.track(execution, obj)
+    return obj
+
+
+def get_connection_stats() -> dict[str, Any]:
+    """Stats of the process-default manager, in the guide's shape plus extra keys."""
+    return get_connection_manager().get_stats()
+
+
+async def close_database_connections() -> None:
+    """Deprecated no-op kept from the guide; scopes release connections on exit."""
+    warnings.warn(
+        "close_database_connections() does nothing: connections are released when each "
+        "ExecutionScope or wrapped graph run ends. Remove the call",
+        DeprecationWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,189 @@
+"""Options of a connection manager: validation, defaults, URL handling and redaction.
+
+Pure code: nothing here opens a connection.  Heavy imports (SQLAlchemy) happen
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from langgraph_scoped_conn.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+__all__ = ["STRATEGIES", "ScopedConnSettings", "Strategy", "redact_url"]
+
+Strategy = Literal["auto", "shared", "per_execution", "pooler"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+#: Ports and host suffixes of transaction-mode poolers (PgBouncer, Supabase Supavisor).
+_POOLER_PORTS = frozenset({6432, 6543})
+_POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('[^']*'|\S+)")
+
+
+def redact_url(text: str) -> str:
+    """Replace any password in ``text`` (URL userinfo or ``password=`` keyword) with ``***``.
+
+    Works on strings that are not valid URLs too, so it is safe for error messages.
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScopedConnSettings:
+    """Validated options of an :class:`~langgraph_scoped_conn.ExecutionConnectionManager`.
+
+    See the README's configuration table for the meaning of each field.
+    """
+
+    database_url: str | None = None
+    strategy: Strategy = "auto"
+    max_connections: int = 10
+    max_connections_per_execution: int = 5
+    pool_timeout: float = 20.0
+    pool_recycle: int = 1800
+    pool_pre_ping: bool = True
+    max_scope_lifetime: float | None = 3600.0
+    read_only: bool = False
+    statement_timeout: float | None = 30.0
+    max_query_length: int = 20_000
+    application_name: str = "langgraph_scoped_conn"
+    tag_connections: bool = False
+    cache_reflection: bool = True
+    debug: bool = False
+    engine_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigurationError(
+                f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}"
+            )
+        _positive_int("max_connections", self.max_connections)
+        _positive_int("max_connections_per_execution", self.max_connections_per_execution)
+        _positive_int("max_query_length", self.max_query_length)
+        _positive_int("pool_recycle", self.pool_recycle, allow=(-1,))
+        if not _is_number(self.pool_timeout) or self.pool_timeout <= 0:
+            raise ConfigurationError(
+                f"pool_timeout={self.pool_timeout!r} must be a number of seconds above 0"
+            )
+        for name in ("max_scope_lifetime", "statement_timeout"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise ConfigurationError(
+                    f"{name}={value!r} must be a number of seconds above 0, or None to disable"
+                )
+        if not isinstance(self.application_name, str) or len(self.application_name) > 40:
+            raise ConfigurationError(
+                "application_name must be a string of at most 40 characters "
+                "(PostgreSQL truncates it at 63 bytes and the package appends the execution id)"
+            )
+        bad = {"poolclass", "pool_size", "max_overflow", "pool"} & set(self.engine_options)
+        if bad:
+            raise ConfigurationError(
+                f"engine_options may not set {', '.join(sorted(bad))}: the package sizes the pool "
+                "from max_connections; set max_connections instead"
+            )
+
+    @classmethod
+    def from_options(cls, database_url: str | None = None, **options: Any) -> ScopedConnSettings:
+        """Build settings from keyword options, naming any option that is not known."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"database_url"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown option(s) {', '.join(sorted(unknown))}; "
+                f"known options are {', '.join(sorted(known))}"
+            )
+        return cls(database_url=database_url, **options)
+
+    def replace(self, **changes: Any) -> ScopedConnSettings:
+        """Return a copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    def resolve_url(self, override: str | None = None) -> str:
+        """Return the URL to use: ``override``, else the configured one, else ``DATABASE_URL``.
+
+        Raises:
+            ConfigurationError: when none of the three is set.
+        """
+        url = override or self.database_url or os.environ.get("DATABASE_URL")
+        if not url:
+            raise ConfigurationError(
+                "no database URL: pass database_url=..., call "
+                "langgraph_scoped_conn.configure(database_url=...), or set DATABASE_URL"
+            )
+        return url
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-safe dict with every password redacted."""
+        out = dataclasses.asdict(self)
+        out["database_url"] = redact_url(self.database_url) if self.database_url else None
+        out["engine_options"] = sorted(self.engine_options)
+        return out
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse ``url`` with SQLAlchemy, accepting Supabase/Heroku style ``postgres://``.
+
+    Raises:
+        ConfigurationError: with the password redacted, when the URL cannot be parsed.
+    """
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if isinstance(url, URL):
+        return url
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"could not parse database URL {redact_url(url)!r}; expected a SQLAlchemy URL such "
+            "as postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
+        ) from None
+    # Load the dialect now so a missing driver is reported here, naming the URL safely.
+    try:
+        parsed.get_dialect()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"no SQLAlchemy dialect/driver for {parsed.render_as_string(hide_password=True)!r} "
+            f"({type(exc).__name__}: {redact_url(str(exc))}); install the driver or fix the scheme"
+        ) from None
+    return parsed
+
+
+def resolve_strategy(strategy: Strategy, url: URL) -> Literal["shared", "per_execution", "pooler"]:
+    """Turn ``"auto"`` into ``"pooler"`` for transaction poolers and ``"shared"`` otherwise."""
+    if strategy != "auto":
+        return strategy
+    return "pooler" if looks_like_pooler(url) else "shared"
+
+
+def looks_like_pooler(url: URL) -> bool:
+    """True when ``url`` points at PgBouncer or Supabase Supavisor in transaction mode."""
+    if not url.get_backend_name().startswith("postgresql"):
+        return False
+    if str(url.query.get("pgbouncer", "")).lower() in {"1", "true", "yes"}:
+        return True
+    host = (url.host or "").lower()
+    return url.port in _POOLER_PORTS or host.endswith(_POOLER_HOST_SUFFIXES)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: object, allow: tuple[int, ...] = ()) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value not in allow):
+        raise ConfigurationError(f"{name}={value!r} must be a whole number of at least 1")

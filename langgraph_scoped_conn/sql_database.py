@@ -1,0 +1,258 @@
+"""The SQLDatabase adapter: langchain-community's ``SQLDatabase`` over a scoped engine.
+
+``SQLDatabase(engine)`` reflects the schema on construction (26 statements against
+PostgreSQL).  Here reflection runs once per URL and options, into a template; each
+execution gets a shallow copy of the template bound to its own scoped engine, which
+costs microseconds.  Call :meth:`ExecutionConnectionManager.invalidate_schema_cache
+<langgraph_scoped_conn.sql_database.invalidate_schema_cache>` after a migration.
+
+langchain-community is imported only here, and its import-time sunset warning is
+silenced, so the core never depends on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.expression import Executable
+
+from langgraph_scoped_conn.errors import ReadOnlyViolationError, ScopedConnectionError
+from langgraph_scoped_conn.guard import check_read_only_sql
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r".*langchain-community.*", category=DeprecationWarning)
+    from langchain_community.utilities.sql_database import SQLDatabase
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.engine.reflection import Inspector
+
+    from langgraph_scoped_conn.registry import Execution, ExecutionConnectionManager
+
+__all__ = ["ScopedSQLDatabase", "invalidate_schema_cache", "new_scoped_sql_database"]
+
+_GUARD_OPTIONS = ("read_only", "statement_timeout")
+_template_lock = threading.Lock()
+#: SQLSTATE codes that mean "refused because the transaction is read-only".
+_READ_ONLY_SQLSTATES = frozenset({"25006"})
+
+
+class ScopedSQLDatabase(SQLDatabase):  # type: ignore[misc]
+    """A ``SQLDatabase`` bound to one execution's scoped engine.
+
+    Behaves like ``langchain_community``'s ``SQLDatabase``.  Differences:
+
+    * the schema comes from a per-URL reflection cache instead of being reflected
+      again;
+    * with ``read_only=True`` every statement passes the read-only guard and runs in
+      a read-only transaction with a statement timeout that is rolled back afterwards;
+    * on PostgreSQL, ``schema=`` uses ``SET LOCAL search_path``, so it cannot leak to
+      the next execution through the shared pool.
+    """
+
+    _lsc_read_only: bool
+    _lsc_statement_timeout: float | None
+    _lsc_max_query_length: int
+    _lsc_inspector: Inspector | None
+
+    @property
+    def _inspector(self) -> Inspector:
+        # created on first use from this execution's engine; most runs never need it
+        if self._lsc_inspector is None:
+            from sqlalchemy import inspect
+
+            self._lsc_inspector = inspect(self._engine)
+        return self._lsc_inspector
+
+    @_inspector.setter
+    def _inspector(self, value: Inspector) -> None:
+        self._lsc_inspector = value
+
+    @property
+    def read_only(self) -> bool:
+        """Whether statements run through the read-only guard."""
+        return self._lsc_read_only
+
+    def _execute(
+        self,
+        command: str | Executable,
+        fetch: Literal["all", "one", "cursor"] = "all",
+        *,
+        parameters: dict[str, Any] | None = None,
+        execution_options: dict[str, Any] | None = None,
+    ) -> Any:
+        dialect = self._engine.dialect.name
+        if not self._lsc_read_only and dialect not in ("postgresql", "sqlite"):
+            return super()._execute(
+                command, fetch, parameters=parameters, execution_options=execution_options
+            )
+        if self._lsc_read_only:
+            if not isinstance(command, str):
+                raise ReadOnlyViolationError(
+                    "read-only mode runs SQL text only, so the guard can check it; "
+                    f"got {type(command).__name__}"
+                )
+            command = check_read_only_sql(command, max_length=self._lsc_max_query_length)
+        if isinstance(command, str):
+            command = text(command)
+        elif not isinstance(command, Executable):
+            raise TypeError(f"Query expression has unknown type: {type(command)}")
+        with self._engine.connect() as connection:
+            transaction = connection.begin()
+            try:
+                self._prepare_transaction(connection, dialect)
+                cursor = connection.execute(
+                    command, parameters or {}, execution_options=execution_options or {}
+                )
+                result: Any = []
+                if cursor.returns_rows:
+                    if fetch == "all":
+                        result = [x._asdict() for x in cursor.fetchall()]
+                    elif fetch == "one":
+                        first = cursor.fetchone()
+                        result = [] if first is None else [first._asdict()]
+                    elif fetch == "cursor":
+                        result = cursor.freeze()
+                    else:
+                        raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
+            except DBAPIError as exc:
+                transaction.rollback()
+                code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+                if code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig):
+                    raise ReadOnlyViolationError(
+                        "the database refused a write in read-only mode; only queries may run "
+                        "here"
+                    ) from exc
+                raise
+            except BaseException:
+                transaction.rollback()
+                raise
+            finally:
+                if connection.info.pop("langgraph_scoped_conn.query_only", False):
+                    if connection.in_transaction():
+                        transaction.rollback()
+                    connection.exec_driver_sql("PRAGMA query_only = OFF")
+            if connection.in_transaction():
+                if self._lsc_read_only:
+                    transaction.rollback()
+                else:
+                    transaction.commit()
+            return result
+
+    def _prepare_transaction(self, connection: Any, dialect: str) -> None:
+        if dialect == "postgresql":
+            if self._lsc_read_only:
+                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            timeout = self._lsc_statement_timeout
+            if timeout is not None and self._lsc_read_only:
+                connection.exec_driver_sql(
+                    f"SET LOCAL statement_timeout = {max(int(timeout * 1000), 1)}"
+                )
+            if self._schema is not None:
+                connection.exec_driver_sql(
+                    "SELECT set_config('search_path', %(schema)s, true)", {"schema": self._schema}
+                )
+        elif dialect == "sqlite" and self._lsc_read_only:
+            # query_only lasts for the connection; reset by _reset_sqlite below
+            connection.exec_driver_sql("PRAGMA query_only = ON")
+            connection.info["langgraph_scoped_conn.query_only"] = True
+
+    def run_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        """Like ``SQLDatabase.run_no_throw``: errors come back as ``"Error: ..."`` text.
+
+        Refusals of the read-only guard are returned the same way, so a model sees them.
+        """
+        try:
+            return super().run_no_throw(command, *args, **kwargs)
+        except ScopedConnectionError as exc:
+            return f"Error: {exc}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<ScopedSQLDatabase {self._engine.url.render_as_string(hide_password=True)} "
+            f"execution={getattr(self._engine, 'execution_id', None)!r} "
+            f"read_only={self._lsc_read_only}>"
+        )
+
+
+def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A hashable key of SQLDatabase options, for caches."""
+    return tuple(sorted((k, _freeze(v)) for k, v in options.items()))
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple | set | frozenset):
+        return tuple(sorted(map(str, value)))
+    return value
+
+
+def new_scoped_sql_database(
+    execution: Execution, database_url: str | URL | None = None, **options: Any
+) -> ScopedSQLDatabase:
+    """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
+    manager = execution.manager
+    settings = manager.settings
+    read_only = bool(options.pop("read_only", settings.read_only))
+    statement_timeout = options.pop("statement_timeout", settings.statement_timeout)
+    max_query_length = options.pop("max_query_length", settings.max_query_length)
+    engine = manager.engine_for(execution, database_url)
+    template = _template(manager, engine, database_url, options)
+    db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
+    state = dict(template.__dict__)
+    state.pop("_inspector", None)
+    db.__dict__.update(state)
+    db._engine = engine
+    db._lsc_inspector = None
+    db._lsc_read_only = read_only
+    db._lsc_statement_timeout = statement_timeout
+    db._lsc_max_query_length = max_query_length
+    with execution._cond:
+        execution._check_usable()
+        execution.databases.append(db)
+    return db
+
+
+def _template(
+    manager: ExecutionConnectionManager,
+    engine: Engine,
+    database_url: str | URL | None,
+    options: dict[str, Any],
+) -> Any:
+    if options.get("lazy_table_reflection"):
+        raise ValueError(
+            "lazy_table_reflection=True is not supported by scoped SQLDatabase objects: they "
+            "share one reflected schema; leave it False (reflection is cached per URL anyway)"
+        )
+    if not manager.settings.cache_reflection:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return SQLDatabase(engine, **options)
+    handle = manager.pool_for(database_url)
+    key = (handle.safe_url, id(handle), options_key(options))
+    cache = manager._reflection
+    template = cache.get(key)
+    if template is None:
+        with _template_lock:
+            template = cache.get(key)
+            if template is None:
+                template = SQLDatabase(handle.engine, **options)
+                cache[key] = template
+    return template
+
+
+def invalidate_schema_cache(manager: ExecutionConnectionManager | None = None) -> None:
+    """Forget reflected schemas, so the next SQLDatabase reflects again (after a migration)."""
+    if manager is None:
+        from langgraph_scoped_conn.scope import get_connection_manager
+
+        manager = get_connection_manager()
+    with _template_lock:
+        manager._reflection.clear()

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real PostgreSQL, one fresh database per test, and leak checks.
+
+The session starts a throwaway PostgreSQL 15 cluster on a free loopback port (as
+the ``postgres`` user when run as root), unless ``TEST_DATABASE_URL`` names an
+existing server whose user may create databases.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import pytest
+from sqlalchemy.engine import make_url
+
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import scope as _scope
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from tests.pgcluster import PostgresCluster
+
+SAMPLE_SQL = """
+create table customers (id int primary key, name text not null, city text not null);
+create table orders (id int primary key, customer_id int references customers(id),
+                     amount numeric(10,2) not null, created date not null);
+insert into customers select g, 'customer ' || g, (array['Lima','Oslo','Pune'])[1 + g % 3]
+  from generate_series(1, 50) g;
+insert into orders select g, 1 + g % 50, (g % 97) + 0.5, date '2024-01-01' + (g % 300)
+  from generate_series(1, 500) g;
+"""
+
+
+@dataclass
+class Server:
+    """The PostgreSQL server under test and an admin connection to it."""
+
+    admin_url: str
+    cluster: PostgresCluster | None
+
+    def url_for(self, database: str, driver: str = "psycopg2") -> str:
+        url = make_url(self.admin_url).set(database=database, drivername=f"postgresql+{driver}")
+        return url.render_as_string(hide_password=False)
+
+    def admin(self, database: str = "postgres") -> psycopg2.extensions.connection:
+        url = make_url(self.admin_url).set(database=database)
+        conn = psycopg2.connect(
+            host=url.host, port=url.port, user=url.username, password=url.password,
+            dbname=database, application_name="lsc-test-admin",
+        )
+        conn.autocommit = True
+        return conn
+
+
+@dataclass
+class Database:
+    """One database created for one test, with server-side views of its connections."""
+
+    server: Server
+    name: str
+    url: str
+
+    def query(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        conn = self.server.admin(self.name)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args or None)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def backends(self, application_name_like: str = "%") -> int:
+        """Client backends connected to this database, not counting the test's admin ones."""
+        conn = self.server.admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "select count(*) from pg_stat_activity where datname = %s "
+                    "and backend_type = 'client backend' and application_name like %s "
+                    "and application_name <> 'lsc-test-admin'",
+                    (self.name, application_name_like),
+                )
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+    def url_with(self, driver: str) -> str:
+        return self.server.url_for(self.name, driver)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield Server(admin_url=external, cluster=None)
+        return
+    cluster = PostgresCluster(max_connections=200).init().start()
+    try:
+        yield Server(admin_url=cluster.url(), cluster=cluster)
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_db(pg_server: Server) -> Iterator[Database]:
+    """A fresh database with a small customers/orders schema, dropped afterwards."""
+    name = f"lsc_{uuid.uuid4().hex[:12]}"
+    admin = pg_server.admin()
+    with admin.cursor() as cur:
+        cur.execute(f'create database "{name}"')
+    admin.close()
+    db = Database(pg_server, name, pg_server.url_for(name))
+    conn = pg_server.admin(name)
+    with conn.cursor() as cur:
+        cur.execute(SAMPLE_SQL)
+    conn.close()
+    try:
+        yield db
+    finally:
+        admin = pg_server.admin()
+        with admin.cursor() as cur:
+            cur.execute(f'drop database if exists "{name}" with (force)')
+        admin.close()
+
+
+@pytest.fixture
+def manager(pg_db: Database) -> Iterator[ExecutionConnectionManager]:
+    """A manager on the test's database, installed as the process default."""
+    mgr = lsc.configure(pg_db.url, max_connections=5, pool_timeout=5)
+    try:
+        yield mgr
+        assert_clean(mgr)
+    finally:
+        mgr.close()
+        if _scope._default_manager is mgr:
+            _scope._default_manager = None
+
+
+def assert_clean(mgr: ExecutionConnectionManager) -> None:
+    """No open or draining execution, no pending release, no run id left in ``mgr``."""
+    mgr.drain(timeout=10)
+    stats = mgr.get_stats()
+    assert stats["active_executions"] == 0, f"scopes left open: {list(stats['executions'])}"
+    assert stats["draining_executions"] == 0, "executions left draining"
+    assert mgr.tracked_runs() == 0, "run ids left in the registry"
+
+
+@pytest.fixture(autouse=True)
+def _no_scope_left_open() -> Iterator[None]:
+    """After every test, the default manager has no open or draining execution."""
+    yield
+    mgr = _scope._default_manager
+    if mgr is not None:
+        assert_clean(mgr)
