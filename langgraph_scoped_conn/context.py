@@ -86,7 +86,7 @@ def execution_from_config(
     server_run = configurable.get("run_id") if isinstance(configurable, Mapping) else None
     for candidate in _candidate_managers(manager):
         for rid in run_ids:
-            execution = candidate.execution_for_run(rid)
+            execution: Execution | None = candidate.execution_for_run(rid)
             if execution is not None and execution.state == "open":
                 return execution
         if server_run is not None:
@@ -108,7 +108,9 @@ def execution_from_langgraph_context(
     return execution_from_config(config, manager)
 
 
-def _find(config_or_runtime: Any, manager: ExecutionConnectionManager | None, what: str) -> Execution:
+def _find(
+    config_or_runtime: Any, manager: ExecutionConnectionManager | None, what: str
+) -> Execution:
     from langgraph_scoped_conn.scope import current_execution
 
     config = _as_config(config_or_runtime)
@@ -180,8 +182,11 @@ def get_scoped_sql_database(
     from langgraph_scoped_conn.sql_database import new_scoped_sql_database, options_key
 
     execution = _find(config, manager, "get_scoped_sql_database()")
-    key = ("sql_database", str(database_url) if database_url is not None else None,
-           options_key(options))
+    key = (
+        "sql_database",
+        str(database_url) if database_url is not None else None,
+        options_key(options),
+    )
     cached = execution.cached.get(key)
     if cached is None:
         cached = execution.cached.setdefault(

@@ -144,10 +144,10 @@ def _wrap(
     ):
         return graph  # already wrapped: one scope per run, not two
     handler = ScopedConnectionHandler(manager, execution_id=execution_id)
-    return graph.with_config(callbacks=[handler])  # type: ignore[return-value]
+    return graph.with_config(callbacks=[handler])
 
 
-def scoped_handler_of(graph: Pregel) -> ScopedConnectionHandler | None:  # type: ignore[type-arg]
+def scoped_handler_of(graph: Pregel[Any, Any, Any, Any]) -> ScopedConnectionHandler | None:
     """The handler a wrapped graph carries, or ``None`` for an unwrapped graph."""
     callbacks = (graph.config or {}).get("callbacks")
     if isinstance(callbacks, list):

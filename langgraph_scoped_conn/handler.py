@@ -1,4 +1,4 @@
-"""ScopedConnectionHandler: opens an execution scope when a graph run starts, releases it at the end.
+"""ScopedConnectionHandler: opens a scope when a graph run starts and releases it at the end.
 
 The handler is a synchronous langchain-core callback handler with ``run_inline =
 True``: LangChain calls it directly on the calling thread (also from the async
@@ -32,6 +32,7 @@ __all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]
 logger = logging.getLogger("langgraph_scoped_conn")
 
 ExecutionIdFactory = Callable[[Mapping[str, Any]], str]
+
 
 class ScopedConnectionHandler(BaseCallbackHandler):
     """Opens one execution scope per root graph run and releases it when the run ends.
@@ -212,7 +213,11 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         self._end(run_id, "ended")
 
     def on_retriever_end(
-        self, documents: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None,
+        self,
+        documents: Any,
+        *,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID | None = None,
         **kw: Any,
     ) -> None:
         self._end(run_id, "ended")

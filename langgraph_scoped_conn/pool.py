@@ -25,7 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine
 from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
-from sqlalchemy.pool.impl import sqla_queue
+from sqlalchemy.util import queue as sqla_queue
 
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
 from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy
@@ -52,8 +52,8 @@ class PoolCounters:
         "closed",
         "lock",
         "opened",
-        "peak_open",
         "peak_in_use",
+        "peak_open",
         "timeouts",
         "waits",
     )
@@ -186,7 +186,7 @@ class ScopedEngine(OptionEngine):
         """The id of the execution this engine belongs to."""
         return self._lsc_execution.execution_id
 
-    def execution_options(self, **opt: Any) -> ScopedEngine:  # type: ignore[override]
+    def execution_options(self, **opt: Any) -> ScopedEngine:
         return ScopedEngine(self, self._lsc_execution, self._lsc_handle, **opt)
 
     def raw_connection(self) -> PoolProxiedConnection:
@@ -360,8 +360,6 @@ _INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.pool", "langgraph_sco
 def _caller_frame() -> Any:
     """The innermost frame outside SQLAlchemy and this package's plumbing."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(
-        _INTERNAL_PREFIXES
-    ):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_PREFIXES):
         frame = frame.f_back  # type: ignore[assignment]
     return frame

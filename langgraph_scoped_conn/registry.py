@@ -493,10 +493,10 @@ class ExecutionConnectionManager:
         """
         with self._lock:
             pending = list(self._pending)
-        done, not_done = concurrent.futures.wait(pending, timeout=timeout)
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout)
         return not not_done
 
-    async def adrain(self, timeout: float | None = 10.0) -> bool:
+    async def adrain(self, timeout: float | None = 10.0) -> bool:  # noqa: ASYNC109
         """Async twin of :meth:`drain`; does not block the event loop."""
         return await asyncio.to_thread(self.drain, timeout)
 
@@ -670,6 +670,7 @@ class ExecutionConnectionManager:
                 victims += [e for e in self._draining if now - e.created > limit]
         reaped = []
         for execution in victims:
+            release: _Release | None
             if execution.state == "draining":
                 release = self._force_drain(execution)
             else:
@@ -769,6 +770,7 @@ class ExecutionConnectionManager:
             self._closed = True
             victims = list(self._executions.values()) + list(self._draining)
         for execution in victims:
+            release: _Release | None
             if execution.state == "draining":
                 release = self._force_drain(execution)
             else:

@@ -65,7 +65,7 @@ def configure(database_url: str | None = None, **options: Any) -> ExecutionConne
     Example:
         >>> configure("postgresql://app@db/app", max_connections=10)  # doctest: +SKIP
     """
-    global _default_manager  # noqa: PLW0603
+    global _default_manager
     new = ExecutionConnectionManager(database_url, **options)
     with _default_lock:
         old, _default_manager = _default_manager, new

@@ -26,7 +26,9 @@ from langgraph_scoped_conn.errors import ReadOnlyViolationError, ScopedConnectio
 from langgraph_scoped_conn.guard import check_read_only_sql
 
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=r".*langchain-community.*", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*langchain-community.*", category=DeprecationWarning
+    )
     from langchain_community.utilities.sql_database import SQLDatabase
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ _template_lock = threading.Lock()
 _READ_ONLY_SQLSTATES = frozenset({"25006"})
 
 
-class ScopedSQLDatabase(SQLDatabase):  # type: ignore[misc]
+class ScopedSQLDatabase(SQLDatabase):
     """A ``SQLDatabase`` bound to one execution's scoped engine.
 
     Behaves like ``langchain_community``'s ``SQLDatabase``.  Differences:
@@ -126,8 +128,7 @@ class ScopedSQLDatabase(SQLDatabase):  # type: ignore[misc]
                 code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
                 if code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig):
                     raise ReadOnlyViolationError(
-                        "the database refused a write in read-only mode; only queries may run "
-                        "here"
+                        "the database refused a write in read-only mode; only queries may run here"
                     ) from exc
                 raise
             except BaseException:

@@ -58,8 +58,10 @@ def build_stats(
                     "connections_idle": h_idle,
                     "peak_connections": peak,
                     "peak_connections_in_use": peak_in_use,
-                    **{f"connections_{k}" if k in ("opened", "closed") else k: v
-                       for k, v in snapshot.items()},
+                    **{
+                        f"connections_{k}" if k in ("opened", "closed") else k: v
+                        for k, v in snapshot.items()
+                    },
                 }
             )
     return {

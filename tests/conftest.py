@@ -46,8 +46,12 @@ class Server:
     def admin(self, database: str = "postgres") -> psycopg2.extensions.connection:
         url = make_url(self.admin_url).set(database=database)
         conn = psycopg2.connect(
-            host=url.host, port=url.port, user=url.username, password=url.password,
-            dbname=database, application_name="lsc-test-admin",
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            dbname=database,
+            application_name="lsc-test-admin",
         )
         conn.autocommit = True
         return conn

@@ -21,7 +21,7 @@ from pathlib import Path
 __all__ = ["PostgresCluster", "free_port", "pg_bin"]
 
 SUPERUSER = "postgres"
-SUPERUSER_PASSWORD = "s3cr3t-Sup3ruser-pw"  # noqa: S105 - a throwaway test cluster
+SUPERUSER_PASSWORD = "s3cr3t-Sup3ruser-pw"
 
 
 def pg_bin(name: str) -> str:
@@ -119,8 +119,19 @@ class PostgresCluster:
         self._own_logfile()
         subprocess.run(
             _as_server_user(
-                [pg_bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                 "-o", opts, "-w", "-t", "60", "start"]
+                [
+                    pg_bin("pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
             ),
             check=True,
             capture_output=True,
@@ -136,8 +147,9 @@ class PostgresCluster:
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1),
             ):
                 return
             time.sleep(0.05)
@@ -173,8 +185,19 @@ class PostgresCluster:
         """Run SQL over the local socket as the superuser (no password needed there)."""
         out = subprocess.run(
             _as_server_user(
-                [pg_bin("psql").replace("/bin/psql", "/bin/psql"), "-h", str(self.sockdir), "-p",
-                 str(self.port), "-U", SUPERUSER, "-d", database, "-Atqc", sql]
+                [
+                    pg_bin("psql").replace("/bin/psql", "/bin/psql"),
+                    "-h",
+                    str(self.sockdir),
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    SUPERUSER,
+                    "-d",
+                    database,
+                    "-Atqc",
+                    sql,
+                ]
             ),
             check=True,
             capture_output=True,

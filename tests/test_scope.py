@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 from sqlalchemy import text
@@ -13,7 +12,9 @@ from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import Database
 
 
-def test_single_execution_releases_everything(manager: ExecutionConnectionManager, pg_db: Database) -> None:
+def test_single_execution_releases_everything(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
     with lsc.ExecutionScope("one") as scope:
         db = lsc.create_execution_scoped_sql_database_sync()
         assert db.run("select count(*) from orders") == "[(500,)]"
