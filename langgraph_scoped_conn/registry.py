@@ -150,6 +150,11 @@ class Execution:
             with self._cond:
                 del self.checkouts[id(reserved)]
                 self._cond.notify()
+                drained = self.state == "draining" and not self.checkouts
+                if drained:
+                    self.state = "closed"
+            if drained:  # the scope ended while this checkout was in flight
+                self.manager._finish_draining(self)
             raise
         record = Checkout(self, fairy, frame)
         with self._cond:
