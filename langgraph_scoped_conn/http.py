@@ -1,0 +1,353 @@
+"""The guide's debug routes as a Starlette app: status, cleanup and Prometheus metrics.
+
+Serve it on its own, mount its routes into your FastAPI or Starlette app, or name
+it as ``http.app`` in ``langgraph.json``::
+
+    {"http": {"app": "langgraph_scoped_conn.http:app"}}
+
+Routes:
+
+* ``GET /api/memory/debug/connections/status``: ``{"success": true, "data":
+  {"connection_stats": {...}, "timestamp": "<ISO-8601>"}}``.
+* ``POST /api/memory/debug/connections/cleanup``: releases the scopes older than
+  ``max_scope_lifetime`` (or ``max_age`` seconds), or one execution named by
+  ``execution_id``; never a live execution otherwise.  Requires
+  ``Authorization: Bearer <token>`` when ``SCOPED_CONN_DEBUG_TOKEN`` is set.
+* ``GET /metrics`` and ``GET /api/memory/debug/connections/metrics``: Prometheus
+  text, read from the stats at scrape time (needs the ``metrics`` extra).  Under
+  ``langgraph dev`` the server's own ``/metrics`` shadows the first one; use the
+  second.
+
+The app's lifespan runs the orphan reaper: every ``reap_interval`` seconds it
+releases the scopes older than ``max_scope_lifetime``.  No response ever contains
+a password or a DSN: pool URLs are shown as ``driver://host:port/database``.
+
+Requires the ``http`` extra (``pip install 'langgraph-scoped-conn[http]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hmac
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route, Router
+
+from langgraph_scoped_conn.errors import ConfigurationError
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.settings import redact_url
+
+__all__ = [
+    "CLEANUP_PATH",
+    "METRICS_PATH",
+    "STATUS_PATH",
+    "TOKEN_ENV",
+    "app",
+    "create_app",
+    "create_router",
+    "create_routes",
+    "reaper",
+]
+
+logger = logging.getLogger("langgraph_scoped_conn")
+
+STATUS_PATH = "/api/memory/debug/connections/status"
+CLEANUP_PATH = "/api/memory/debug/connections/cleanup"
+METRICS_PATH = "/metrics"
+#: The metrics route under the debug prefix, which ``langgraph dev`` does not shadow.
+DEBUG_METRICS_PATH = "/api/memory/debug/connections/metrics"
+#: Environment variable holding the bearer token that protects the cleanup route.
+TOKEN_ENV = "SCOPED_CONN_DEBUG_TOKEN"  # noqa: S105 (the variable name, not a secret)
+
+ManagerSource = Callable[[], ExecutionConnectionManager]
+
+
+def _manager_source(manager: ExecutionConnectionManager | None) -> ManagerSource:
+    if manager is not None:
+        if not isinstance(manager, ExecutionConnectionManager):
+            raise ConfigurationError(
+                f"manager must be an ExecutionConnectionManager, got {type(manager).__name__}; "
+                "pass the manager returned by configure(), or None for the process default"
+            )
+        return lambda: manager
+    from langgraph_scoped_conn.scope import get_connection_manager
+
+    return get_connection_manager  # looked up per request: configure() may replace it
+
+
+def _token_source(token: str | None) -> Callable[[], str | None]:
+    if token is not None:
+        if not isinstance(token, str) or not token.strip():
+            raise ConfigurationError(
+                "token must be a non-empty string, or None to read "
+                f"{TOKEN_ENV} from the environment at each request"
+            )
+        return lambda: token
+    return lambda: os.environ.get(TOKEN_ENV) or None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+
+
+def _public_url(safe_url: str) -> str:
+    """``driver://host:port/database``: no user, no password, no query (never a full DSN)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(safe_url)
+    except Exception:
+        return "(unparseable URL hidden)"
+    host = url.host or ""
+    port = f":{url.port}" if url.port else ""
+    return f"{url.drivername}://{host}{port}/{url.database or ''}"
+
+
+def public_stats(manager: ExecutionConnectionManager) -> dict[str, Any]:
+    """The manager's stats with every pool URL reduced to ``driver://host:port/database``."""
+    stats = manager.get_stats()
+    for pool in stats.get("pools", ()):
+        if "url" in pool:
+            pool["url"] = _public_url(str(pool["url"]))
+    return stats
+
+
+def create_routes(
+    manager: ExecutionConnectionManager | None = None, token: str | None = None
+) -> list[BaseRoute]:
+    """The debug routes, ready to add to a Starlette or FastAPI app's routes.
+
+    Args:
+        manager: the manager to report on; the process default (looked up at each
+            request, so a later ``configure()`` takes effect) when ``None``.
+        token: the bearer token for the cleanup route; ``None`` reads
+            ``SCOPED_CONN_DEBUG_TOKEN`` at each request (no token when unset).
+
+    Returns:
+        Routes for status, cleanup and metrics.
+
+    Raises:
+        ConfigurationError: ``manager`` or ``token`` is of the wrong kind.
+
+    Example:
+        >>> api = FastAPI()  # doctest: +SKIP
+        >>> api.router.routes.extend(create_routes())
+    """
+    get_manager = _manager_source(manager)
+    get_token = _token_source(token)
+
+    async def status(request: Request) -> Response:
+        stats = public_stats(get_manager())
+        return JSONResponse(
+            {"success": True, "data": {"connection_stats": stats, "timestamp": _now()}}
+        )
+
+    async def cleanup(request: Request) -> Response:
+        expected = get_token()
+        if expected is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected.encode()
+            ):
+                return _error(
+                    401,
+                    f"cleanup requires 'Authorization: Bearer <token>' with the token set in "
+                    f"{TOKEN_ENV}",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
+        try:
+            execution_id, max_age = await _cleanup_arguments(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        mgr = get_manager()
+        if execution_id is not None and mgr.execution(execution_id) is None:
+            return _error(
+                404,
+                f"no open execution with id {execution_id!r}; GET {STATUS_PATH} lists the "
+                "open ones",
+            )
+        limit = max_age if max_age is not None else mgr.settings.max_scope_lifetime
+        released = await asyncio.to_thread(mgr.reap, max_age=max_age, execution_id=execution_id)
+        logger.info(
+            "debug cleanup route released %d execution(s)%s%s",
+            len(released),
+            f": {', '.join(released)}" if released else "",
+            f" (requested id {execution_id})" if execution_id is not None else "",
+        )
+        return JSONResponse(
+            {
+                "success": True,
+                "data": {
+                    "released": released,
+                    "released_count": len(released),
+                    "mode": "execution" if execution_id is not None else "expired",
+                    "max_scope_lifetime": None if execution_id is not None else limit,
+                    "connection_stats": public_stats(mgr),
+                    "timestamp": _now(),
+                },
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        try:
+            from langgraph_scoped_conn.metrics import render_latest
+        except ImportError:
+            return PlainTextResponse(
+                "prometheus-client is not installed; install it with "
+                "`pip install 'langgraph-scoped-conn[metrics]'`\n",
+                status_code=501,
+            )
+        body, content_type = render_latest(get_manager())
+        return Response(body, media_type=content_type)
+
+    return [
+        Route(STATUS_PATH, status, methods=["GET"], name="scoped_conn_status"),
+        Route(CLEANUP_PATH, cleanup, methods=["POST"], name="scoped_conn_cleanup"),
+        Route(METRICS_PATH, metrics, methods=["GET"], name="scoped_conn_metrics"),
+        Route(DEBUG_METRICS_PATH, metrics, methods=["GET"], name="scoped_conn_debug_metrics"),
+    ]
+
+
+async def _cleanup_arguments(request: Request) -> tuple[str | None, float | None]:
+    """``execution_id`` and ``max_age`` from the query string or a JSON object body."""
+    args: dict[str, Any] = dict(request.query_params)
+    body = await request.body()
+    if body.strip():
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise ValueError(
+                'the cleanup body must be a JSON object such as {"execution_id": "..."} '
+                'or {"max_age": 600}, or empty'
+            ) from None
+        if not isinstance(payload, dict):
+            raise ValueError(
+                f"the cleanup body must be a JSON object, got {type(payload).__name__}"
+            )
+        args.update(payload)
+    unknown = set(args) - {"execution_id", "max_age"}
+    if unknown:
+        raise ValueError(
+            f"unknown cleanup argument(s) {', '.join(sorted(map(str, unknown)))}; "
+            "use execution_id (release one execution) or max_age (seconds)"
+        )
+    execution_id = args.get("execution_id")
+    if execution_id is not None and (not isinstance(execution_id, str) or not execution_id):
+        raise ValueError(f"execution_id={execution_id!r} must be a non-empty string")
+    max_age = args.get("max_age")
+    if max_age is not None:
+        try:
+            max_age = float(max_age)
+        except (TypeError, ValueError):
+            raise ValueError(f"max_age={max_age!r} must be a number of seconds") from None
+        if not math.isfinite(max_age) or max_age < 0:
+            raise ValueError(f"max_age={max_age!r} must be a finite number of seconds, >= 0")
+    if execution_id is not None and max_age is not None:
+        raise ValueError("give either execution_id or max_age, not both")
+    return execution_id, max_age
+
+
+def create_router(
+    manager: ExecutionConnectionManager | None = None, token: str | None = None
+) -> Router:
+    """A :class:`~starlette.routing.Router` of the debug routes, to ``Mount`` in an app.
+
+    A mounted router's lifespan does not run; add :func:`reaper` to your app's
+    lifespan for the periodic orphan reaper.
+    """
+    return Router(routes=create_routes(manager, token))
+
+
+@contextlib.asynccontextmanager
+async def reaper(
+    manager: ExecutionConnectionManager | None = None, interval: float | None = None
+) -> AsyncIterator[None]:
+    """Release scopes older than ``max_scope_lifetime`` every ``interval`` seconds meanwhile.
+
+    Args:
+        manager: the manager; the process default (looked up at each pass) when ``None``.
+        interval: seconds between passes; by default a quarter of
+            ``max_scope_lifetime``, at most 60.  Nothing runs while the lifetime is ``None``.
+
+    Raises:
+        ConfigurationError: ``interval`` is not a positive number.
+    """
+    _check_interval(interval)
+    get_manager = _manager_source(manager)
+
+    async def loop() -> None:
+        while True:
+            lifetime = get_manager().settings.max_scope_lifetime
+            wait = interval or (min(lifetime / 4, 60.0) if lifetime else 60.0)
+            await asyncio.sleep(wait)
+            mgr = get_manager()
+            if mgr.settings.max_scope_lifetime is None:
+                continue
+            try:
+                await asyncio.to_thread(mgr.reap)
+            except Exception as exc:  # keep reaping on the next pass
+                logger.warning(
+                    "the orphan reaper failed: %s: %s", type(exc).__name__, redact_url(str(exc))
+                )
+
+    task = asyncio.create_task(loop(), name="langgraph_scoped_conn-reaper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _check_interval(interval: object) -> None:
+    if interval is not None and (
+        isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0
+    ):
+        raise ConfigurationError(f"reap interval={interval!r} must be a number of seconds above 0")
+
+
+def create_app(
+    manager: ExecutionConnectionManager | None = None,
+    token: str | None = None,
+    *,
+    reap_interval: float | None = None,
+) -> Starlette:
+    """A Starlette app serving the debug routes, with the orphan reaper in its lifespan.
+
+    Args:
+        manager: the manager to report on; the process default when ``None``.
+        token: the cleanup route's bearer token; ``None`` reads ``SCOPED_CONN_DEBUG_TOKEN``.
+        reap_interval: seconds between reaper passes (see :func:`reaper`).
+
+    Returns:
+        The app.  The lifespan does not close the manager: its owner does.
+
+    Raises:
+        ConfigurationError: an argument is of the wrong kind.
+    """
+    routes = create_routes(manager, token)
+    _check_interval(reap_interval)  # fail now, not at startup
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with reaper(manager, reap_interval):
+            yield
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+app = create_app()
