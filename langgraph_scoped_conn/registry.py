@@ -110,6 +110,8 @@ class Execution:
         self.engines: list[Any] = []
         self.databases: list[Any] = []
         self.custom: list[Any] = []
+        #: id(tracked object) -> (node that tracked it, stack when debug=True), for reports
+        self.custom_origins: dict[int, tuple[str | None, str | None]] = {}
         self.cached: dict[Any, Any] = {}
         self.handles: dict[str, PoolHandle] = {}
         self.checkouts: dict[int, Checkout] = {}
@@ -432,12 +434,15 @@ class ExecutionConnectionManager:
             except Exception as exc:
                 with self._lock:
                     self.counters["release_errors"] += 1
+                node, stack = execution.custom_origins.get(id(obj), (None, None))
                 logger.warning(
-                    "execution %s: closing tracked resource %s failed: %s: %s",
+                    "execution %s: closing tracked resource %s (tracked by %s) failed: %s: %s%s",
                     execution.execution_id,
                     type(obj).__name__,
+                    node or "code outside any graph node",
                     type(exc).__name__,
                     redact_url(str(exc)),
+                    f"\ntracked at:\n{stack}" if stack else "",
                 )
         for handle in release.handles:
             try:
@@ -569,9 +574,12 @@ class ExecutionConnectionManager:
         loop = _running_loop()
         if loop is not None and not callable(getattr(obj, "close", None)):
             obj = _AsyncResource(obj, loop)
+        node = _attribution_provider() if _attribution_provider is not None else None
+        stack = "".join(traceback.format_stack()[:-1]) if self.settings.debug else None
         with execution._cond:
             execution._check_usable()
             execution.custom.append(obj)
+            execution.custom_origins[id(obj)] = (node, stack)
         return obj
 
     # -- LangGraph run ids ---------------------------------------------------------
