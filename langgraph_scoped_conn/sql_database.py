@@ -140,10 +140,12 @@ class ScopedSQLDatabase(SQLDatabase):
                         transaction.rollback()
                     connection.exec_driver_sql("PRAGMA query_only = OFF")
             if connection.in_transaction():
+                # the connection's current transaction: after the SQLite PRAGMA above it is
+                # a new, autobegun one, and ``transaction`` is already rolled back
                 if self._lsc_read_only:
-                    transaction.rollback()
+                    connection.rollback()
                 else:
-                    transaction.commit()
+                    connection.commit()
             return result
 
     def _prepare_transaction(self, connection: Any, dialect: str) -> None:
