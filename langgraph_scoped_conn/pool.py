@@ -280,7 +280,8 @@ class PoolHandle:
                 app = f"{app}:{per_execution_id}"
             connect_args["application_name"] = app[:63]
             if self.strategy == "pooler" and driver == "psycopg":
-                # transaction poolers cannot keep server-side prepared statements
+                # a transaction pooler hands each transaction to any server connection,
+                # where a statement psycopg prepared earlier does not exist
                 connect_args["prepare_threshold"] = None
         elif backend == "sqlite":
             if url.database in (None, "", ":memory:"):
@@ -294,6 +295,8 @@ class PoolHandle:
         engine_options = dict(s.engine_options)
         connect_args.update(engine_options.pop("connect_args", {}))
         options.update(engine_options)
+        if self.strategy == "pooler":
+            _check_no_session_state(url, connect_args)
         if per_execution_id is not None:
             # the guide's settings for an engine of one execution
             return create_engine(
@@ -352,6 +355,24 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
+
+
+def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:
+    """Refuse startup ``options`` behind a transaction pooler: later transactions may not see them.
+
+    The ``pooler`` strategy keeps the budget pool (the client connections to the pooler
+    are what the budget caps; keeping them saves a TCP and SCRAM handshake per checkout,
+    and an idle one holds no server backend); state belongs in ``SET LOCAL``.
+    """
+    from langgraph_scoped_conn.errors import ConfigurationError
+
+    if "options" in connect_args or "options" in url.query:
+        raise ConfigurationError(
+            "strategy='pooler': the startup parameter `options` (e.g. '-c search_path=...') "
+            "sets session state, which a transaction pooler does not keep for the next "
+            "transaction (PgBouncer rejects it). Remove it and use SET LOCAL inside the "
+            "transaction, or use strategy='shared' when connecting to PostgreSQL directly"
+        )
 
 
 _INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.pool", "langgraph_scoped_conn.registry")

@@ -7,6 +7,7 @@ inside the functions that need them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +27,8 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 _POOLER_PORTS = frozenset({6432, 6543})
 _POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+# the scheme is optional: "://user:pw@host" (a mistyped scheme) must be redacted too
+_USERINFO = re.compile(r"(?P<scheme>(?:[a-zA-Z][\w+.-]*:)?//)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
 _KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('[^']*'|\S+)")
 
 
@@ -64,6 +66,16 @@ class ScopedConnSettings:
     engine_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        url: object = self.database_url
+        if url is not None and not isinstance(url, str):
+            from sqlalchemy.engine import URL
+
+            if not isinstance(url, URL):
+                raise ConfigurationError(
+                    f"database_url must be a string or a sqlalchemy URL, got {type(url).__name__}"
+                )
+            # str(URL) hides the password, so keep the full rendering
+            object.__setattr__(self, "database_url", url.render_as_string(hide_password=False))
         if self.strategy not in STRATEGIES:
             raise ConfigurationError(
                 f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}"
@@ -72,15 +84,16 @@ class ScopedConnSettings:
         _positive_int("max_connections_per_execution", self.max_connections_per_execution)
         _positive_int("max_query_length", self.max_query_length)
         _positive_int("pool_recycle", self.pool_recycle, allow=(-1,))
-        if not _is_number(self.pool_timeout) or self.pool_timeout <= 0:
+        if not _is_seconds(self.pool_timeout):
             raise ConfigurationError(
-                f"pool_timeout={self.pool_timeout!r} must be a number of seconds above 0"
+                f"pool_timeout={self.pool_timeout!r} must be a finite number of seconds above 0"
             )
         for name in ("max_scope_lifetime", "statement_timeout"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or value <= 0):
+            if value is not None and not _is_seconds(value):
                 raise ConfigurationError(
-                    f"{name}={value!r} must be a number of seconds above 0, or None to disable"
+                    f"{name}={value!r} must be a finite number of seconds above 0, "
+                    "or None to disable"
                 )
         if not isinstance(self.application_name, str) or len(self.application_name) > 40:
             raise ConfigurationError(
@@ -93,6 +106,11 @@ class ScopedConnSettings:
                 f"engine_options may not set {', '.join(sorted(bad))}: the package sizes the pool "
                 "from max_connections; set max_connections instead"
             )
+
+    def __repr__(self) -> str:
+        # the dataclass repr would show the URL's password and the engine options' values
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
+        return f"ScopedConnSettings({fields})"
 
     @classmethod
     def from_options(cls, database_url: str | None = None, **options: Any) -> ScopedConnSettings:
@@ -143,14 +161,20 @@ def parse_url(url: str | URL) -> URL:
 
     if isinstance(url, URL):
         return url
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"database URL must be a string or a sqlalchemy URL, got {type(url).__name__}"
+        )
     if url.startswith("postgres://"):
         url = "postgresql://" + url.removeprefix("postgres://")
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        reason = "a port that is not a number" if not isinstance(exc, ArgumentError) else "syntax"
         raise ConfigurationError(
-            f"could not parse database URL {redact_url(url)!r}; expected a SQLAlchemy URL such "
-            "as postgresql://user:password@host:5432/dbname or sqlite:///path/to/file.db"
+            f"could not parse database URL {_redact_unparsed(url)!r} ({reason}); expected a "
+            "SQLAlchemy URL such as postgresql://user:password@host:5432/dbname or "
+            "sqlite:///path/to/file.db"
         ) from None
     # Load the dialect now so a missing driver is reported here, naming the URL safely.
     try:
@@ -164,14 +188,29 @@ def parse_url(url: str | URL) -> URL:
 
 
 def resolve_strategy(strategy: Strategy, url: URL) -> Literal["shared", "per_execution", "pooler"]:
-    """Turn ``"auto"`` into ``"pooler"`` for transaction poolers and ``"shared"`` otherwise."""
+    """Turn ``"auto"`` into ``"pooler"`` for transaction poolers and ``"shared"`` otherwise.
+
+    Raises:
+        ConfigurationError: ``strategy="pooler"`` with a database other than PostgreSQL.
+    """
+    if strategy == "pooler" and not url.get_backend_name().startswith("postgresql"):
+        raise ConfigurationError(
+            f"strategy='pooler' is for PostgreSQL behind PgBouncer or Supavisor; "
+            f"{url.get_backend_name()!r} URLs need strategy='shared' (or 'auto')"
+        )
     if strategy != "auto":
         return strategy
     return "pooler" if looks_like_pooler(url) else "shared"
 
 
 def looks_like_pooler(url: URL) -> bool:
-    """True when ``url`` points at PgBouncer or Supabase Supavisor in transaction mode."""
+    """True when ``url`` points at PgBouncer or Supabase Supavisor in transaction mode.
+
+    That is: ``?pgbouncer=true`` (Prisma's flag; removed before the driver sees the
+    URL), port 6432 (PgBouncer) or 6543 (Supavisor transaction mode), or a host under
+    ``.pooler.supabase.com`` (Supavisor's session port 5432 is detected too: the
+    ``pooler`` strategy is safe in session mode as well, only less necessary).
+    """
     if not url.get_backend_name().startswith("postgresql"):
         return False
     if str(url.query.get("pgbouncer", "")).lower() in {"1", "true", "yes"}:
@@ -180,8 +219,22 @@ def looks_like_pooler(url: URL) -> bool:
     return url.port in _POOLER_PORTS or host.endswith(_POOLER_HOST_SUFFIXES)
 
 
+def _redact_unparsed(url: str) -> str:
+    """Hide everything between the user name and the last ``@`` of a URL that did not parse."""
+    start = url.find("//") + 2 if "//" in url else 0
+    at = url.rfind("@")
+    if at < start:
+        return redact_url(url)
+    user = url[start:at].split(":", 1)[0]
+    return f"{url[:start]}{user}:***{url[at:]}"
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_seconds(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
 
 
 def _positive_int(name: str, value: object, allow: tuple[int, ...] = ()) -> None:
