@@ -7,9 +7,12 @@ on them and never contain a password or a full DSN.
 
 from __future__ import annotations
 
+from sqlalchemy.exc import ResourceClosedError
+
 __all__ = [
     "ConfigurationError",
     "ConnectionBudgetExceededError",
+    "ConnectionReclaimedError",
     "ExecutionConnectionLimitError",
     "NoActiveScopeError",
     "ReadOnlyViolationError",
@@ -38,6 +41,10 @@ class ScopeUnavailableError(ScopedConnectionError):
 
 class ScopeClosedError(ScopedConnectionError):
     """A resource was requested through an execution scope that has already ended."""
+
+
+class ConnectionReclaimedError(ScopeClosedError, ResourceClosedError):
+    """A connection closed at scope end (it was still checked out) was used again."""
 
 
 class ConnectionBudgetExceededError(ScopedConnectionError, TimeoutError):

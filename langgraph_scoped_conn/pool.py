@@ -27,7 +27,7 @@ from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
+from langgraph_scoped_conn.errors import ConnectionBudgetExceededError, ConnectionReclaimedError
 from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy
 
 if TYPE_CHECKING:
@@ -162,6 +162,23 @@ class BudgetPool(QueuePool):
         )
 
 
+class ScopedConnection(Connection):
+    """A Connection of a :class:`ScopedEngine`; it does not reconnect once its execution ended."""
+
+    def _revalidate_connection(self) -> PoolProxiedConnection:
+        execution = getattr(self.engine, "_lsc_execution", None)
+        if self.invalidated and execution is not None and execution.state != "open":
+            # reclaimed at scope end (or lost) after the execution ended: SQLAlchemy would
+            # say "rollback() first" or silently check out a new connection
+            raise ConnectionReclaimedError(
+                f"this connection belonged to execution {execution.execution_id!r}, which has "
+                "ended; it was closed at scope exit because it was still checked out. Use "
+                "`with engine.connect() as conn:` inside the scope, and get a new engine in "
+                "the next execution"
+            )
+        return super()._revalidate_connection()
+
+
 class ScopedEngine(OptionEngine):
     """An Engine that belongs to one execution and draws from a shared pool.
 
@@ -173,6 +190,7 @@ class ScopedEngine(OptionEngine):
 
     _lsc_execution: Execution
     _lsc_handle: PoolHandle
+    _connection_cls = ScopedConnection
 
     def __init__(
         self, proxied: Engine, execution: Execution, handle: PoolHandle, **options: Any

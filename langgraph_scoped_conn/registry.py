@@ -516,7 +516,7 @@ class ExecutionConnectionManager:
         """The shared pool for ``url`` (the configured URL by default), created on first use."""
         from langgraph_scoped_conn.pool import PoolHandle
 
-        parsed = parse_url(self.settings.resolve_url(str(url) if url is not None else None))
+        parsed = parse_url(self.settings.resolve_url(url))
         key = (parsed.render_as_string(hide_password=False), "shared")
         with self._lock:
             handle = self._handles.get(key)

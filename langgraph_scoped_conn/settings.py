@@ -100,6 +100,11 @@ class ScopedConnSettings:
                 "application_name must be a string of at most 40 characters "
                 "(PostgreSQL truncates it at 63 bytes and the package appends the execution id)"
             )
+        if not isinstance(self.engine_options, Mapping):
+            raise ConfigurationError(
+                "engine_options must be a dict of create_engine() keyword arguments, got "
+                f"{type(self.engine_options).__name__}"
+            )
         bad = {"poolclass", "pool_size", "max_overflow", "pool"} & set(self.engine_options)
         if bad:
             raise ConfigurationError(
@@ -128,12 +133,17 @@ class ScopedConnSettings:
         """Return a copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
 
-    def resolve_url(self, override: str | None = None) -> str:
+    def resolve_url(self, override: str | URL | None = None) -> str | URL:
         """Return the URL to use: ``override``, else the configured one, else ``DATABASE_URL``.
+
+        A ``sqlalchemy.engine.URL`` override is returned as is (``str()`` of it would
+        hide the password).
 
         Raises:
             ConfigurationError: when none of the three is set.
         """
+        if override is not None and not isinstance(override, str):
+            return override
         url = override or self.database_url or os.environ.get("DATABASE_URL")
         if not url:
             raise ConfigurationError(
