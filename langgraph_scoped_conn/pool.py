@@ -208,7 +208,10 @@ class ScopedEngine(OptionEngine):
         return ScopedEngine(self, self._lsc_execution, self._lsc_handle, **opt)
 
     def raw_connection(self) -> PoolProxiedConnection:
-        return self._lsc_execution.checkout(self._lsc_handle, _caller_frame())
+        fairy = self._lsc_execution.checkout(self._lsc_handle, _caller_frame())
+        if self._lsc_handle.tag_connections:
+            _tag_connection(fairy, self._lsc_handle, self.execution_id)
+        return fairy
 
     def connect(self) -> Connection:
         connection = super().connect()
@@ -261,6 +264,12 @@ class PoolHandle:
         self.retired = False
         self.counters = PoolCounters()
         self.safe_url = url.render_as_string(hide_password=True)
+        #: SET application_name to name the execution at each checkout (shared PostgreSQL only)
+        self.tag_connections = (
+            settings.tag_connections
+            and self.strategy == "shared"
+            and url.get_backend_name() == "postgresql"
+        )
         self.engine = self._create_engine(describe_holders, per_execution_id)
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
@@ -354,6 +363,8 @@ class PoolHandle:
         def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_checkin()
             checkout = record.info.pop(CHECKOUT_KEY, None)
+            if record.info.pop(TAGGED_KEY, False) and dbapi_connection is not None:
+                _set_application_name(dbapi_connection, self.settings.application_name)
             if checkout is not None:
                 checkout.returned()
 
@@ -391,6 +402,32 @@ def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:
             "transaction (PgBouncer rejects it). Remove it and use SET LOCAL inside the "
             "transaction, or use strategy='shared' when connecting to PostgreSQL directly"
         )
+
+
+#: Key under ``ConnectionPoolEntry.info`` set while a connection carries an execution's name.
+TAGGED_KEY = "langgraph_scoped_conn.tagged"
+
+
+def _tag_connection(fairy: PoolProxiedConnection, handle: PoolHandle, execution_id: str) -> None:
+    """Name the execution in the connection's application_name (``tag_connections=True``)."""
+    name = f"{handle.settings.application_name}:{execution_id}"[:63]
+    if _set_application_name(fairy.dbapi_connection, name):
+        fairy.info[TAGGED_KEY] = True
+
+
+def _set_application_name(dbapi_connection: Any, name: str) -> bool:
+    """Set and commit application_name, so a later rollback keeps it (2 round trips)."""
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("select set_config('application_name', %s, false)", (name,))
+        finally:
+            cursor.close()
+        dbapi_connection.commit()
+    except Exception as exc:  # a broken connection fails the caller's own query instead
+        logger.debug("could not set application_name: %s", type(exc).__name__)
+        return False
+    return True
 
 
 _INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.pool", "langgraph_scoped_conn.registry")

@@ -1,0 +1,354 @@
+"""Leak report, attribution, orphan reaper and Prometheus metrics, on real PostgreSQL and graphs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+import pytest
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import scope as _scope
+from langgraph_scoped_conn.metrics import ScopedConnCollector, render_latest
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from tests.conftest import Database, assert_clean
+
+LOGGER = "langgraph_scoped_conn"
+_held: list[Any] = []  # connections a "leaky" node keeps past the end of its run
+
+
+@pytest.fixture(autouse=True)
+def _forget_held() -> Iterator[None]:
+    yield
+    _held.clear()
+
+
+@pytest.fixture
+def configure_default(pg_db: Database) -> Iterator[Any]:
+    """``configure(**options)`` on the test database, closed and uninstalled afterwards."""
+    made: list[ExecutionConnectionManager] = []
+
+    def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+        options.setdefault("pool_timeout", 5)
+        mgr = lsc.configure(url or pg_db.url, **options)
+        made.append(mgr)
+        return mgr
+
+    try:
+        yield make
+        for mgr in made:
+            if _scope._default_manager is mgr:
+                assert_clean(mgr)
+    finally:
+        for mgr in made:
+            mgr.close()
+            if _scope._default_manager is mgr:
+                _scope._default_manager = None
+
+
+class State(TypedDict):
+    n: int
+
+
+def leaky_node(state: State, config: RunnableConfig) -> dict[str, int]:
+    conn = lsc.get_scoped_engine(config).connect()
+    conn.execute(text("select 1"))
+    _held.append(conn)  # never closed: the scope must reclaim it
+    return {"n": state["n"] + 1}
+
+
+def leaky_graph() -> Any:
+    builder = StateGraph(State)
+    builder.add_node("leaky", leaky_node)
+    builder.add_edge(START, "leaky")
+    builder.add_edge("leaky", END)
+    return lsc.with_scoped_connections(builder.compile())
+
+
+def leak_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == LOGGER and r.levelno == logging.WARNING and "still checked out" in r.message
+    ]
+
+
+def app_backends(pg_db: Database, name: str) -> list[str]:
+    rows = pg_db.query(
+        "select application_name from pg_stat_activity where datname = current_database() "
+        "and backend_type = 'client backend' and application_name like %s",
+        name,
+    )
+    return sorted(str(r[0]) for r in rows)
+
+
+# -- leak report ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_leak_in_a_node_is_reported_once_counted_and_closed_on_the_server(
+    configure_default: Any, pg_db: Database, caplog: pytest.LogCaptureFixture, debug: bool
+) -> None:
+    configure_default(max_connections=3, debug=debug)
+    graph = leaky_graph()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert graph.invoke({"n": 0}, {"run_id": "0c7b5a8e-1d3e-4a55-9d7a-6f1f3c2b9a01"}) == {"n": 1}
+
+    records = leak_records(caplog)
+    assert len(records) == 1, [r.message for r in records]
+    message = records[0].getMessage()
+    assert "0c7b5a8e-1d3e-4a55-9d7a-6f1f3c2b9a01" in message  # the execution (root run id)
+    assert "node 'leaky'" in message  # langgraph_node from the run's metadata
+    if debug:
+        assert "acquired at:" in message and "leaky_node" in message
+    else:
+        assert "acquired at:" not in message
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 1
+    assert stats["connections_in_use"] == 0
+    # the leaked connection was closed on the server; only idle pooled ones remain
+    assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"]
+    assert _held[0].invalidated or _held[0].closed
+
+
+def test_leak_in_a_tool_names_the_tool_node(
+    configure_default: Any, pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    configure_default(max_connections=3)
+
+    @tool
+    def count_orders(config: RunnableConfig) -> str:
+        """Count the orders, and forget to return the connection."""
+        conn = lsc.get_scoped_engine(config).connect()
+        _held.append(conn)
+        return str(conn.execute(text("select count(*) from orders")).scalar())
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", ToolNode([count_orders]))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    graph = lsc.with_scoped_connections(builder.compile())
+    call = {"name": "count_orders", "args": {}, "id": "call-1", "type": "tool_call"}
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    out = graph.invoke({"messages": [AIMessage("", tool_calls=[call])]})
+
+    assert out["messages"][-1].content == "500"
+    records = leak_records(caplog)
+    assert len(records) == 1
+    # langgraph_node of the ToolNode; the tool's own config carries no tool name
+    assert "acquired by node 'tools'" in records[0].getMessage()
+    assert lsc.get_connection_stats()["leaks_reclaimed"] == 1
+
+
+class BrokenResource:
+    def close(self) -> None:
+        raise OSError("socket already gone for postgresql://app:hunter2@db/x")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_tracked_resource_that_fails_to_close_is_reported_and_counted(
+    configure_default: Any, caplog: pytest.LogCaptureFixture, debug: bool
+) -> None:
+    configure_default(debug=debug)
+
+    def tracks(state: State, config: RunnableConfig) -> dict[str, int]:
+        lsc.track_connection(BrokenResource())
+        return {"n": 1}
+
+    builder = StateGraph(State)
+    builder.add_node("tracker", tracks)
+    builder.add_edge(START, "tracker")
+    graph = lsc.with_scoped_connections(builder.compile())
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    graph.invoke({"n": 0}, {"run_id": "5d1f6c1e-8a51-4f0c-b0a4-1f4c2e0a9b77"})
+
+    records = [r for r in caplog.records if "closing tracked resource" in r.getMessage()]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "5d1f6c1e-8a51-4f0c-b0a4-1f4c2e0a9b77" in message
+    assert "BrokenResource" in message and "node 'tracker'" in message
+    assert "hunter2" not in message
+    assert ("tracked at:" in message) is debug
+    assert lsc.get_connection_stats()["release_errors"] == 1
+
+
+# -- attribution ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_tag_connections_names_the_execution_while_checked_out(
+    configure_default: Any, pg_db: Database, driver: str
+) -> None:
+    configure_default(pg_db.url_with(driver), tag_connections=True, max_connections=2)
+    with lsc.ExecutionScope("tagged-run-1"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+            conn.rollback()  # a rollback must not undo the tag
+            assert app_backends(pg_db, "langgraph_scoped_conn%") == [
+                "langgraph_scoped_conn:tagged-run-1"
+            ]
+        # back in the pool: the idle connection no longer names the execution
+        assert app_backends(pg_db, "langgraph_scoped_conn%") == ["langgraph_scoped_conn"]
+
+
+def test_shared_connections_carry_the_package_name_untagged_by_default(
+    configure_default: Any, pg_db: Database
+) -> None:
+    configure_default(max_connections=2)
+    with lsc.ExecutionScope("plain"), lsc.create_execution_scoped_engine_sync().connect() as c:
+        c.execute(text("select 1"))
+        assert app_backends(pg_db, "langgraph_scoped_conn%") == ["langgraph_scoped_conn"]
+
+
+def test_per_execution_strategy_names_the_execution(
+    configure_default: Any, pg_db: Database
+) -> None:
+    configure_default(strategy="per_execution")
+    with lsc.ExecutionScope("pe-7"), lsc.create_execution_scoped_engine_sync().connect() as c:
+        c.execute(text("select 1"))
+        assert app_backends(pg_db, "langgraph_scoped_conn%") == ["langgraph_scoped_conn:pe-7"]
+    lsc.get_connection_manager().drain()
+    assert app_backends(pg_db, "langgraph_scoped_conn%") == []
+
+
+# -- orphan reaper ------------------------------------------------------------------------
+
+
+def test_reap_releases_only_scopes_past_their_lifetime(
+    configure_default: Any, pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = configure_default(max_connections=3, max_scope_lifetime=600)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with lsc.ExecutionScope("orphan") as orphan:
+        old_conn = lsc.create_execution_scoped_engine_sync().connect()
+        old_conn.execute(text("select 1"))
+        with lsc.ExecutionScope("live"):
+            live_conn = lsc.create_execution_scoped_engine_sync().connect()
+            live_conn.execute(text("select 1"))
+            execution = mgr.execution(orphan.execution_id)
+            assert execution is not None
+            execution.created -= 3600  # as if opened an hour ago and never ended
+
+            assert mgr.reap() == ["orphan"]
+
+            stats = mgr.get_stats()
+            assert list(stats["executions"]) == ["live"]
+            assert stats["scopes_reaped"] == 1
+            assert stats["connections_in_use"] == 1
+            assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == 1
+            assert live_conn.execute(text("select 2")).scalar() == 2  # untouched
+            live_conn.close()
+        assert old_conn.invalidated
+        with pytest.raises(lsc.ScopeClosedError):
+            old_conn.execute(text("select 1"))  # no silent reconnect outside the budget
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any("reaped execution orphan" in m for m in messages)
+    assert mgr.get_stats()["scopes_reaped"] == 1
+
+
+def test_scopes_past_their_lifetime_are_reaped_when_the_next_one_opens(
+    configure_default: Any, pg_db: Database
+) -> None:
+    mgr = configure_default(max_connections=3, max_scope_lifetime=0.2)
+    orphan = mgr.open_execution("never-released")
+    conn = mgr.engine_for(orphan).connect()
+    conn.execute(text("select 1"))
+    time.sleep(0.3)  # past the lifetime (and past the reap interval of lifetime/4)
+
+    with lsc.ExecutionScope("next"):
+        assert mgr.active_executions() == ["next"]
+    stats = mgr.get_stats()
+    assert stats["scopes_reaped"] == 1 and stats["leaks_reclaimed"] == 1
+    assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"]
+    mgr.release_execution(orphan)  # a late release of a reaped scope is harmless
+
+
+# -- Prometheus ------------------------------------------------------------------------
+
+
+def scrape(manager: ExecutionConnectionManager) -> dict[str, float]:
+    body, content_type = render_latest(manager)
+    assert content_type.startswith("text/plain")
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_metrics_read_stats_at_scrape_time(configure_default: Any, pg_db: Database) -> None:
+    mgr = configure_default(max_connections=1, pool_timeout=0.2)
+    assert scrape(mgr)["langgraph_scoped_conn_max_connections"] == 1
+    with lsc.ExecutionScope("holder"):
+        held = lsc.create_execution_scoped_engine_sync().connect()
+        held.execute(text("select 1"))
+        with lsc.ExecutionScope("starved"), pytest.raises(lsc.ConnectionBudgetExceededError):
+            lsc.create_execution_scoped_engine_sync().connect()
+        m = scrape(mgr)
+        assert m["langgraph_scoped_conn_active_executions"] == 1
+        assert m["langgraph_scoped_conn_connections_in_use"] == 1
+        assert m["langgraph_scoped_conn_connections_in_use"] == len(
+            app_backends(pg_db, "langgraph_scoped_conn%")
+        )
+        held.close()
+    m = scrape(mgr)
+    stats = mgr.get_stats()
+    assert m["langgraph_scoped_conn_active_executions"] == 0
+    assert m["langgraph_scoped_conn_connections_in_use"] == 0
+    assert m["langgraph_scoped_conn_connections_idle"] == 1
+    assert m["langgraph_scoped_conn_checkouts_total"] == stats["checkouts"] == 1
+    assert m["langgraph_scoped_conn_checkout_waits_total"] >= 1
+    assert m["langgraph_scoped_conn_checkout_timeouts_total"] == 1
+    assert m["langgraph_scoped_conn_scopes_opened_total"] == 2
+    assert m["langgraph_scoped_conn_leaks_reclaimed_total"] == 0
+    assert m["langgraph_scoped_conn_scopes_reaped_total"] == 0
+
+
+def test_registering_the_collector_does_not_read_stats(
+    configure_default: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr = configure_default()
+    calls = []
+    original = mgr.get_stats
+    monkeypatch.setattr(mgr, "get_stats", lambda: calls.append(1) or original())
+    registry = CollectorRegistry()  # auto_describe=True: uses describe(), not collect()
+    registry.register(ScopedConnCollector(mgr))
+    assert calls == []
+    assert registry.get_sample_value("langgraph_scoped_conn_active_executions") == 0
+    assert calls == [1]
+
+
+def test_importing_the_package_imports_neither_starlette_nor_prometheus() -> None:
+    code = (
+        "import sys, langgraph_scoped_conn, langgraph_scoped_conn.http\n"
+        "loaded = sorted(m for m in ('prometheus_client',) if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "import importlib; sys.modules.pop('langgraph_scoped_conn.http')\n"
+        "for m in [m for m in sys.modules if m.startswith('starlette')]: del sys.modules[m]\n"
+    )
+    bare = (
+        "import sys, langgraph_scoped_conn\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'prometheus_client', 'langgraph', 'langchain_core'))\n"
+        "assert not bad, bad\n"
+    )
+    for snippet in (bare, code):
+        result = subprocess.run(
+            [sys.executable, "-c", snippet], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
