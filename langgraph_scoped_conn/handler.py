@@ -55,7 +55,9 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     raise_error = False
     ignore_llm = True
     ignore_chat_model = True
-    ignore_agent = True
+    # langchain-core routes on_tool_start/end/error through ``ignore_agent``: it must stay
+    # False, or a tool's own run id is never mapped and the guide's no-argument API fails
+    ignore_agent = False
     ignore_retry = True
     ignore_custom_event = True
 

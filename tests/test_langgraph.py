@@ -12,7 +12,7 @@ import asyncio
 import operator
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
 
@@ -69,7 +69,7 @@ class Mode:
                 out.append(graph.invoke(inp, cfg))
             else:
                 last = None
-                for chunk in graph.stream(inp, cfg, stream_mode="values"):
+                for chunk in graph.stream(inp, cfg, **_values(graph)):
                     last = chunk
                 out.append(last)
         return out
@@ -83,7 +83,7 @@ class Mode:
                 out.append(await graph.ainvoke(inp, cfg))
             elif self.name == "astream":
                 last = None
-                async for chunk in graph.astream(inp, cfg, stream_mode="values"):
+                async for chunk in graph.astream(inp, cfg, **_values(graph)):
                     last = chunk
                 out.append(last)
             else:
@@ -93,6 +93,10 @@ class Mode:
                         result = event["data"]["output"]
                 out.append(result)
         return out
+
+
+def _values(runnable: Any) -> dict[str, Any]:
+    return {"stream_mode": "values"} if isinstance(runnable, Pregel) else {}
 
 
 @pytest.fixture(params=ALL_MODES)
@@ -271,3 +275,288 @@ def test_each_root_run_gets_one_scope_shared_by_every_node_kind(
     assert len(executions) == 2
     assert seen["r1"][0].database is not seen["r2"][0].database
     assert_released(manager, pg_db)
+
+
+def test_sync_nodes_run_in_worker_threads_and_still_resolve(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(build_example_graph(recorder))
+    Mode("ainvoke").run(graph, [{"tag": "t"}])
+    main = threading.get_ident()
+    threads = {s.thread for s in recorder.sights}
+    assert threads - {main}, "expected sync nodes to run in asyncio's executor threads"
+    assert len({s.execution_id for s in recorder.sights}) == 1
+    assert_released(manager, pg_db)
+
+
+# -- the execution id ------------------------------------------------------------------
+
+
+def one_node_graph(recorder: Recorder, body: Callable[[Any], None] | None = None) -> Any:
+    def work(state: State, config: RunnableConfig) -> State:
+        db = lsc.get_scoped_sql_database(config)
+        recorder.saw(state["tag"], "work", db)
+        count_orders(db)
+        if body is not None:
+            body(db)
+        return {"seen": ["work"]}
+
+    builder = StateGraph(State)
+    builder.add_node("work", work)
+    builder.add_edge(START, "work")
+    builder.add_edge("work", END)
+    return builder.compile()
+
+
+def test_caller_run_id_is_the_execution_id(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(one_node_graph(recorder))
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    mode.run(graph, [{"tag": "a"}, {"tag": "b"}], [{"run_id": i} for i in ids])
+    seen = {s.tag: s.execution_id for s in recorder.sights}
+    assert seen == {"a": str(ids[0]), "b": str(ids[1])}
+    assert_released(manager, pg_db)
+
+
+def test_root_run_id_is_the_execution_id_when_none_is_given(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(one_node_graph(recorder))
+    root_ids = []
+
+    async def main() -> None:
+        async for event in graph.astream_events({"tag": "a"}, version="v2"):
+            if event["event"] == "on_chain_start" and not event["parent_ids"]:
+                root_ids.append(event["run_id"])
+
+    asyncio.run(main())
+    assert [s.execution_id for s in recorder.sights] == root_ids
+    assert_released(manager, pg_db)
+
+
+def test_server_run_id_is_the_execution_id_and_survives_a_retry(
+    any_mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    """LangGraph Server puts its run id in configurable (and metadata); a retry reuses it."""
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(one_node_graph(recorder))
+    server_run = str(uuid.uuid4())
+    cfg: RunnableConfig = {
+        "configurable": {"run_id": server_run, "thread_id": "th"},
+        "metadata": {"run_id": server_run},
+    }
+    before = opened(manager)
+    any_mode.run(graph, [{"tag": "first"}], [cfg])
+    any_mode.run(graph, [{"tag": "retry"}], [cfg])
+    assert [s.execution_id for s in recorder.sights] == [server_run, server_run]
+    assert opened(manager) - before == 2  # the retry is a new scope with the same id
+    assert_released(manager, pg_db)
+
+
+def test_server_run_id_in_configurable_only(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(one_node_graph(recorder))
+    server_run = str(uuid.uuid4())
+    graph.invoke({"tag": "x"}, {"configurable": {"run_id": server_run}})
+    assert [s.execution_id for s in recorder.sights] == [server_run]
+    assert_released(manager, pg_db)
+
+
+def test_execution_id_callable_overrides_run_ids(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    seen_runs: list[dict[str, Any]] = []
+
+    def by_thread(run: Any) -> str:
+        seen_runs.append(dict(run))
+        return f"conv-{run['configurable']['thread_id']}"
+
+    graph = lsc.with_scoped_connections(one_node_graph(recorder), execution_id=by_thread)
+    cfgs: list[RunnableConfig] = [
+        {"run_id": uuid.uuid4(), "configurable": {"thread_id": t, "run_id": str(uuid.uuid4())}}
+        for t in ("t1", "t2")
+    ]
+    mode.run(graph, [{"tag": "a"}, {"tag": "b"}], cfgs)
+    assert {s.tag: s.execution_id for s in recorder.sights} == {"a": "conv-t1", "b": "conv-t2"}
+    assert len(seen_runs) == 2  # called once per root run, never for child runs
+    assert all(isinstance(r["run_id"], uuid.UUID) for r in seen_runs)
+    assert_released(manager, pg_db)
+
+
+# -- the wrapper -------------------------------------------------------------------------
+
+
+def test_with_scoped_connections_three_ways(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+
+    direct = lsc.with_scoped_connections(one_node_graph(recorder))
+
+    @lsc.with_scoped_connections
+    def factory(config: RunnableConfig | None = None) -> Any:
+        return one_node_graph(recorder)
+
+    @lsc.with_scoped_connections(execution_id=lambda run: "fixed-id")
+    def factory_with_options() -> Any:
+        return one_node_graph(recorder)
+
+    @lsc.with_scoped_connections
+    async def async_factory() -> Any:
+        return one_node_graph(recorder)
+
+    graphs = [direct, factory(), factory_with_options(), asyncio.run(async_factory())]
+    for g in graphs:
+        assert isinstance(g, Pregel)
+        assert type(g) is type(one_node_graph(recorder))
+    assert factory.__name__ == "factory"
+    before = opened(manager)
+    for i, g in enumerate(graphs):
+        g.invoke({"tag": f"g{i}"})
+    assert opened(manager) - before == 4
+    assert {s.tag: s.execution_id for s in recorder.sights}["g2"] == "fixed-id"
+    # wrapping twice does not add a second handler (and so no second scope)
+    twice = lsc.with_scoped_connections(direct)
+    before = opened(manager)
+    twice.invoke({"tag": "twice"})
+    assert opened(manager) - before == 1
+    assert_released(manager, pg_db)
+
+
+def test_with_scoped_connections_rejects_a_builder_with_a_clear_error() -> None:
+    builder = StateGraph(State)
+    with pytest.raises(TypeError, match=r"Call \.compile\(\) first"):
+        lsc.with_scoped_connections(builder)  # type: ignore[call-overload]
+
+    @lsc.with_scoped_connections
+    def bad_factory() -> Any:
+        return builder
+
+    with pytest.raises(TypeError, match=r"return builder\.compile\(\)"):
+        bad_factory()
+
+
+def test_wrapped_graph_inside_another_runnable_gets_one_scope_per_run(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    wrapped = lsc.with_scoped_connections(build_example_graph(recorder))
+
+    def call(x: State) -> Any:
+        return wrapped.invoke(x)
+
+    async def acall(x: State) -> Any:
+        return await wrapped.ainvoke(x)
+
+    outer = RunnableLambda(call, afunc=acall)
+    before = opened(manager)
+    mode.run(outer, [{"tag": "a"}, {"tag": "b"}])
+    assert opened(manager) - before == 2
+    by_tag = recorder.by_tag()
+    assert all(len({s.execution_id for s in v}) == 1 for v in by_tag.values())
+    assert_released(manager, pg_db)
+
+
+def test_wrapped_graph_as_subgraph_of_an_unwrapped_graph_gets_one_scope(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    wrapped = lsc.with_scoped_connections(build_example_graph(recorder))
+    outer_builder = StateGraph(State)
+    outer_builder.add_node("inner_graph", wrapped)
+    outer_builder.add_edge(START, "inner_graph")
+    outer_builder.add_edge("inner_graph", END)
+    outer = outer_builder.compile()
+    before = opened(manager)
+    mode.run(outer, [{"tag": "a"}, {"tag": "b"}])
+    assert opened(manager) - before == 2
+    by_tag = recorder.by_tag()
+    assert sorted(by_tag) == ["a", "b"]
+    assert all(len({s.execution_id for s in v}) == 1 for v in by_tag.values())
+    assert_released(manager, pg_db)
+
+
+def test_wrapped_graph_inside_a_wrapped_graph_shares_the_outer_scope(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    inner = lsc.with_scoped_connections(build_example_graph(recorder))
+    outer_builder = StateGraph(State)
+    outer_builder.add_node("inner_graph", inner)
+    outer_builder.add_edge(START, "inner_graph")
+    outer_builder.add_edge("inner_graph", END)
+    outer = lsc.with_scoped_connections(outer_builder.compile())
+    before = opened(manager)
+    outer.invoke({"tag": "a"}, {"run_id": (rid := uuid.uuid4())})
+    assert opened(manager) - before == 1
+    assert {s.execution_id for s in recorder.sights} == {str(rid)}
+    assert_released(manager, pg_db)
+
+
+# -- lookups ---------------------------------------------------------------------------
+
+
+def test_guide_api_without_arguments_works_inside_a_tool(
+    any_mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    got: list[tuple[str, str]] = []
+
+    @tool
+    async def guide_tool(tag: str) -> str:
+        """Use the guide's API with no arguments."""
+        db = await lsc.create_execution_scoped_sql_database()
+        got.append((tag, db._engine.execution_id))
+        return await asyncio.to_thread(count_orders, db)
+
+    @tool
+    def guide_tool_sync(tag: str) -> str:
+        """Use the guide's sync API with no arguments."""
+        db = lsc.create_execution_scoped_sql_database_sync()
+        got.append((tag, db._engine.execution_id))
+        return count_orders(db)
+
+    def agent(state: State) -> State:
+        calls = [{"name": "guide_tool_sync", "args": {"tag": state["tag"]}, "id": "c1"}]
+        if any_mode.is_async:
+            calls.append({"name": "guide_tool", "args": {"tag": state["tag"]}, "id": "c2"})
+        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+
+    builder = StateGraph(State)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([guide_tool, guide_tool_sync]))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    builder.add_edge("tools", END)
+    graph = lsc.with_scoped_connections(builder.compile())
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    results = any_mode.run(graph, [{"tag": "a"}, {"tag": "b"}], [{"run_id": i} for i in ids])
+    for r in results:
+        assert all("500" in m.content for m in r["messages"][1:])
+    per_tool = 2 if any_mode.is_async else 1
+    assert sorted(got) == sorted([("a", str(ids[0]))] * per_tool + [("b", str(ids[1]))] * per_tool)
+    assert_released(manager, pg_db)
+
+
+def test_lookup_outside_a_run_names_the_fix(manager: ExecutionConnectionManager) -> None:
+    with pytest.raises(lsc.NoActiveScopeError, match="with_scoped_connections"):
+        lsc.get_scoped_sql_database({})
+    with pytest.raises(lsc.NoActiveScopeError, match="get_scoped_engine"):
+        lsc.get_scoped_engine()
+    with pytest.raises(TypeError, match="RunnableConfig"):
+        lsc.get_scoped_engine(42)
+
+
+def test_unwrapped_graph_gets_no_silent_connection(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    recorder = Recorder()
+    with pytest.raises(lsc.NoActiveScopeError):
+        one_node_graph(recorder).invoke({"tag": "x"})
+    assert pg_db.backends(APP) == 0
