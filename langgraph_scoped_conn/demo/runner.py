@@ -177,7 +177,8 @@ async def _run_all(
             if is_too_many_clients(exc):
                 report.too_many_clients += 1
             if len(report.errors) < 5:
-                report.errors.append(redact_url(f"{type(exc).__name__}: {exc}")[:300])
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                report.errors.append(redact_url(f"{type(exc).__name__}: {first_line}")[:300])
             return
         answer = out["messages"][-1]
         if isinstance(answer, AIMessage) and str(answer.content).startswith("Result:"):
