@@ -22,17 +22,28 @@ __all__ = ["check_read_only_sql", "split_statements"]
 _READ_KEYWORDS = frozenset({"select", "with", "values", "table", "explain", "show"})
 
 _WORD = re.compile(r"[A-Za-z_]+")
+#: A word as PostgreSQL's scanner reads it: "$" continues an identifier (a$$ is one word),
+#: so it never starts a dollar quote there.  Numbers and $1 parameters are words too.
+_TOKEN = re.compile(r"(?:[^\W\d]|_)[\w$]*|\d[\w.$]*|\$\d+", re.UNICODE)
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
 
 
 def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a small lexer
     """Split ``sql`` on top-level semicolons, ignoring those in strings and comments.
 
-    Understands single-quoted strings (with ``''`` escapes and ``E''`` backslashes),
-    double-quoted identifiers, ``--`` and nested ``/* */`` comments, and
-    ``$tag$`` dollar quoting.  Returns the non-empty statements with comments removed.
+    Follows PostgreSQL's scanner: single-quoted strings with ``''`` escapes,
+    double-quoted identifiers, ``--`` comments (ended by a newline or a carriage
+    return), nested ``/* */`` comments, ``$tag$`` dollar quoting, and identifiers
+    that contain ``$``.  Returns the non-empty statements with comments removed.
+
+    A backslash right before a quote inside a string is refused: ``E'\\''``, a type
+    name ending in ``e`` (``name'\\'``) and ``standard_conforming_strings=off`` read
+    it as an escaped quote, plain strings as the end of the string, so the statement
+    boundaries would depend on context the guard cannot see.
 
     Raises:
-        UnsafeQueryError: the text ends inside a string, identifier or comment.
+        UnsafeQueryError: the text ends inside a string, identifier or comment, or
+            holds a backslash-escaped quote.
     """
     out: list[str] = []
     buf: list[str] = []
@@ -41,8 +52,8 @@ def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a sm
         ch = sql[i]
         nxt = sql[i + 1] if i + 1 < n else ""
         if ch == "-" and nxt == "-":
-            end = sql.find("\n", i)
-            i = n if end < 0 else end
+            while i < n and sql[i] not in "\r\n":
+                i += 1
             buf.append(" ")
             continue
         if ch == "/" and nxt == "*":
@@ -59,16 +70,19 @@ def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a sm
             buf.append(" ")
             continue
         if ch in "'\"":
-            escaped = ch == "'" and i > 0 and sql[i - 1] in "eE"
             j = i + 1
             while True:
                 if j >= n:
                     kind = "string" if ch == "'" else "quoted identifier"
                     raise UnsafeQueryError(f"the query ends inside a {kind}; close the quote")
-                if escaped and sql[j] == "\\":
-                    j += 2
-                    continue
                 if sql[j] == ch:
+                    if ch == "'" and _odd_backslashes_before(sql, j, i + 1):
+                        raise UnsafeQueryError(
+                            "the query has a backslash before a quote inside a string (\\'), "
+                            "which PostgreSQL reads differently in E'' strings and with "
+                            "standard_conforming_strings=off; write a quote inside a string "
+                            "as two quotes ('') instead"
+                        )
                     if j + 1 < n and sql[j + 1] == ch:
                         j += 2
                         continue
@@ -78,8 +92,8 @@ def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a sm
             i = j + 1
             continue
         if ch == "$":
-            m = re.match(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$", sql[i:])
-            if m and not (i > 0 and (sql[i - 1].isalnum() or sql[i - 1] == "_")):
+            m = _DOLLAR_TAG.match(sql, i)
+            if m:
                 tag = m.group(0)
                 end = sql.find(tag, i + len(tag))
                 if end < 0:
@@ -87,6 +101,11 @@ def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a sm
                 buf.append(sql[i : end + len(tag)])
                 i = end + len(tag)
                 continue
+        m = _TOKEN.match(sql, i)
+        if m:
+            buf.append(m.group(0))
+            i = m.end()
+            continue
         if ch == ";":
             stmt = "".join(buf).strip()
             if stmt:
@@ -100,6 +119,14 @@ def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a sm
     if stmt:
         out.append(stmt)
     return out
+
+
+def _odd_backslashes_before(sql: str, j: int, start: int) -> bool:
+    """True if an odd run of backslashes ends right before ``sql[j]`` (after ``start``)."""
+    k = j
+    while k > start and sql[k - 1] == "\\":
+        k -= 1
+    return (j - k) % 2 == 1
 
 
 def check_read_only_sql(sql: str, *, max_length: int = 20_000) -> str:

@@ -22,7 +22,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
-from langgraph_scoped_conn.errors import ReadOnlyViolationError, ScopedConnectionError
+from langgraph_scoped_conn.errors import (
+    ConfigurationError,
+    ReadOnlyViolationError,
+    ScopedConnectionError,
+)
 from langgraph_scoped_conn.guard import check_read_only_sql
 
 with warnings.catch_warnings():
@@ -41,8 +45,11 @@ __all__ = ["ScopedSQLDatabase", "invalidate_schema_cache", "new_scoped_sql_datab
 
 _GUARD_OPTIONS = ("read_only", "statement_timeout")
 _template_lock = threading.Lock()
-#: SQLSTATE codes that mean "refused because the transaction is read-only".
-_READ_ONLY_SQLSTATES = frozenset({"25006"})
+#: SQLSTATE codes that mean "refused because the transaction is read-only" (25006), or
+#: "cannot do this inside the read-only transaction" (25001, e.g. set_config of
+#: transaction_read_only).
+_READ_ONLY_SQLSTATES = frozenset({"25006", "25001"})
+_READ_ONLY_DIALECTS = ("postgresql", "sqlite")
 
 
 class ScopedSQLDatabase(SQLDatabase):
@@ -126,9 +133,13 @@ class ScopedSQLDatabase(SQLDatabase):
             except DBAPIError as exc:
                 transaction.rollback()
                 code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-                if code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig):
+                if self._lsc_read_only and (
+                    code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig)
+                ):
+                    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else code
                     raise ReadOnlyViolationError(
-                        "the database refused a write in read-only mode; only queries may run here"
+                        f"the database refused this statement in read-only mode ({reason}); "
+                        "only queries that read may run here"
                     ) from exc
                 raise
             except BaseException:
@@ -207,6 +218,12 @@ def new_scoped_sql_database(
     statement_timeout = options.pop("statement_timeout", settings.statement_timeout)
     max_query_length = options.pop("max_query_length", settings.max_query_length)
     engine = manager.engine_for(execution, database_url)
+    if read_only and engine.dialect.name not in _READ_ONLY_DIALECTS:
+        raise ConfigurationError(
+            f"read_only=True needs PostgreSQL or SQLite, which can run a statement in a "
+            f"read-only transaction; {engine.dialect.name} cannot. Connect with a database "
+            "role that may only SELECT and pass read_only=False"
+        )
     template = _template(manager, engine, database_url, options)
     db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
     state = dict(template.__dict__)
