@@ -235,7 +235,10 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         self._end(run_id, "ended")
 
     def _end(self, run_id: uuid.UUID, reason: str) -> None:
-        self.manager.end_run(run_id, reason=reason)
+        manager = self.manager
+        manager.end_run(run_id, reason=reason)
+        # a node that outlived its cancelled run ends here: close what it never returned
+        manager.reclaim_abandoned()
 
     def __repr__(self) -> str:
         return f"<ScopedConnectionHandler manager={self._manager!r}>"

@@ -495,12 +495,52 @@ class ExecutionConnectionManager:
             )
         checkout.fairy = None  # type: ignore[assignment]
 
+    def reclaim_abandoned(self) -> int:
+        """Close connections that ended executions' threads moved on from without returning.
+
+        A sync node still running after its run was cancelled keeps its connections
+        until it returns them; one it never returns (a leak) is closed here once that
+        thread no longer runs the code that checked it out.  Costs nothing when no
+        execution is draining; called on scope open, on run end and by :meth:`drain`.
+
+        Returns:
+            How many connections were closed.
+        """
+        if not self._draining:
+            return 0
+        with self._lock:
+            draining = list(self._draining)
+        frames = sys._current_frames()
+        closed = 0
+        for execution in draining:
+            with execution._cond:
+                if execution.state != "draining":
+                    continue
+                stale = [
+                    c
+                    for c in execution.checkouts.values()
+                    if isinstance(c, Checkout) and not c.in_use_elsewhere(frames, 0)
+                ]
+                for c in stale:
+                    del execution.checkouts[id(c)]
+                drained = not execution.checkouts
+                if drained:
+                    execution.state = "closed"
+            if stale:
+                closed += len(stale)
+                self._run_release(_Release(execution, stale, [], [], "ended"))
+            if drained:
+                self._finish_draining(execution)
+        del frames
+        return closed
+
     def drain(self, timeout: float | None = 10.0) -> bool:
         """Wait until releases handed to the background thread have finished.
 
         Returns:
             True if nothing is pending any more.
         """
+        self.reclaim_abandoned()
         with self._lock:
             pending = list(self._pending)
         _, not_done = concurrent.futures.wait(pending, timeout=timeout)
@@ -711,6 +751,7 @@ class ExecutionConnectionManager:
         return _Release(execution, reclaim, [], list(execution.handles.values()), "reaped")
 
     def _maybe_reap(self) -> None:
+        self.reclaim_abandoned()
         lifetime = self.settings.max_scope_lifetime
         if lifetime is None:
             return

@@ -12,7 +12,7 @@ import asyncio
 import operator
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
 
@@ -560,3 +560,140 @@ def test_unwrapped_graph_gets_no_silent_connection(
     with pytest.raises(lsc.NoActiveScopeError):
         one_node_graph(recorder).invoke({"tag": "x"})
     assert pg_db.backends(APP) == 0
+
+
+# -- endings ---------------------------------------------------------------------------
+
+LEAKED: list[Any] = []
+
+
+@pytest.fixture
+def leaked() -> Iterator[list[Any]]:
+    """Connections a node 'forgot' to close; the scope must have closed them."""
+    LEAKED.clear()
+    yield LEAKED
+    LEAKED.clear()
+
+
+def leak_a_connection(config: RunnableConfig) -> None:
+    conn = lsc.get_scoped_engine(config).connect()
+    conn.execute(text("select 1"))
+    LEAKED.append(conn)
+
+
+class NodeFailed(Exception):
+    pass
+
+
+def test_node_error_releases_the_scope_and_closes_a_leaked_connection(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database, leaked: list[Any]
+) -> None:
+    def failing(state: State, config: RunnableConfig) -> State:
+        leak_a_connection(config)
+        raise NodeFailed(state["tag"])
+
+    builder = StateGraph(State)
+    builder.add_node("failing", failing)
+    builder.add_edge(START, "failing")
+    graph = lsc.with_scoped_connections(builder.compile())
+    inputs = [{"tag": "a"}, {"tag": "b"}] if mode.is_batch else [{"tag": "a"}]
+    with pytest.raises(NodeFailed):
+        mode.run(graph, inputs)
+    stats = assert_released(manager, pg_db)
+    assert stats["leaks_reclaimed"] >= 1
+    assert stats["leaks_reclaimed"] == len(leaked)
+    assert all(c.invalidated for c in leaked)
+    with pytest.raises(lsc.ScopeClosedError):  # no use-after-release through the old handle
+        leaked[0].execute(text("select 1"))
+
+
+def test_graph_recursion_error_releases_the_scope(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    from langgraph.errors import GraphRecursionError
+
+    recorder = Recorder()
+
+    def loop(state: State, config: RunnableConfig) -> State:
+        db = lsc.get_scoped_sql_database(config)
+        recorder.saw(state["tag"], "loop", db)
+        count_orders(db)
+        return {"seen": ["loop"]}
+
+    builder = StateGraph(State)
+    builder.add_node("loop", loop)
+    builder.add_edge(START, "loop")
+    builder.add_edge("loop", "loop")
+    graph = lsc.with_scoped_connections(builder.compile())
+    before = opened(manager)
+    with pytest.raises(GraphRecursionError):
+        mode.run(graph, [{"tag": "a"}], [{"recursion_limit": 4}])
+    assert opened(manager) - before == 1
+    assert len(recorder.sights) == 4
+    assert len({s.execution_id for s in recorder.sights}) == 1
+    assert_released(manager, pg_db)
+
+
+def holding_graph(started: asyncio.Event | None = None) -> Any:
+    """leak (sync, worker thread) → wait (async, never finishes unless cancelled)."""
+
+    def leak(state: State, config: RunnableConfig) -> State:
+        leak_a_connection(config)
+        return {"seen": ["leak"]}
+
+    async def wait(state: State) -> State:
+        assert started is not None
+        started.set()
+        await asyncio.Event().wait()
+        return {"seen": ["never"]}
+
+    builder = StateGraph(State)
+    builder.add_node("leak", leak)
+    builder.add_node("wait", wait)
+    builder.add_edge(START, "leak")
+    builder.add_edge("leak", "wait")
+    builder.add_edge("wait", END)
+    return lsc.with_scoped_connections(builder.compile())
+
+
+@pytest.mark.parametrize("how", ["cancel", "wait_for"])
+@pytest.mark.parametrize("mode_name", ASYNC_MODES)
+def test_async_cancel_and_timeout_release_the_scope(
+    mode_name: str,
+    how: str,
+    manager: ExecutionConnectionManager,
+    pg_db: Database,
+    leaked: list[Any],
+) -> None:
+    mode = Mode(mode_name)
+    during: list[int] = []
+
+    async def main() -> None:
+        started = asyncio.Event()
+        graph = holding_graph(started)
+        run = mode.arun(graph, [{"tag": "a"}], [{}])
+        if how == "cancel":
+            task = asyncio.ensure_future(run)
+            await started.wait()
+            during.append(manager.get_stats()["active_executions"])
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+
+            async def run_after_start() -> None:
+                await run
+
+            # the timeout fires once the graph is parked in `wait`; no timing is asserted
+            task = asyncio.ensure_future(run_after_start())
+            await started.wait()
+            during.append(manager.get_stats()["active_executions"])
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(task, timeout=0.05)
+        await manager.adrain()
+
+    asyncio.run(main())
+    assert during == [1]
+    stats = assert_released(manager, pg_db)
+    assert len(leaked) == 1 and leaked[0].invalidated
+    assert stats["leaks_reclaimed"] == 1
