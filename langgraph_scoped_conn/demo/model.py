@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -175,7 +176,10 @@ def load_chat_model(spec: str | None = None) -> BaseChatModel:
             "offline scripted model"
         )
     try:
-        model: BaseChatModel = init_chat_model(spec)
+        with warnings.catch_warnings():
+            # langchain_classic's copy warns that it moved to langchain; it still works
+            warnings.filterwarnings("ignore", message=".*init_chat_model.*deprecated")
+            model: BaseChatModel = init_chat_model(spec)
     except ImportError as exc:
         raise ConfigurationError(
             f"{MODEL_ENV}={spec!r}: the provider package is missing ({exc}); install it, "
