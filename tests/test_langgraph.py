@@ -697,3 +697,117 @@ def test_async_cancel_and_timeout_release_the_scope(
     stats = assert_released(manager, pg_db)
     assert len(leaked) == 1 and leaked[0].invalidated
     assert stats["leaks_reclaimed"] == 1
+
+
+@pytest.mark.parametrize("mode_name", ["stream", "astream"])
+def test_break_out_of_a_stream_then_close_releases_the_scope(
+    mode_name: str, manager: ExecutionConnectionManager, pg_db: Database, leaked: list[Any]
+) -> None:
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(build_example_graph(recorder))
+    before = opened(manager)
+    open_while_streaming: list[int] = []
+
+    if mode_name == "stream":
+        stream = graph.stream({"tag": "s"}, stream_mode="updates")
+        for _chunk in stream:
+            open_while_streaming.append(manager.get_stats()["active_executions"])
+            break
+        stream.close()
+    else:
+
+        async def main() -> None:
+            astream = graph.astream({"tag": "s"}, stream_mode="updates")
+            async for _chunk in astream:
+                open_while_streaming.append(manager.get_stats()["active_executions"])
+                break
+            await astream.aclose()
+            await manager.adrain()
+
+        asyncio.run(main())
+    assert open_while_streaming == [1]
+    assert opened(manager) - before == 1
+    assert {s.where for s in recorder.sights} == {"node(config)"}  # stopped after `agent`
+    assert_released(manager, pg_db)
+
+
+def test_interrupt_closes_the_scope_and_resume_gets_a_new_one(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command, interrupt
+
+    recorder = Recorder()
+    open_at_interrupt: list[int] = []
+
+    def ask(state: State, config: RunnableConfig) -> State:
+        db = lsc.get_scoped_sql_database(config)
+        recorder.saw(state["tag"], "ask", db)
+        count_orders(db)
+        open_at_interrupt.append(manager.get_stats()["active_executions"])
+        answer = interrupt("approve?")
+        return {"seen": [f"answer:{answer}"]}
+
+    builder = StateGraph(State)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    graph = lsc.with_scoped_connections(builder.compile(checkpointer=InMemorySaver()))
+    tags = ["a", "b"] if mode.is_batch else ["a"]
+    cfgs: list[RunnableConfig] = [{"configurable": {"thread_id": f"th-{t}"}} for t in tags]
+    before = opened(manager)
+
+    first = mode.run(graph, [{"tag": t} for t in tags], cfgs)
+    if mode.name in ("invoke", "ainvoke", "batch", "abatch"):
+        assert all("__interrupt__" in r for r in first)
+    assert opened(manager) - before == len(tags)
+    assert_released(manager, pg_db)  # closed at the interrupt
+    at_interrupt = {s.tag: s.execution_id for s in recorder.sights}
+
+    second = mode.run(graph, [Command(resume="yes") for _ in tags], cfgs)
+    assert [r["seen"] for r in second] == [["answer:yes"]] * len(tags)
+    assert opened(manager) - before == 2 * len(tags)
+    resumed = {s.tag: s.execution_id for s in recorder.sights[len(tags) :]}
+    assert set(resumed) == set(tags)
+    for t in tags:
+        assert resumed[t] != at_interrupt[t]
+    assert all(n >= 1 for n in open_at_interrupt)
+    assert_released(manager, pg_db)
+
+
+def test_retry_policy_retries_stay_in_one_scope(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    from langgraph.types import RetryPolicy
+
+    recorder = Recorder()
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def flaky(state: State, config: RunnableConfig) -> State:
+        db = lsc.get_scoped_sql_database(config)
+        recorder.saw(state["tag"], "flaky", db)
+        count_orders(db)
+        with lock:
+            attempts[state["tag"]] = attempts.get(state["tag"], 0) + 1
+            n = attempts[state["tag"]]
+        if n < 3:
+            raise NodeFailed(f"attempt {n}")
+        return {"seen": [f"ok after {n}"]}
+
+    builder = StateGraph(State)
+    policy = RetryPolicy(max_attempts=3, initial_interval=0.001, jitter=False, retry_on=NodeFailed)
+    builder.add_node("flaky", flaky, retry_policy=policy)
+    builder.add_edge(START, "flaky")
+    builder.add_edge("flaky", END)
+    graph = lsc.with_scoped_connections(builder.compile())
+    tags = ["a", "b"] if mode.is_batch else ["a"]
+    before = opened(manager)
+    results = mode.run(graph, [{"tag": t} for t in tags])
+    assert [r["seen"] for r in results] == [["ok after 3"]] * len(tags)
+    assert opened(manager) - before == len(tags)
+    for sights in recorder.by_tag().values():
+        assert len(sights) == 3
+        assert len({s.execution_id for s in sights}) == 1
+        assert len({id(s.database) for s in sights}) == 1
+    assert_released(manager, pg_db)
