@@ -1,0 +1,317 @@
+"""Shared plumbing of the benchmarks: a throwaway PostgreSQL, machine facts, sampling, output.
+
+Every benchmark starts its own PostgreSQL (``tests.pgcluster``) on a free loopback
+port, creates a non-superuser role ``app`` for the code under test (so the server's
+``superuser_reserved_connections`` stay free for the backend sampler), prints rich
+tables and writes one JSON file into ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import psycopg2  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tests.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, PostgresCluster  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+APP_USER = "app"
+APP_PASSWORD = "bench-App-pw-9f3c"  # a throwaway cluster's password; never printed
+BENCH_DB = "bench"
+
+SAMPLE_SQL = """
+create table customers (id int primary key, name text not null, city text not null);
+create table orders (id int primary key, customer_id int references customers(id),
+                     amount numeric(10,2) not null, created date not null);
+insert into customers select g, 'customer ' || g, (array['Lima','Oslo','Pune'])[1 + g % 3]
+  from generate_series(1, 50) g;
+insert into orders select g, 1 + g % 50, (g % 97) + 0.5, date '2024-01-01' + (g % 300)
+  from generate_series(1, 500) g;
+"""
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+@dataclass
+class BenchServer:
+    """A running cluster with the ``bench`` database and the ``app`` role."""
+
+    cluster: PostgresCluster
+
+    def url(self, driver: str = "psycopg2") -> str:
+        """The app role's URL (contains the password: never print it, use ``safe_url``)."""
+        return self.cluster.url(BENCH_DB, user=APP_USER, password=APP_PASSWORD, driver=driver)
+
+    @property
+    def safe_url(self) -> str:
+        return self.cluster.url(BENCH_DB, user=APP_USER, password="***")
+
+    def admin(self) -> Any:
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.cluster.port,
+            user=SUPERUSER,
+            password=SUPERUSER_PASSWORD,
+            dbname="postgres",
+            application_name="lsc-bench-admin",
+        )
+        conn.autocommit = True
+        return conn
+
+    def app_backends(self) -> int:
+        """Client backends of the app role right now."""
+        conn = self.admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(_COUNT_SQL, (APP_USER,))
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+    def wait_app_backends(self, at_most: int = 0, timeout: float = 15.0) -> int:
+        """Wait until at most ``at_most`` app backends remain (closing ones take a moment)."""
+        deadline = time.monotonic() + timeout
+        n = self.app_backends()
+        while n > at_most and time.monotonic() < deadline:
+            time.sleep(0.05)
+            n = self.app_backends()
+        return n
+
+    def server_version(self) -> str:
+        return self.cluster.psql("show server_version")
+
+
+_COUNT_SQL = (
+    "select count(*) from pg_stat_activity where backend_type = 'client backend' and usename = %s"
+)
+
+
+@contextlib.contextmanager
+def bench_server(max_connections: int = 100, **extra_conf: str) -> Iterator[BenchServer]:
+    """Start a throwaway cluster with the sample schema and an ``app`` role; destroy it after."""
+    with PostgresCluster.running(max_connections=max_connections, extra_conf=extra_conf) as c:
+        c.psql(f"create role {APP_USER} login password '{APP_PASSWORD}'")
+        c.psql(f"create database {BENCH_DB} owner {APP_USER}")
+        c.psql(f"set role {APP_USER}; {SAMPLE_SQL}", database=BENCH_DB)
+        yield BenchServer(c)
+
+
+class BackendSampler:
+    """Samples the app role's backend count from pg_stat_activity on its own thread/connection.
+
+    The sampler connects as the superuser, so it uses a reserved slot and never
+    competes with the code under test for the app's connection slots.
+    """
+
+    def __init__(self, server: BenchServer, interval: float = 0.005) -> None:
+        self.server = server
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn = server.admin()
+
+    def __enter__(self) -> BackendSampler:
+        self.peak = 0
+        self.samples = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with self._conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute(_COUNT_SQL, (APP_USER,))
+                n = int(cur.fetchone()[0])
+                self.peak = max(self.peak, n)
+                self.samples += 1
+                self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# -- machine, versions, output -----------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, machine (nproc, CPU model, RAM) and the versions that matter."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_gb = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    versions = {"python": platform.python_version()}
+    for dist in (
+        "langgraph-scoped-conn",
+        "langgraph",
+        "langchain-core",
+        "langchain-community",
+        "sqlalchemy",
+        "psycopg2-binary",
+        "psycopg",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gb": ram_gb,
+        "platform": platform.platform(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``benchmarks/results/<name>.json`` and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+    console.print(f"[dim]wrote {path.relative_to(REPO_ROOT)}[/dim]")
+    return path
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    v = info["versions"]
+    console.print(
+        f"[bold]{info['date']}[/bold]  {info['nproc']} CPU ({info['cpu']}), "
+        f"{info['ram_gb']} GB RAM, load {info['load_avg_at_start']}\n"
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+    )
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows:
+        t.add_row(*(fmt(x) for x in row))
+    return t
+
+
+def fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}"
+        return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+    return str(x)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) by linear interpolation; 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+_BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
+_PASSWORDS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def error_text(exc: BaseException, limit: int = 160) -> str:
+    """A short one-line, password-free description of ``exc`` for grouping failures."""
+    from langgraph_scoped_conn.settings import redact_url
+
+    text = f"{type(exc).__name__}: {exc}"
+    text = _BACKGROUND.sub("", redact_url(text)).replace(APP_PASSWORD, "***")
+    text = _PASSWORDS.sub(r"\1***@", " ".join(text.split()))
+    return text[:limit]
+
+
+@dataclass
+class Verdict:
+    """One target: what it asks, what was measured and whether it holds."""
+
+    name: str
+    target: str
+    measured: str
+    ok: bool
+    note: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "measured": self.measured,
+            "ok": self.ok,
+            "note": self.note,
+        }
+
+
+def print_verdicts(verdicts: Sequence[Verdict]) -> None:
+    rows = [
+        (v.name, v.target, v.measured, "[green]holds[/green]" if v.ok else "[red]MISSED[/red]")
+        for v in verdicts
+    ]
+    console.print(table("Targets", ["target", "asks", "measured", "verdict"], rows))
+    for v in verdicts:
+        if v.note:
+            console.print(f"[dim]{v.name}: {v.note}[/dim]")
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def full_gc() -> None:
+    for _ in range(3):
+        gc.collect()
