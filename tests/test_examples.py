@@ -1,0 +1,166 @@
+"""examples/sql_agent/graph.py: the wrapped SQL agent under every invocation mode.
+
+The module is imported from its file as ``langgraph dev`` would, with the offline
+scripted model, against the test PostgreSQL (``DATABASE_URL``) or the embedded
+SQLite sample.  Connections are checked from pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from langgraph_scoped_conn import scope as _scope
+from langgraph_scoped_conn.demo.data import SALES_ROWS
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sql_agent" / "graph.py"
+COUNT_ANSWER = f"Result: [({SALES_ROWS},)]\n\nSQL: SELECT COUNT(*) AS count FROM sales"
+
+
+def load_example() -> ModuleType:
+    """Import examples/sql_agent/graph.py afresh, as langgraph dev does from langgraph.json."""
+    name = f"lsc_example_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+@pytest.fixture
+def example_on_postgres(pg_db, manager, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.setenv("DATABASE_URL", pg_db.url)
+    monkeypatch.delenv("LSC_CHAT_MODEL", raising=False)
+    return load_example()
+
+
+@pytest.fixture
+def own_default_manager() -> Iterator[None]:
+    """Close a process-default manager the test created (the SQLite example makes one)."""
+    before = _scope._default_manager
+    yield
+    after = _scope._default_manager
+    if after is not None and after is not before:
+        after.close()
+        _scope._default_manager = before
+
+
+async def run_mode(graph: Any, mode: str, inputs: Any, config: dict | None = None) -> dict:
+    """Run ``graph`` once in ``mode`` and return the final state."""
+    config = config or {}
+    if mode == "invoke":
+        return await asyncio.to_thread(graph.invoke, inputs, config)
+    if mode == "ainvoke":
+        return await graph.ainvoke(inputs, config)
+    if mode == "stream":
+        chunks = await asyncio.to_thread(
+            lambda: list(graph.stream(inputs, config, stream_mode="values"))
+        )
+        return chunks[-1]
+    if mode == "astream":
+        return [c async for c in graph.astream(inputs, config, stream_mode="values")][-1]
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream", "astream"])
+async def test_example_graph_answers_on_postgres(
+    example_on_postgres: ModuleType, manager, pg_db, mode: str
+) -> None:
+    graph = example_on_postgres.graph
+    state = await run_mode(graph, mode, {"messages": [("user", "How many sales are there?")]})
+    assert state["messages"][-1].content == COUNT_ANSWER
+    names = [m.name for m in state["messages"] if m.type == "tool"]
+    assert names == ["sql_db_list_tables", "sql_db_schema", "sql_db_query"]
+    stats = manager.get_stats()
+    assert stats["scopes_opened"] == stats["scopes_closed"] == 1
+    assert stats["active_executions"] == 0
+    assert stats["connections_in_use"] == 0
+    assert stats["checkouts"] >= 2  # the tools went through the scoped pool
+    # server side: only the manager's pool, within its budget of 5, and none mid-query
+    assert 1 <= pg_db.backends("langgraph_scoped_conn%") <= 5
+    active = pg_db.query(
+        "select count(*) from pg_stat_activity where datname = current_database() "
+        "and application_name like 'langgraph_scoped_conn%' and state <> 'idle'"
+    )
+    assert active == [(0,)]
+
+
+async def test_concurrent_runs_share_the_budget(example_on_postgres: ModuleType, manager, pg_db):
+    graph = example_on_postgres.graph
+    questions = ["How many sales are there?", "How many products by category?"] * 8
+    states = await asyncio.gather(*(graph.ainvoke({"messages": [("user", q)]}) for q in questions))
+    assert all(s["messages"][-1].content.startswith("Result:") for s in states)
+    stats = manager.get_stats()
+    assert stats["scopes_closed"] == 16
+    assert stats["peak_connections"] <= 5
+    assert pg_db.backends("langgraph_scoped_conn%") <= 5
+
+
+async def test_read_only_refuses_writes(example_on_postgres: ModuleType, pg_db) -> None:
+    state = await example_on_postgres.graph.ainvoke(
+        {"messages": [("user", "sql: delete from sales")]}
+    )
+    assert "refused in read-only mode" in state["messages"][-1].content
+    assert pg_db.query("select count(*) from sales") == [(SALES_ROWS,)]
+
+
+@pytest.mark.parametrize("decision", [True, "too expensive"])
+async def test_approval_interrupt_and_resume(
+    example_on_postgres: ModuleType, manager, pg_db, decision: Any
+) -> None:
+    graph = example_on_postgres.graph.copy(update={"checkpointer": InMemorySaver()})
+    config = {"configurable": {"thread_id": f"t-{uuid.uuid4().hex}"}}
+    first = await graph.ainvoke(
+        {"messages": [("user", "How many stores are there?")], "require_approval": True}, config
+    )
+    (pending,) = first["__interrupt__"]
+    assert pending.value["queries"] == ["SELECT COUNT(*) AS count FROM stores"]
+    # while a human decides, the run holds no scope and no connection
+    assert manager.get_stats()["active_executions"] == 0
+    assert manager.get_stats()["connections_in_use"] == 0
+    final = await graph.ainvoke(Command(resume=decision), config)
+    answer = final["messages"][-1].content
+    if decision is True:
+        assert answer.startswith("Result: [(12,)]")
+    else:
+        assert answer == "I did not run the query: Rejected by the reviewer: too expensive"
+    assert manager.get_stats()["scopes_closed"] == 2
+    assert pg_db.backends("langgraph_scoped_conn%") <= 5
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+async def test_example_runs_offline_on_the_sqlite_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_default_manager: None, mode: str
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("LSC_CHAT_MODEL", raising=False)
+    monkeypatch.setenv("LSC_CACHE_DIR", str(tmp_path))
+    example = load_example()
+    assert (tmp_path / "store-v1.sqlite").exists()
+
+    def no_network(self: socket.socket, address: Any) -> None:
+        raise AssertionError(f"the offline example tried to connect to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    state = await run_mode(
+        example.graph, mode, {"messages": [("user", "How many sales are there?")]}
+    )
+    assert state["messages"][-1].content == COUNT_ANSWER
+    stats = _scope.get_connection_manager().get_stats()
+    assert stats["active_executions"] == 0
+    assert stats["pools"][0]["dialect"] == "sqlite"
