@@ -811,3 +811,204 @@ def test_retry_policy_retries_stay_in_one_scope(
         assert len({s.execution_id for s in sights}) == 1
         assert len({id(s.database) for s in sights}) == 1
     assert_released(manager, pg_db)
+
+
+def test_sync_node_outliving_its_cancelled_run_keeps_a_working_connection(
+    manager: ExecutionConnectionManager, pg_db: Database, leaked: list[Any]
+) -> None:
+    checked_out, gate = threading.Event(), threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def slow(state: State, config: RunnableConfig) -> State:
+        engine = lsc.get_scoped_engine(config)
+        db = lsc.get_scoped_sql_database(config)
+        try:
+            with engine.connect() as conn:
+                outcome["pid"] = conn.execute(text("select pg_backend_pid()")).scalar()
+                checked_out.set()
+                gate.wait(timeout=60)
+                # the run was cancelled meanwhile: the connection still works
+                outcome["pid_after"] = conn.execute(text("select pg_backend_pid()")).scalar()
+                outcome["count_after"] = count_orders(db)
+                late = engine.connect()  # leaked after the run ended: closed once we return
+                outcome["late_pid"] = late.execute(text("select pg_backend_pid()")).scalar()
+                LEAKED.append(late)
+        except BaseException as exc:
+            outcome["error"] = exc
+        return {"seen": ["slow"]}
+
+    builder = StateGraph(State)
+    builder.add_node("slow", slow)
+    builder.add_edge(START, "slow")
+    graph = lsc.with_scoped_connections(builder.compile())
+    mid: dict[str, Any] = {}
+
+    async def main() -> None:
+        task = asyncio.ensure_future(graph.ainvoke({"tag": "s"}))
+        assert await asyncio.to_thread(checked_out.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        mid["stats"] = manager.get_stats()
+        mid["server_pids"] = await asyncio.to_thread(
+            pg_db.query,
+            "select pid from pg_stat_activity where datname = current_database() "
+            "and application_name like %s",
+            APP,
+        )
+        gate.set()
+        # leaving asyncio.run waits for the executor thread running `slow` to return
+
+    asyncio.run(main())
+    assert mid["stats"]["active_executions"] == 0  # the run's scope ended at the cancel
+    assert mid["stats"]["draining_executions"] == 1  # ...but its connection was not torn away
+    assert mid["stats"]["connections_in_use"] == 1
+    assert (outcome["pid"],) in mid["server_pids"]
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["pid_after"] == outcome["pid"]
+    assert outcome["count_after"] == "[(500,)]"
+    stats = assert_released(manager, pg_db)
+    assert stats["leaks_reclaimed"] == 1  # only the late leak; the `with` one came back
+    assert leaked[0].invalidated
+    server_pids = {
+        r[0]
+        for r in pg_db.query(
+            "select pid from pg_stat_activity where datname = current_database() "
+            "and application_name like %s",
+            APP,
+        )
+    }
+    assert outcome["late_pid"] not in server_pids
+
+
+# -- a scope that cannot be opened -----------------------------------------------------
+
+
+def lookup_graph(errors: list[tuple[str, BaseException]]) -> Any:
+    """Tools and a node that try every lookup and record what they got."""
+
+    def attempt(where: str, get: Callable[[], Any]) -> None:
+        try:
+            db = get()
+            count_orders(db)
+        except Exception as exc:
+            errors.append((where, exc))
+        else:
+            errors.append((where, AssertionError("a connection was handed out")))
+
+    @tool
+    def with_config(config: RunnableConfig) -> str:
+        """config lookup."""
+        attempt("tool(config)", lambda: lsc.get_scoped_sql_database(config))
+        return "done"
+
+    @tool
+    def with_runtime(runtime: ToolRuntime) -> str:
+        """ToolRuntime lookup."""
+        attempt("tool(runtime)", lambda: lsc.get_scoped_sql_database(runtime))
+        return "done"
+
+    @tool
+    def guide() -> str:
+        """the guide's API."""
+        attempt("tool(guide)", lsc.create_execution_scoped_sql_database_sync)
+        attempt("tool(engine)", lsc.get_scoped_engine)
+        return "done"
+
+    def agent(state: State, config: RunnableConfig) -> State:
+        attempt("node", lambda: lsc.get_scoped_sql_database(config))
+        calls = [
+            {"name": n, "args": {}, "id": f"c{i}"}
+            for i, n in enumerate(["with_config", "with_runtime", "guide"])
+        ]
+        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+
+    builder = StateGraph(State)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([with_config, with_runtime, guide]))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    builder.add_edge("tools", END)
+    return builder.compile()
+
+
+def assert_all_unavailable(errors: list[tuple[str, BaseException]], runs: int) -> None:
+    wheres = ["node", "tool(config)", "tool(runtime)", "tool(guide)", "tool(engine)"]
+    assert sorted(w for w, _ in errors) == sorted(wheres * runs)
+    for where, exc in errors:
+        assert isinstance(exc, lsc.ScopeUnavailableError), (where, exc)
+        assert "could not be opened" in str(exc)
+
+
+def test_execution_id_callable_that_raises_gives_tools_a_clear_error(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    def broken(run: Any) -> str:
+        raise RuntimeError(f"cannot derive an id from {pg_db.url}")
+
+    errors: list[tuple[str, BaseException]] = []
+    graph = lsc.with_scoped_connections(lookup_graph(errors), execution_id=broken)
+    runs = 2 if mode.is_batch else 1
+    mode.run(graph, [{"tag": "x"}] * runs)
+    assert_all_unavailable(errors, runs)
+    password = "s3cr3t-Sup3ruser-pw"
+    assert all(password not in str(exc) for _, exc in errors)
+    assert all("RuntimeError" in str(exc) for _, exc in errors)
+    stats = manager.get_stats()
+    assert stats["scope_open_failures"] == runs
+    assert stats["scopes_opened"] == 0
+    assert stats["connections_opened"] == 0
+    assert pg_db.backends(APP) == 0  # no silent global connection
+    assert_released(manager, pg_db)
+
+
+def test_closed_manager_gives_tools_a_clear_error(
+    mode: Mode, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    other = ExecutionConnectionManager(pg_db.url, application_name="lsc-closed")
+    other.close()
+    errors: list[tuple[str, BaseException]] = []
+    graph = lsc.with_scoped_connections(lookup_graph(errors), manager=other)
+    runs = 2 if mode.is_batch else 1
+    mode.run(graph, [{"tag": "x"}] * runs)
+    assert_all_unavailable(errors, runs)
+    assert all("closed" in str(exc) for _, exc in errors)
+    assert other.tracked_runs() == 0
+    assert manager.get_stats()["scopes_opened"] == 0  # no fallback to the default manager
+    assert pg_db.backends() == 0
+
+
+def test_sync_run_paths_never_create_an_event_loop(
+    monkeypatch: pytest.MonkeyPatch, manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    from langchain_core.callbacks import AsyncCallbackHandler
+
+    created: list[str] = []
+    original = asyncio.BaseEventLoop.__init__
+
+    def spy(self: asyncio.BaseEventLoop) -> None:
+        created.append(threading.current_thread().name)
+        original(self)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "__init__", spy)
+    recorder = Recorder()
+    graph = lsc.with_scoped_connections(build_example_graph(recorder))
+    for name in SYNC_MODES:
+        Mode(name).run(graph, [{"tag": name}])
+
+    def failing(state: State, config: RunnableConfig) -> State:
+        leak_a_connection(config)
+        raise NodeFailed
+
+    builder = StateGraph(State)
+    builder.add_node("failing", failing)
+    builder.add_edge(START, "failing")
+    with pytest.raises(NodeFailed):
+        lsc.with_scoped_connections(builder.compile()).invoke({"tag": "f"})
+    LEAKED.clear()
+    assert created == []
+    handler = lsc.ScopedConnectionHandler()
+    assert not isinstance(handler, AsyncCallbackHandler)
+    assert handler.run_inline
+    assert len(recorder.by_tag()) == len(SYNC_MODES)
+    assert_released(manager, pg_db)
