@@ -1,0 +1,533 @@
+"""Core: configuration, URLs and drivers, secrets, leaks, caps, reflection cache, reaping, close.
+
+Every claim is checked against the real server (pg_stat_activity), not only against
+the package's own counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
+
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import scope as _scope
+from langgraph_scoped_conn.errors import (
+    ConfigurationError,
+    ConnectionBudgetExceededError,
+    ConnectionReclaimedError,
+    ExecutionConnectionLimitError,
+    ScopeClosedError,
+    ScopedConnectionError,
+    ScopeUnavailableError,
+)
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.sql_database import invalidate_schema_cache
+from tests.conftest import Database, assert_clean
+
+
+@pytest.fixture
+def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnectionManager]]:
+    """Install a manager with the given options as the process default; close it afterwards."""
+    made: list[ExecutionConnectionManager] = []
+
+    def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+        mgr = lsc.configure(url or pg_db.url, **options)
+        made.append(mgr)
+        return mgr
+
+    try:
+        yield make
+        if made:
+            assert_clean(made[-1])
+    finally:
+        for mgr in made:
+            mgr.close()
+        if _scope._default_manager in made:
+            _scope._default_manager = None
+
+
+def backend_pid(conn: Any) -> int:
+    return int(conn.execute(text("select pg_backend_pid()")).scalar_one())
+
+
+def live_pids(pg_db: Database) -> dict[int, str]:
+    """pid -> state of this database's package backends, from pg_stat_activity."""
+    rows = pg_db.query(
+        "select pid, state from pg_stat_activity where datname = current_database() "
+        "and backend_type = 'client backend' and application_name like 'langgraph_scoped_conn%%'"
+    )
+    return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
+
+
+# -- leaks ------------------------------------------------------------------------
+
+
+def test_leaked_connection_is_reclaimed_counted_and_refuses_reuse(
+    manager: ExecutionConnectionManager, pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    with lsc.ExecutionScope("leaky"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        leaked = engine.connect()  # never closed
+        leaked_pid = backend_pid(leaked)
+        with engine.connect() as fine:  # returned properly
+            kept_pid = backend_pid(fine)
+        assert live_pids(pg_db)[leaked_pid] == "idle in transaction"
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 1
+    assert stats["connections_in_use"] == 0
+    pids = live_pids(pg_db)
+    assert leaked_pid not in pids  # closed on the server, not left to garbage collection
+    assert pids.get(kept_pid) == "idle"  # the returned one stays pooled
+    warning = next(r for r in caplog.records if "still checked out" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "leaky" in warning.getMessage()
+    # using it again is a clear error, with or without a rollback first
+    with pytest.raises(ConnectionReclaimedError, match="execution 'leaky', which has ended"):
+        leaked.execute(text("select 1"))
+    leaked.rollback()
+    with pytest.raises(ScopeClosedError, match="closed at scope exit"):
+        leaked.execute(text("select 1"))
+    assert lsc.get_connection_stats()["connections_in_use"] == 0
+    # and the engine cannot check out anything new for the ended execution
+    with pytest.raises(ScopeClosedError, match="has ended"):
+        engine.connect()
+
+
+def test_leaked_connection_frees_its_budget_slot(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    configure_default(max_connections=2, pool_timeout=1)
+    for i in range(5):  # without reclaiming, the third execution would time out
+        with lsc.ExecutionScope(f"leak{i}"):
+            engine = lsc.create_execution_scoped_engine_sync()
+            engine.connect().execute(text("select 1"))
+            engine.connect().execute(text("select 1"))
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 10
+    assert stats["checkout_timeouts"] == 0
+    assert live_pids(pg_db) == {}
+
+
+def test_cap_per_execution_raises_a_clear_error(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    configure_default(max_connections=5, max_connections_per_execution=2, pool_timeout=0.3)
+    with lsc.ExecutionScope("greedy"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        first, second = engine.connect(), engine.connect()
+        pids = {backend_pid(first), backend_pid(second)}
+        with pytest.raises(ExecutionConnectionLimitError) as caught:
+            engine.connect()
+        message = str(caught.value)
+        assert "'greedy' already holds 2 connections" in message
+        assert "max_connections_per_execution=2" in message
+        assert isinstance(caught.value, ScopedConnectionError)
+        assert set(live_pids(pg_db)) == pids  # the refused one never reached the server
+        # other executions are not limited by it
+        with lsc.ExecutionScope("other"), lsc.create_execution_scoped_engine_sync().connect() as c:
+            assert backend_pid(c) not in pids
+        second.close()
+        with engine.connect() as third:  # a returned connection makes room again
+            assert third.execute(text("select 1")).scalar_one() == 1
+        first.close()
+    assert lsc.get_connection_stats()["leaks_reclaimed"] == 0
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"max_conections": 5}, "unknown option(s) max_conections"),
+        ({"strategy": "pooled"}, "strategy='pooled' is not known"),
+        ({"max_connections": 0}, "max_connections=0"),
+        ({"max_connections": -3}, "max_connections=-3"),
+        ({"max_connections": True}, "max_connections=True"),
+        ({"max_connections": "10"}, "max_connections='10'"),
+        ({"max_connections": 2.5}, "max_connections=2.5"),
+        ({"max_connections_per_execution": 0}, "max_connections_per_execution=0"),
+        ({"pool_timeout": 0}, "pool_timeout=0"),
+        ({"pool_timeout": -1.0}, "pool_timeout=-1.0"),
+        ({"pool_timeout": math.nan}, "pool_timeout=nan"),
+        ({"pool_timeout": math.inf}, "pool_timeout=inf"),
+        ({"pool_timeout": "20"}, "pool_timeout='20'"),
+        ({"max_scope_lifetime": 0}, "max_scope_lifetime=0"),
+        ({"statement_timeout": -5}, "statement_timeout=-5"),
+        ({"pool_recycle": 0}, "pool_recycle=0"),
+        ({"engine_options": {"pool_size": 50}}, "engine_options may not set pool_size"),
+        ({"engine_options": "pool_size=50"}, "engine_options must be a dict"),
+        ({"application_name": "x" * 41}, "application_name"),
+    ],
+)
+def test_bad_options_are_named_and_keep_the_old_default(
+    options: dict[str, Any], named: str
+) -> None:
+    old = lsc.configure("postgresql://app@127.0.0.1:1/app")  # nothing connects yet
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            lsc.configure("postgresql://app@127.0.0.1:1/app", **options)
+        assert named in str(caught.value)
+        assert isinstance(caught.value, ValueError)
+        assert lsc.get_connection_manager() is old
+        with lsc.ExecutionScope("still-open"):
+            pass
+    finally:
+        old.close()
+        _scope._default_manager = None
+
+
+def test_a_refused_configure_leaves_the_working_default(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    for options in ({"max_connections": 0}, {"strategy": "nope"}, {"pool_size": 3}):
+        with pytest.raises(ConfigurationError):
+            lsc.configure(pg_db.url, **options)
+        with pytest.raises(ConfigurationError):
+            lsc.configure("postgresql://app:pw@127.0.0.1:x/db")
+    assert lsc.get_connection_manager() is manager
+    with lsc.ExecutionScope("still-works"):
+        assert lsc.create_execution_scoped_sql_database_sync().run("select 1") == "[(1,)]"
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("postgresql://app:{pw}@127.0.0.1:notaport/db", "port that is not a number"),
+        ("app:{pw}@127.0.0.1/db", "could not parse database URL"),
+        ("://app:{pw}@127.0.0.1/db", "could not parse database URL"),
+        ("postgresql+nodriver://app:{pw}@127.0.0.1/db", "no SQLAlchemy dialect/driver"),
+    ],
+)
+def test_bad_urls_are_refused_without_showing_the_password(url: str, named: str) -> None:
+    secret = f"Sekr1t-{uuid.uuid4().hex[:8]}"
+    old = lsc.configure("postgresql://app@127.0.0.1:1/app")
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            lsc.configure(url.format(pw=secret))
+        assert named in str(caught.value)
+        assert secret not in str(caught.value)
+        assert secret not in repr(caught.value)
+        assert lsc.get_connection_manager() is old
+    finally:
+        old.close()
+        _scope._default_manager = None
+
+
+def test_no_url_anywhere_is_a_clear_error(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    lsc.configure()  # options only: a URL may still come with each call
+    try:
+        with lsc.ExecutionScope("nourl"):
+            with pytest.raises(ConfigurationError, match="no database URL") as caught:
+                lsc.create_execution_scoped_engine_sync()
+            assert "configure(database_url=...)" in str(caught.value)
+            assert "DATABASE_URL" in str(caught.value)
+    finally:
+        lsc.get_connection_manager().close()
+        _scope._default_manager = None
+
+
+def test_database_url_env_fallback(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    pg_db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_db.url)
+    _scope.configure(None)  # no URL given: DATABASE_URL is read at use time
+    try:
+        with lsc.ExecutionScope("env"):
+            conn = lsc.create_execution_scoped_engine_sync().connect()
+            assert backend_pid(conn) in live_pids(pg_db)
+            conn.close()
+    finally:
+        lsc.get_connection_manager().close()
+        _scope._default_manager = None
+
+
+def test_postgres_scheme_and_url_objects_are_accepted(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    heroku_style = "postgres://" + pg_db.url.split("://", 1)[1]
+    configure_default(heroku_style)
+    url_object = make_url(pg_db.url)
+    with lsc.ExecutionScope("schemes"):
+        db = lsc.create_execution_scoped_sql_database_sync()
+        assert db.run("select count(*) from customers") == "[(50,)]"
+        # a sqlalchemy URL object keeps its password (str() of it would hide it)
+        with lsc.create_execution_scoped_engine_sync(url_object).connect() as conn:
+            assert backend_pid(conn) in live_pids(pg_db)
+    assert lsc.get_connection_stats()["pools"][0]["url"].startswith("postgresql://")
+
+
+def test_psycopg3_through_its_sqlalchemy_url(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    configure_default(pg_db.url_with("psycopg"), max_connections=3)
+    with lsc.ExecutionScope("pg3"):
+        db = lsc.create_execution_scoped_sql_database_sync()
+        assert db.run("select count(*) from orders") == "[(500,)]"
+        engine = lsc.create_execution_scoped_engine_sync()
+        assert engine.dialect.driver == "psycopg"
+        leaked = engine.connect()
+        pid = backend_pid(leaked)
+        assert live_pids(pg_db)[pid] == "idle in transaction"
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 1
+    assert stats["pools"][0]["url"].startswith("postgresql+psycopg://")
+    assert pid not in live_pids(pg_db)
+    with pytest.raises(ScopeClosedError):
+        leaked.execute(text("select 1"))
+
+
+# -- secrets ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_role(pg_db: Database) -> Iterator[tuple[str, str]]:
+    """A login role whose password has URL-special characters: (role, password)."""
+    role = f"lsc_pw_{uuid.uuid4().hex[:8]}"
+    password = f"P@ss:/w%rd?#-{uuid.uuid4().hex[:10]}"
+    pg_db.query(f"create role {role} login password '{password}'")
+    pg_db.query(f"grant select on customers, orders to {role}")
+    try:
+        yield role, password
+    finally:
+        pg_db.query(f'drop owned by {role}; drop role if exists "{role}"')
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_password_never_appears_in_stats_reprs_logs_or_errors(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    pg_db: Database,
+    secret_role: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+    driver: str,
+) -> None:
+    role, password = secret_role
+    base = make_url(pg_db.url_with(driver))
+    url = base.set(username=role, password=password).render_as_string(hide_password=False)
+    assert quote(password, safe="") in url
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy")
+    caplog.set_level(logging.DEBUG, logger="langgraph_scoped_conn")
+    texts: list[str] = []
+    manager = configure_default(url, max_connections=2, pool_timeout=0.2)
+    with lsc.ExecutionScope("secret-run") as scope:
+        db = lsc.create_execution_scoped_sql_database_sync()
+        assert db.run("select count(*) from customers") == "[(50,)]"
+        engine = lsc.create_execution_scoped_engine_sync()
+        held = [engine.connect(), engine.connect()]
+        with lsc.ExecutionScope("starved"), pytest.raises(ConnectionBudgetExceededError) as budget:
+            lsc.create_execution_scoped_engine_sync().connect()
+        texts += [str(budget.value), repr(budget.value)]
+        texts += [repr(x) for x in (manager, manager.settings, scope, engine, db, held[0])]
+        texts += [repr(manager.settings.public_dict()), json.dumps(lsc.get_connection_stats())]
+        texts.append(repr(manager.pool_for()))
+        held[0].close()  # the other one leaks: its reclaim is logged
+    texts.append(json.dumps(lsc.get_connection_stats()))
+    # a wrong password and unparseable URLs
+    wrong = base.set(username=role, password=password[::-1]).render_as_string(hide_password=False)
+    with lsc.ExecutionScope("wrong-pw"), pytest.raises(OperationalError) as auth:
+        lsc.create_execution_scoped_engine_sync(wrong).connect()
+    assert "password authentication failed" in str(auth.value)
+    texts += [str(auth.value), repr(auth.value)]
+    for bad in (url.replace(f":{base.port}/", ":port/"), url.split("://", 1)[1]):
+        with pytest.raises(ConfigurationError) as caught:
+            ExecutionConnectionManager(bad)
+        texts += [str(caught.value), repr(caught.value)]
+    texts += [r.getMessage() for r in caplog.records]
+    assert any("Created new connection" in r.getMessage() for r in caplog.records), (
+        "SQLAlchemy's pool DEBUG log was not captured; the check would be vacuous"
+    )
+    everything = "\n".join(texts)
+    for form in {password, quote(password, safe=""), quote(password), password[::-1]}:
+        assert form not in everything
+    assert "***" in everything
+
+
+# -- reflection cache -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def count_statements() -> Iterator[list[str]]:
+    """Every statement any engine sends, via a SQLAlchemy before_cursor_execute listener."""
+    seen: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", listener)
+
+
+def test_sql_database_reflection_is_cached_per_url_and_options(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    with count_statements() as seen:
+        with lsc.ExecutionScope("first"):
+            db = lsc.create_execution_scoped_sql_database_sync()
+        first = len(seen)
+        assert first >= 5, "the first SQLDatabase reflects the schema"
+        for i in range(5):
+            with lsc.ExecutionScope(f"again{i}"):
+                db = lsc.create_execution_scoped_sql_database_sync()
+                assert sorted(db.get_usable_table_names()) == ["customers", "orders"]
+        assert len(seen) == first, seen[first:]  # no reflection for later executions
+        with lsc.ExecutionScope("query"):
+            db = lsc.create_execution_scoped_sql_database_sync()
+            assert db.run("select count(*) from orders") == "[(500,)]"
+            assert "CREATE TABLE customers" in db.get_table_info(["customers"])
+        after_query = len(seen)
+        # other options: one new reflection, then cached again
+        for i in range(3):
+            with lsc.ExecutionScope(f"subset{i}"):
+                db = lsc.create_execution_scoped_sql_database_sync(include_tables=["customers"])
+                assert db.get_usable_table_names() == ["customers"]
+            if i == 0:
+                subset = len(seen)
+                assert subset > after_query
+        assert len(seen) == subset
+        # another URL (psycopg 3 driver) is reflected on its own
+        with lsc.ExecutionScope("pg3"):
+            lsc.create_execution_scoped_sql_database_sync(pg_db.url_with("psycopg"))
+        assert len(seen) > subset
+        other_url = len(seen)
+        # after a migration, invalidate_schema_cache() makes the next one reflect again
+        pg_db.query("create table products (id int primary key)")
+        invalidate_schema_cache(manager)
+        with lsc.ExecutionScope("migrated"):
+            db = lsc.create_execution_scoped_sql_database_sync()
+            assert "products" in db.get_usable_table_names()
+        assert len(seen) > other_url
+    assert lsc.get_connection_stats()["executions"] == {}
+
+
+# -- reaping and closing ------------------------------------------------------------
+
+
+def test_reaper_releases_only_scopes_older_than_max_scope_lifetime(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    pg_db: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager = configure_default(max_scope_lifetime=60)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lsc.ExecutionScope("old"))
+        old_engine = lsc.create_execution_scoped_engine_sync()
+        old_conn = old_engine.connect()
+        old_pid = backend_pid(old_conn)
+        stack.enter_context(lsc.ExecutionScope("young"))
+        young_conn = lsc.create_execution_scoped_engine_sync().connect()
+        young_pid = backend_pid(young_conn)
+        old = manager.execution("old")
+        assert old is not None
+        old.created -= 120  # as if opened two minutes ago (no sleeping in tests)
+        assert manager.reap() == ["old"]
+        assert manager.reap() == []  # nothing else is old enough
+        stats = lsc.get_connection_stats()
+        assert set(stats["executions"]) == {"young"}
+        assert stats["scopes_reaped"] == 1
+        pids = live_pids(pg_db)
+        assert old_pid not in pids
+        assert pids[young_pid] == "idle in transaction"
+        assert young_conn.execute(text("select 3")).scalar_one() == 3
+        with pytest.raises(ScopeClosedError):
+            old_engine.connect()
+        assert any("reaped execution old" in r.getMessage() for r in caplog.records)
+        young_conn.close()
+    # leaving the reaped scope later is harmless and does not count twice
+    stats = lsc.get_connection_stats()
+    assert stats["active_executions"] == 0
+    assert stats["scopes_reaped"] == 1
+    assert stats["scopes_closed"] == stats["scopes_opened"] == 2
+
+
+def test_reaper_runs_when_scopes_open(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    manager = configure_default(max_scope_lifetime=60)
+    forgotten = manager.open_execution("forgotten")  # never released by its owner
+    conn = manager.engine_for(forgotten).connect()
+    pid = backend_pid(conn)
+    forgotten.created -= 120
+    manager._last_reap -= 120  # the periodic check is due
+    with lsc.ExecutionScope("next"):
+        assert set(lsc.get_connection_stats()["executions"]) == {"next"}
+    assert pid not in live_pids(pg_db)
+    assert lsc.get_connection_stats()["scopes_reaped"] == 1
+
+
+def test_no_reaping_without_max_scope_lifetime(
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    manager = configure_default(max_scope_lifetime=None)
+    with lsc.ExecutionScope("ancient"):
+        execution = manager.execution("ancient")
+        assert execution is not None
+        execution.created -= 10**6
+        assert manager.reap() == []
+        assert manager.reap(max_age=1) == ["ancient"]  # an explicit age still works
+
+
+@pytest.mark.parametrize("how", ["close", "aclose"])
+async def test_manager_close_releases_every_scope_and_pool(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database, how: str
+) -> None:
+    manager = configure_default(max_connections=6)
+    stack = contextlib.ExitStack()
+    stack.enter_context(lsc.ExecutionScope("left-open"))
+    engine = lsc.create_execution_scoped_engine_sync()
+    held = engine.connect()
+    backend_pid(held)
+    for i in range(3):
+        async with lsc.ExecutionScope(f"done{i}"):
+            db = await lsc.create_execution_scoped_sql_database()
+            db.run("select 1")
+    assert len(live_pids(pg_db)) >= 2  # one held, the others idle in the pool
+    if how == "close":
+        manager.close()
+    else:
+        await manager.aclose()
+    assert live_pids(pg_db) == {}
+    stats = manager.get_stats()
+    assert stats["active_executions"] == 0
+    assert stats["connections_in_use"] == 0
+    assert stats["connections_idle"] == 0
+    with pytest.raises(ScopeUnavailableError, match="closed"), lsc.ExecutionScope("after"):
+        pass
+    with pytest.raises(ScopeClosedError):
+        held.execute(text("select 1"))
+    stack.close()  # the scope's own exit afterwards is harmless
+    assert live_pids(pg_db) == {}
+
+
+def test_configure_closes_the_previous_default(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    first = configure_default()
+    with lsc.ExecutionScope("x"):
+        lsc.create_execution_scoped_sql_database_sync().run("select 1")
+    assert live_pids(pg_db) != {}
+    second = configure_default(max_connections=3)
+    assert lsc.get_connection_manager() is second is not first
+    assert live_pids(pg_db) == {}  # the old pool was disposed
+    with pytest.raises(ScopeUnavailableError):
+        first.open_execution("late")
