@@ -130,7 +130,7 @@ def held_backends(pg_db: Database) -> list[tuple[object, ...]]:
     return pg_db.query(
         "select application_name, state, query from pg_stat_activity "
         "where datname = current_database() and backend_type = 'client backend' "
-        "and application_name like 'langgraph_scoped_conn%%' and state <> 'idle'"
+        "and application_name like 'langgraph_scoped_conn%' and state <> 'idle'"
     )
 
 
@@ -165,6 +165,7 @@ async def test_langgraph_dev_runs_release_every_scope(
         await drive_every_run_mode(client, dev_server, pg_db)
 
     log = dev_server.log_text()
+    assert "--allow-blocking, which allows" not in log  # the checker was on
     assert "BlockingError" not in log, log[log.index("BlockingError") - 3000 :][:6000]
     password = make_url(pg_db.url).password
     assert password and password not in log
