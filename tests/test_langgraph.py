@@ -9,8 +9,10 @@ The invocation mode is a fixture parameter (``mode``), not a copy of the test.
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, ToolRuntime
 from langgraph.pregel import Pregel
 from langgraph.types import Send
+from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
@@ -1012,3 +1015,127 @@ def test_sync_run_paths_never_create_an_event_loop(
     assert handler.run_inline
     assert len(recorder.by_tag()) == len(SYNC_MODES)
     assert_released(manager, pg_db)
+
+
+# -- langgraph dev's blocking-call checker ----------------------------------------------
+
+
+@pytest.fixture
+def blockbuster_like_langgraph_dev() -> Iterator[Callable[[], Any]]:
+    """Returns an activator of blockbuster configured exactly as `langgraph dev` does.
+
+    langgraph-runtime-inmem's ``_enable_blockbuster`` scans every module
+    (``excluded_modules=[]``), allows a few known calls (``os.stat``, file reads and
+    writes, ``threading.Lock.acquire`` ...) and raises ``BlockingError`` on any other
+    blocking call made on the event loop's thread.
+    """
+    queue = pytest.importorskip("langgraph_runtime_inmem.queue")
+    active: list[Any] = []
+
+    def activate() -> Any:
+        bb = queue._enable_blockbuster()
+        active.append(bb)
+        return bb
+
+    yield activate
+    for bb in active:
+        bb.deactivate()
+
+
+def test_blocking_call_checker_never_fires_on_our_code(
+    blockbuster_like_langgraph_dev: Callable[[], Any],
+    manager: ExecutionConnectionManager,
+    pg_db: Database,
+    leaked: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from blockbuster import BlockingError
+
+    recorder = Recorder()
+    example = lsc.with_scoped_connections(build_example_graph(recorder))
+
+    @tool
+    async def guide_tool(tag: str) -> str:
+        """The guide's async API, as an async tool under langgraph dev uses it."""
+        db = await lsc.create_execution_scoped_sql_database()
+        recorder.saw(tag, "async tool", db)
+        return await asyncio.to_thread(count_orders, db)
+
+    def agent(state: State) -> State:
+        calls = [{"name": "guide_tool", "args": {"tag": state["tag"]}, "id": "c1"}]
+        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+
+    def leak_then_fail(state: State, config: RunnableConfig) -> State:
+        leak_a_connection(config)
+        raise NodeFailed
+
+    b = StateGraph(State)
+    b.add_node("agent", agent)
+    b.add_node("tools", ToolNode([guide_tool]))
+    b.add_node("fail", leak_then_fail)
+    b.add_edge(START, "agent")
+    b.add_edge("agent", "tools")
+    b.add_edge("tools", "fail")
+    async_tools = lsc.with_scoped_connections(b.compile())
+    outcomes: list[str] = []
+    # blockbuster cannot see I/O inside psycopg2's C code, so also record the thread of
+    # every pool event that does I/O: none may run on the event loop's thread
+    io_threads: list[tuple[str, int]] = []
+    pool = manager.pool_for().engine.pool
+    io_events = ("connect", "checkout", "checkin", "reset", "close", "close_detached")
+    listeners = [
+        (name, functools.partial(lambda n, *a: io_threads.append((n, threading.get_ident())), name))
+        for name in (*io_events, "invalidate", "soft_invalidate")
+    ]
+    for name, fn in listeners:
+        sa_event.listen(pool, name, fn)
+    loop_thread: list[int] = []
+
+    async def main() -> None:
+        loop_thread.append(threading.get_ident())
+        bb = blockbuster_like_langgraph_dev()
+        try:
+            with pytest.raises(BlockingError):  # the checker is really on
+                time.sleep(0.001)  # noqa: ASYNC251
+            await example.ainvoke({"tag": "ainvoke"})
+            await example.abatch([{"tag": "abatch1"}, {"tag": "abatch2"}])
+            async for _ in example.astream_events({"tag": "events"}, version="v2"):
+                pass
+            astream = example.astream({"tag": "break"})
+            async for _ in astream:
+                break
+            await astream.aclose()
+            with pytest.raises(NodeFailed):
+                await async_tools.ainvoke({"tag": "async-tool"})
+            outcomes.append("error")
+            for how in ("cancel", "wait_for"):
+                started = asyncio.Event()
+                task = asyncio.ensure_future(holding_graph(started).ainvoke({"tag": how}))
+                await started.wait()
+                if how == "cancel":
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                else:
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(task, timeout=0.05)
+                outcomes.append(how)
+            await manager.adrain()
+        finally:
+            bb.deactivate()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for name, fn in listeners:
+            sa_event.remove(pool, name, fn)
+    assert outcomes == ["error", "cancel", "wait_for"]
+    assert {n for n, _ in io_threads} >= {"connect", "checkout", "checkin", "invalidate"}
+    assert [n for n, t in io_threads if t == loop_thread[0]] == []
+    assert not [r for r in caplog.records if "BlockingError" in r.getMessage()]
+    assert sorted(recorder.by_tag()) == sorted(
+        ["ainvoke", "abatch1", "abatch2", "events", "break", "async-tool"]
+    )
+    stats = assert_released(manager, pg_db)
+    assert stats["leaks_reclaimed"] == len(leaked) == 3
+    assert all(c.invalidated for c in leaked)
