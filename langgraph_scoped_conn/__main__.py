@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the naive way (SQLDatabase.from_uri per tool call) and compare",
     )
     demo.add_argument(
+        "--leak-every",
+        metavar="K",
+        type=_bounded_int("--leak-every", 0, _MAX_EXECUTIONS),
+        default=0,
+        help=(
+            "make every K-th execution's query tool check out a connection and never return "
+            "it, to show leaks being reclaimed (default 0: no leaks)"
+        ),
+    )
+    demo.add_argument(
         "--report-json",
         metavar="PATH",
         default=None,
@@ -176,6 +186,7 @@ async def _run(args: argparse.Namespace, url: str, console: Any) -> tuple[Any, A
             args.executions,
             max_connections=args.max_connections,
             progress=lambda done, _total: progress.update(task, completed=done),
+            leak_every=args.leak_every,
         )
         naive = None
         if args.compare:
@@ -184,6 +195,7 @@ async def _run(args: argparse.Namespace, url: str, console: Any) -> tuple[Any, A
                 url,
                 args.executions,
                 progress=lambda done, _total: progress.update(naive_task, completed=done),
+                leak_every=args.leak_every,
             )
     return scoped, naive
 

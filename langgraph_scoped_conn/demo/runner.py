@@ -20,8 +20,8 @@ from typing import Any
 
 from langchain_core.messages import AIMessage
 
-from langgraph_scoped_conn.demo.agent import build_sql_agent
-from langgraph_scoped_conn.demo.model import ScriptedSQLChatModel
+from langgraph_scoped_conn.demo.agent import DatabaseProvider, build_sql_agent, scoped_database
+from langgraph_scoped_conn.demo.model import QUERY_TOOL, ScriptedSQLChatModel
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from langgraph_scoped_conn.settings import parse_url, redact_url
 
@@ -91,6 +91,7 @@ async def run_scoped(
     max_connections: int = 5,
     questions: Sequence[str] = QUESTIONS,
     progress: Progress | None = None,
+    leak_every: int = 0,
 ) -> RunReport:
     """Run ``executions`` concurrent agent runs through one scoped budget pool.
 
@@ -100,6 +101,8 @@ async def run_scoped(
         max_connections: the budget of the manager the runs share.
         questions: asked in turn, one per run.
         progress: called after each run finishes.
+        leak_every: when above 0, every ``leak_every``-th run's query tool checks out
+            a connection and never returns it (a buggy tool); the scope reclaims it.
 
     Returns:
         The report, with the manager's stats after every run has ended.
@@ -110,9 +113,15 @@ async def run_scoped(
         database_url, max_connections=max_connections, application_name="lsc-demo"
     )
     report = RunReport("scoped", executions)
+    leaked: list[Any] = []
     try:
         graph = with_scoped_connections(
-            build_sql_agent(ScriptedSQLChatModel(), name="sql_agent_scoped"), manager=manager
+            build_sql_agent(
+                ScriptedSQLChatModel(),
+                database=_leaky(scoped_database(), leak_every, leaked),
+                name="sql_agent_scoped",
+            ),
+            manager=manager,
         )
         await _run_all(graph, executions, questions, report, progress)
         await manager.adrain()
@@ -135,16 +144,20 @@ async def run_naive(
     *,
     questions: Sequence[str] = QUESTIONS,
     progress: Progress | None = None,
+    leak_every: int = 0,
 ) -> RunReport:
     """Run the same agent the naive way: ``SQLDatabase.from_uri`` per tool call, never disposed.
 
     Failures (such as PostgreSQL's "too many clients already") are counted, not raised.
+    ``leak_every`` makes the same runs as in :func:`run_scoped` leak a connection.
     """
     naive = _NaiveDatabases(database_url)
     report = RunReport("naive", executions)
     try:
         graph = build_sql_agent(
-            ScriptedSQLChatModel(), database=naive.provide, name="sql_agent_naive"
+            ScriptedSQLChatModel(),
+            database=_leaky(naive.provide, leak_every, naive.leaked),
+            name="sql_agent_naive",
         )
         await _run_all(graph, executions, questions, report, progress)
         report.connections_opened = naive.opened
@@ -202,6 +215,7 @@ class _NaiveDatabases:
         self.url = database_url
         self.lock = threading.Lock()
         self.engines: list[Any] = []
+        self.leaked: list[Any] = []
         self.opened = self.closed = self.checkouts = self.peak = self.refused = 0
 
     def provide(self, runtime: Any) -> Any:
@@ -240,8 +254,29 @@ class _NaiveDatabases:
     def dispose_all(self) -> None:
         with self.lock:
             engines, self.engines = self.engines, []
+            leaked, self.leaked = self.leaked, []
+        for connection in leaked:
+            connection.close()
         for engine in engines:
             engine.dispose()
+
+
+def _leaky(provide: DatabaseProvider, every: int, leaked: list[Any]) -> DatabaseProvider:
+    """Wrap ``provide`` so every ``every``-th run's query tool forgets a checked-out connection."""
+    if every <= 0:
+        return provide
+
+    def provide_and_leak(runtime: Any) -> Any:
+        db = provide(runtime)
+        config = getattr(runtime, "config", None) or {}
+        index = (config.get("metadata") or {}).get("demo_execution")
+        tool_call = getattr(runtime, "tool_call_id", "") or ""
+        if isinstance(index, int) and index % every == 0 and QUERY_TOOL in tool_call:
+            # the bug: a connection checked out and never returned (kept referenced)
+            leaked.append(db._engine.raw_connection())
+        return db
+
+    return provide_and_leak
 
 
 def _is_pg(url: Any) -> bool:
