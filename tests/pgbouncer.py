@@ -30,9 +30,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# module level: the tool's and node's annotations are resolved from these globals
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import MessagesState
+
 from tests.pgcluster import free_port
 
 __all__ = ["PgBouncer", "pgbouncer_binary", "run_worker", "scram_secret"]
+
+_ADMIN_COMMANDS = frozenset({"RECONNECT", "PAUSE", "RESUME", "KILL", "RELOAD"})
 
 #: The Debian/Ubuntu package that provides the binary (``apt-get install -y pgbouncer``).
 DEBIAN_PACKAGE = "pgbouncer"
@@ -71,10 +77,11 @@ class PgBouncer:
     (``default_pool_size``, no reserve pool, ``max_db_connections`` the same).
 
     Args:
-        server_port: the PostgreSQL port on 127.0.0.1.
+        server_port: the PostgreSQL port.
         users: role name -> SCRAM secret (or plaintext password) for ``userlist.txt``.
         pool_size: ``default_pool_size`` and ``max_db_connections``.
         max_client_conn: how many client connections PgBouncer accepts in all.
+        server_host: the PostgreSQL host (the throwaway clusters listen on 127.0.0.1).
         pool_mode: ``transaction`` (the point of these tests), ``session`` or ``statement``.
     """
 
@@ -83,15 +90,16 @@ class PgBouncer:
         *,
         server_port: int,
         users: dict[str, str],
+        server_host: str = "127.0.0.1",
         pool_size: int = 3,
         max_client_conn: int = 400,
         pool_mode: str = "transaction",
     ) -> None:
         if pgbouncer_binary() is None:
             raise RuntimeError(
-                f"pgbouncer is not installed; install it with `apt-get install -y "
-                f"{DEBIAN_PACKAGE}`"
+                f"pgbouncer is not installed; install it with `apt-get install -y {DEBIAN_PACKAGE}`"
             )
+        self.server_host = server_host
         self.server_port = server_port
         self.users = dict(users)
         self.pool_size = pool_size
@@ -114,7 +122,7 @@ class PgBouncer:
             "\n".join(
                 [
                     "[databases]",
-                    f"* = host=127.0.0.1 port={self.server_port}",
+                    f"* = host={self.server_host} port={self.server_port}",
                     "",
                     "[pgbouncer]",
                     "listen_addr = 127.0.0.1",
@@ -215,14 +223,23 @@ class PgBouncer:
     # -- clients -----------------------------------------------------------------------
 
     def url(
-        self, database: str, *, user: str, password: str, driver: str = "psycopg2", flag: bool = True
+        self,
+        database: str,
+        *,
+        user: str,
+        password: str,
+        driver: str = "psycopg2",
+        flag: bool = True,
     ) -> str:
         """A client URL through PgBouncer; ``flag`` adds ``?pgbouncer=true`` (auto-detection)."""
         query = "?pgbouncer=true" if flag else ""
         return f"postgresql+{driver}://{user}:{password}@127.0.0.1:{self.port}/{database}{query}"
 
     def show(self, what: str, *, user: str, password: str) -> list[dict[str, Any]]:
-        """Rows of ``SHOW <what>`` from the admin console (``pools``, ``clients``, ``servers``)."""
+        """Rows of ``SHOW <what>`` from the admin console (``pools``, ``clients``, ``servers``).
+
+        ``what`` may also be an admin command such as ``RECONNECT <db>`` (no rows).
+        """
         import psycopg2
 
         conn = psycopg2.connect(
@@ -231,8 +248,12 @@ class PgBouncer:
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                cur.execute(f"SHOW {what}")
-                names = [d[0] for d in cur.description or ()]
+                verb = what.split(maxsplit=1)[0].upper()
+                command = what if verb in _ADMIN_COMMANDS else f"SHOW {what}"
+                cur.execute(command)
+                if cur.description is None:
+                    return []
+                names = [d[0] for d in cur.description]
                 return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         finally:
             conn.close()
@@ -251,9 +272,8 @@ QUERIES_PER_TOOL_CALL = 3
 def build_graph() -> Any:
     """A wrapped ToolNode graph: agent -> SQL tool (3 queries) -> agent -> end."""
     from langchain_core.messages import AIMessage, ToolMessage
-    from langchain_core.runnables import RunnableConfig
     from langchain_core.tools import tool
-    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.graph import END, START, StateGraph
     from langgraph.prebuilt import ToolNode, tools_condition
 
     from langgraph_scoped_conn import get_scoped_sql_database, with_scoped_connections
@@ -286,7 +306,7 @@ def build_graph() -> Any:
 
 
 def expected_answer(customer_id: int) -> str:
-    """What the graph answers for ``customer_id`` on the sample schema (500 orders, 50 customers)."""
+    """The graph's answer for ``customer_id`` on the sample schema (500 orders, 50 customers)."""
     count = sum(1 for g in range(1, 501) if 1 + g % 50 == customer_id)
     return f"orders: [({count},)]"
 
@@ -313,15 +333,22 @@ def run_worker(
     import langgraph_scoped_conn as lsc
     from langgraph_scoped_conn.settings import redact_url
 
-    manager = lsc.configure(url, max_connections=max_connections, **(options or {}))
-    graph = build_graph()
+    try:
+        manager = lsc.configure(url, max_connections=max_connections, **(options or {}))
+        graph = build_graph()
+        # warm the imports and the reflection cache before the clock starts
+        asyncio.run(_warm(graph))
+    except BaseException:
+        if barrier is not None:
+            barrier.abort()  # the parent and the other workers stop waiting at once
+        raise
     errors: dict[str, int] = {}
     wrong = 0
     latencies: list[float] = []
 
     async def one(i: int, gate: asyncio.Semaphore) -> None:
         nonlocal wrong
-        customer = 1 + (worker * 7 + i) % 50
+        customer = 1 + (worker + i) % 5  # few distinct texts: each repeats on a connection
         async with gate:
             start = time.perf_counter()
             try:
@@ -340,8 +367,6 @@ def run_worker(
         await asyncio.gather(*(one(i, gate) for i in range(runs)))
         return time.perf_counter() - started
 
-    # warm the imports and the reflection cache before the clock starts
-    asyncio.run(_warm(graph))
     if barrier is not None:
         barrier.wait(timeout=120)
     elapsed = asyncio.run(main())
