@@ -25,6 +25,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from langgraph_scoped_conn.context import register_manager
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.scope import current_execution, get_connection_manager
 from langgraph_scoped_conn.settings import redact_url
 
 __all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]
@@ -69,6 +70,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     ) -> None:
         self._manager = manager
         self._execution_id = execution_id
+        self._registered_default: ExecutionConnectionManager | None = None
         if manager is not None:
             register_manager(manager)
 
@@ -77,10 +79,10 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         """The manager runs are registered with."""
         if self._manager is not None:
             return self._manager
-        from langgraph_scoped_conn.scope import get_connection_manager
-
         manager = get_connection_manager()
-        register_manager(manager)
+        if manager is not self._registered_default:  # register once per default, not per event
+            register_manager(manager)
+            self._registered_default = manager
         return manager
 
     # -- run starts ----------------------------------------------------------------
@@ -139,7 +141,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)
         try:
-            execution = manager.open_execution(self._choose_id(run_id, tags, metadata))
+            execution = manager.open_execution(self._choose_id(manager, run_id, tags, metadata))
         except Exception as exc:
             logger.error(
                 "could not open an execution scope for run %s: %s: %s; tools of this run will "
@@ -153,7 +155,11 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         manager.bind_run(run_id, execution, root=True)
 
     def _choose_id(
-        self, run_id: uuid.UUID, tags: list[str] | None, metadata: Mapping[str, Any] | None
+        self,
+        manager: ExecutionConnectionManager,
+        run_id: uuid.UUID,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any] | None,
     ) -> str:
         metadata = metadata or {}
         if self._execution_id is not None:
@@ -172,10 +178,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
                     "non-empty string"
                 )
             return chosen
-        from langgraph_scoped_conn.scope import current_execution
-
         enclosing = current_execution()
-        if enclosing is not None and enclosing.manager is self.manager:
+        if enclosing is not None and enclosing.manager is manager:
             return enclosing.execution_id
         server_run = metadata.get("run_id")
         if server_run:
