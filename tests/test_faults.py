@@ -424,24 +424,28 @@ def _cancel_graph(manager: ExecutionConnectionManager) -> Any:
         total: int
 
     async def fetch(state: S, config: RunnableConfig) -> S:
-        # blocking calls go to a thread, as an async node should do with a sync driver
+        # Blocking calls go to a thread, as an async node should do with a sync driver.
+        # Each thread call checks out and uses its connection in one go: a connection
+        # held across two thread calls could wait for a thread that is itself waiting
+        # for a connection (the default executor has only cpu + 4 threads).
         gate: _Gate | None = state.get("gate")
         engine = lsc.get_scoped_engine(config, manager=manager)
         if gate:
             await gate.hit_async("async-before")
         query = text("select count(*) from orders where id <= :n")
-        conn = await asyncio.to_thread(engine.connect)
+
+        def connect_and_count() -> tuple[Any, int]:
+            conn = engine.connect()
+            return conn, conn.execute(query, {"n": 1 + state["n"] % 500}).scalar_one()
+
+        conn, total = await asyncio.to_thread(connect_and_count)
         try:
-            total = await asyncio.to_thread(
-                lambda: conn.execute(query, {"n": 1 + state["n"] % 500}).scalar_one()
-            )
             if gate:
                 await gate.hit_async("async-holding")
         finally:
             conn.close()
         if gate and gate.point == "async-leaking":
-            leaked = await asyncio.to_thread(engine.connect)
-            await asyncio.to_thread(leaked.execute, text("select 1"))
+            _leaked, _ = await asyncio.to_thread(connect_and_count)  # never closed
             await gate.hit_async("async-leaking")
         return {"total": total}
 
