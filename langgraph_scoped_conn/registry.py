@@ -271,6 +271,8 @@ class ExecutionConnectionManager:
         self._runs: dict[uuid.UUID, Execution | BaseException] = {}
         self._root_runs: dict[uuid.UUID, Execution] = {}
         self._handles: dict[tuple[str, str], PoolHandle] = {}
+        # URL text as given -> its handle, so the per-call lookup skips parsing the URL
+        self._handles_by_text: dict[str, PoolHandle] = {}
         self._reflection: dict[Any, Any] = {}
         self._pending: set[concurrent.futures.Future[None]] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -556,16 +558,26 @@ class ExecutionConnectionManager:
         """The shared pool for ``url`` (the configured URL by default), created on first use."""
         from langgraph_scoped_conn.pool import PoolHandle
 
-        parsed = parse_url(self.settings.resolve_url(url))
+        raw = self.settings.resolve_url(url)
+        text = raw if isinstance(raw, str) else None
+        if text is not None:
+            found = self._handles_by_text.get(text)
+            if found is not None:
+                return found
+        parsed = parse_url(raw)
         key = (parsed.render_as_string(hide_password=False), "shared")
         with self._lock:
             handle = self._handles.get(key)
             if handle is not None:
+                if text is not None:
+                    self._handles_by_text[text] = handle
                 return handle
             if self._closed:
                 raise ScopeUnavailableError("this ExecutionConnectionManager is closed")
             handle = PoolHandle(parsed, self.settings, describe_holders=self.describe_holders)
             self._handles[key] = handle
+            if text is not None:
+                self._handles_by_text[text] = handle
         logger.info(
             "created %s pool for %s with max_connections=%d",
             handle.strategy,
@@ -835,6 +847,7 @@ class ExecutionConnectionManager:
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
+            self._handles_by_text.clear()
             self._reflection.clear()
             self._runs.clear()
             self._root_runs.clear()
