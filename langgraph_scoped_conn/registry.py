@@ -144,6 +144,7 @@ class Execution:
                             "you no longer need (use `with engine.connect()`), or raise "
                             "max_connections_per_execution"
                         )
+                self._check_usable()  # the scope may have ended while this thread waited
             reserved = object()
             self.checkouts[id(reserved)] = reserved  # type: ignore[assignment]
         try:
@@ -372,6 +373,7 @@ class ExecutionConnectionManager:
                 else:
                     deferred += 1
             execution.state = "draining" if deferred else "closed"
+            execution._cond.notify_all()  # wake callers waiting on the per-execution cap
             del frames
         custom = list(execution.custom)
         handles = [] if deferred else list(execution.handles.values())
@@ -794,8 +796,9 @@ class ExecutionConnectionManager:
             draining = len(self._draining)
             counters = dict(self.counters)
             handles = list(self._handles.values())
-            per_exec = [h for e in self._executions.values() for h in e.handles.values()]
-            per_exec += [h for e in self._draining for h in e.handles.values()]
+            # list() each dict first: engine_for() adds handles under the execution's own lock
+            per_exec = [h for e in self._executions.values() for h in list(e.handles.values())]
+            per_exec += [h for e in self._draining for h in list(e.handles.values())]
             pending = len(self._pending)
             runs = len(self._runs) + len(self._root_runs)
             retired = dict(self._retired_counters)

@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import math
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -531,3 +533,56 @@ def test_configure_closes_the_previous_default(
     assert live_pids(pg_db) == {}  # the old pool was disposed
     with pytest.raises(ScopeUnavailableError):
         first.open_execution("late")
+
+
+def test_scope_end_wakes_a_thread_waiting_on_the_cap(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    """A waiter on max_connections_per_execution is woken when the scope ends.
+
+    It runs on in a worker thread (like a sync node after a cancel), so its new
+    connection is tracked as draining and released when returned, instead of the
+    waiter sleeping for the whole pool_timeout and then holding an untracked one.
+    """
+    manager = configure_default(max_connections_per_execution=1, pool_timeout=600)
+    outcome: list[object] = []
+    holding, release = threading.Event(), threading.Event()
+    queued = threading.Event()
+
+    def waiter(engine: Any) -> None:
+        queued.set()
+        try:
+            with engine.connect() as conn:
+                outcome.append(backend_pid(conn))
+                holding.set()
+                release.wait(60)
+        except BaseException as exc:
+            outcome.append(exc)
+            holding.set()
+
+    with lsc.ExecutionScope("capped"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        first = engine.connect()
+        first_pid = backend_pid(first)
+        thread = threading.Thread(target=waiter, args=(engine,))
+        thread.start()
+        queued.wait(30)
+        execution = manager.execution("capped")
+        assert execution is not None
+        for _ in range(3000):  # until the worker is parked on the cap (no time bound)
+            if execution._cond._waiters:  # type: ignore[attr-defined]
+                break
+            time.sleep(0.01)
+    # the scope ended: `first` was reclaimed, and the waiter got its connection at once
+    assert holding.wait(60), "the waiter was not woken by the end of its scope"
+    assert isinstance(outcome[0], int), outcome
+    assert first_pid not in live_pids(pg_db)
+    assert live_pids(pg_db)[outcome[0]] == "idle in transaction"
+    stats = manager.get_stats()
+    assert stats["draining_executions"] == 1  # tracked until the worker returns it
+    assert stats["connections_in_use"] == 1
+    release.set()
+    thread.join(60)
+    manager.drain()
+    assert manager.get_stats()["draining_executions"] == 0
+    assert manager.get_stats()["connections_in_use"] == 0
