@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import warnings
@@ -9,6 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from langgraph_scoped_conn import context as _context  # installs node attribution
+from langgraph_scoped_conn.errors import ScopeClosedError
 from langgraph_scoped_conn.registry import (
     Execution,
     ExecutionConnectionManager,
@@ -168,6 +170,14 @@ def _resolve(manager: ExecutionConnectionManager | None, what: str) -> Execution
     execution = current_execution()
     if execution is None:
         execution = _context.execution_from_langgraph_context(manager)
+    if execution is None:
+        ended = _current.get()
+        if ended is not None:  # inside a `with ExecutionScope` whose execution was reaped
+            raise ScopeClosedError(
+                f"{what} was called in execution {ended.execution_id!r}, which has already "
+                "been released (reaped after max_scope_lifetime, or by the cleanup route); "
+                "open a new ExecutionScope"
+            )
     return require_execution(execution, what)
 
 
@@ -221,6 +231,14 @@ async def create_execution_scoped_sql_database(
     Raises:
         NoActiveScopeError: outside any execution scope.
     """
+    from langgraph_scoped_conn.sql_database import needs_reflection
+
+    execution = _resolve(None, "create_execution_scoped_sql_database()")
+    if needs_reflection(execution.manager, database_url, options):
+        # the first SQLDatabase of a URL reflects the schema: keep that I/O off the loop
+        return await asyncio.to_thread(
+            create_execution_scoped_sql_database_sync, database_url, **options
+        )
     return create_execution_scoped_sql_database_sync(database_url, **options)
 
 

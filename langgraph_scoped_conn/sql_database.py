@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ScopedSQLDatabase", "invalidate_schema_cache", "new_scoped_sql_database"]
 
-_GUARD_OPTIONS = ("read_only", "statement_timeout")
+#: Options of new_scoped_sql_database that are not SQLDatabase keyword arguments.
+_SCOPE_OPTIONS = frozenset({"read_only", "statement_timeout", "max_query_length"})
 _template_lock = threading.Lock()
 #: SQLSTATE codes that mean "refused because the transaction is read-only" (25006), or
 #: "cannot do this inside the read-only transaction" (25001, e.g. set_config of
@@ -266,6 +267,17 @@ def _template(
                 template = SQLDatabase(handle.engine, **options)
                 cache[key] = template
     return template
+
+
+def needs_reflection(
+    manager: ExecutionConnectionManager, database_url: str | URL | None, options: Mapping[str, Any]
+) -> bool:
+    """True if a new SQLDatabase for these arguments would reflect the schema (blocking I/O)."""
+    if not manager.settings.cache_reflection:
+        return True
+    sql_options = {k: v for k, v in options.items() if k not in _SCOPE_OPTIONS}
+    handle = manager.pool_for(database_url)
+    return (handle.safe_url, id(handle), options_key(sql_options)) not in manager._reflection
 
 
 def invalidate_schema_cache(manager: ExecutionConnectionManager | None = None) -> None:
