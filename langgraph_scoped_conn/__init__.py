@@ -41,6 +41,7 @@ from langgraph_scoped_conn.scope import (
 
 if TYPE_CHECKING:
     from langgraph_scoped_conn.context import get_scoped_engine, get_scoped_sql_database
+    from langgraph_scoped_conn.errors import ConnectionReclaimedError
     from langgraph_scoped_conn.graph import with_scoped_connections
     from langgraph_scoped_conn.handler import ScopedConnectionHandler
     from langgraph_scoped_conn.pool import ScopedEngine
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "ConnectionBudgetExceededError",
+    "ConnectionReclaimedError",
     "ExecutionConnectionLimitError",
     "ExecutionConnectionManager",
     "ExecutionScope",
@@ -81,6 +83,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ConnectionReclaimedError": "langgraph_scoped_conn.errors",
     "get_scoped_engine": "langgraph_scoped_conn.context",
     "get_scoped_sql_database": "langgraph_scoped_conn.context",
     "with_scoped_connections": "langgraph_scoped_conn.graph",

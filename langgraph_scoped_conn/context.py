@@ -141,7 +141,7 @@ def get_scoped_engine(
         ScopeUnavailableError: the run's scope could not be opened.
     """
     execution = _find(config, manager, "get_scoped_engine()")
-    key = ("engine", str(database_url) if database_url is not None else None)
+    key = ("engine", _url_key(database_url))
     cached = execution.cached.get(key)
     if cached is None:
         cached = execution.cached.setdefault(
@@ -184,7 +184,7 @@ def get_scoped_sql_database(
     execution = _find(config, manager, "get_scoped_sql_database()")
     key = (
         "sql_database",
-        str(database_url) if database_url is not None else None,
+        _url_key(database_url),
         options_key(options),
     )
     cached = execution.cached.get(key)
@@ -193,6 +193,13 @@ def get_scoped_sql_database(
             key, new_scoped_sql_database(execution, database_url, **options)
         )
     return cached  # type: ignore[no-any-return]
+
+
+def _url_key(database_url: str | URL | None) -> str | None:
+    """A cache key for a URL that keeps the password (``str(URL)`` hides it as ``***``)."""
+    if database_url is None or isinstance(database_url, str):
+        return database_url
+    return database_url.render_as_string(hide_password=False)
 
 
 def _current_node() -> str | None:

@@ -7,7 +7,7 @@ on them and never contain a password or a full DSN.
 
 from __future__ import annotations
 
-from sqlalchemy.exc import ResourceClosedError
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ConfigurationError",
@@ -43,10 +43,6 @@ class ScopeClosedError(ScopedConnectionError):
     """A resource was requested through an execution scope that has already ended."""
 
 
-class ConnectionReclaimedError(ScopeClosedError, ResourceClosedError):
-    """A connection closed at scope end (it was still checked out) was used again."""
-
-
 class ConnectionBudgetExceededError(ScopedConnectionError, TimeoutError):
     """Every connection of the budget stayed in use for longer than ``pool_timeout``."""
 
@@ -61,3 +57,31 @@ class UnsafeQueryError(ScopedConnectionError, ValueError):
 
 class ReadOnlyViolationError(ScopedConnectionError):
     """The database refused a write inside a read-only transaction."""
+
+
+if TYPE_CHECKING:
+    from sqlalchemy.exc import ResourceClosedError
+
+    class ConnectionReclaimedError(ScopeClosedError, ResourceClosedError):
+        """A connection closed at scope end (it was still checked out) was used again."""
+
+
+def _define_reclaimed_error() -> type[ScopeClosedError]:
+    # defined on first use: inheriting SQLAlchemy's ResourceClosedError means importing
+    # SQLAlchemy, which `import langgraph_scoped_conn` avoids
+    from sqlalchemy.exc import ResourceClosedError
+
+    class ConnectionReclaimedError(ScopeClosedError, ResourceClosedError):
+        """A connection closed at scope end (it was still checked out) was used again."""
+
+    ConnectionReclaimedError.__module__ = __name__
+    ConnectionReclaimedError.__qualname__ = "ConnectionReclaimedError"
+    return ConnectionReclaimedError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConnectionReclaimedError":
+        cls = _define_reclaimed_error()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

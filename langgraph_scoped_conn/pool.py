@@ -116,7 +116,8 @@ class BudgetPool(QueuePool):
         with self._gate:
             self._line.append(ticket)
             if self._line[0] is not ticket:
-                self.counters.waits += 1
+                with self.counters.lock:
+                    self.counters.waits += 1
             while self._line[0] is not ticket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._gate.wait(remaining):
@@ -143,7 +144,8 @@ class BudgetPool(QueuePool):
             except BaseException:
                 self._dec_overflow()
                 raise
-        self.counters.waits += 1
+        with self.counters.lock:
+            self.counters.waits += 1
         try:
             return self._pool.get(True, max(deadline - time.monotonic(), 0.001))
         except sqla_queue.Empty:
