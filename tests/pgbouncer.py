@@ -269,7 +269,7 @@ class PgBouncer:
 QUERIES_PER_TOOL_CALL = 3
 
 
-def build_graph() -> Any:
+def build_graph(checkpointer: Any = None) -> Any:
     """A wrapped ToolNode graph: agent -> SQL tool (3 queries) -> agent -> end."""
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.tools import tool
@@ -302,7 +302,7 @@ def build_graph() -> Any:
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition, ["tools", END])
     builder.add_edge("tools", "agent")
-    return with_scoped_connections(builder.compile())
+    return with_scoped_connections(builder.compile(checkpointer=checkpointer))
 
 
 def expected_answer(customer_id: int) -> str:
@@ -320,6 +320,8 @@ def run_worker(
     barrier: Any = None,
     results: Any = None,
     options: dict[str, Any] | None = None,
+    checkpointer_conninfo: str | None = None,
+    checkpointer_pool_size: int = 0,
 ) -> dict[str, Any]:
     """Run ``runs`` executions of the graph with ``concurrency`` in flight; report the outcome.
 
@@ -327,32 +329,101 @@ def run_worker(
     manager on ``url`` (the strategy is detected from the URL), waits at ``barrier`` so
     every worker starts together, and puts its report on ``results`` when given.  The
     report never contains the URL.
+
+    With ``checkpointer_conninfo``, the graph also checkpoints every step with
+    langgraph-checkpoint-postgres' ``AsyncPostgresSaver`` over a psycopg
+    ``AsyncConnectionPool`` of ``checkpointer_pool_size`` connections (its tables must
+    exist already), as a deployed agent does: that pool counts against the server's
+    max_connections too.
     """
     import asyncio
 
     import langgraph_scoped_conn as lsc
+
+    manager = lsc.configure(url, max_connections=max_connections, **(options or {}))
+    try:
+        report = asyncio.run(
+            _session(
+                worker,
+                runs,
+                concurrency,
+                barrier,
+                checkpointer_conninfo,
+                checkpointer_pool_size,
+            )
+        )
+        manager.drain(timeout=30)
+        stats = manager.get_stats()
+        report.update(
+            worker=worker,
+            pid=os.getpid(),
+            strategy=stats["strategy"],
+            active_executions=stats["active_executions"],
+            connections_in_use=stats["connections_in_use"],
+            peak_open=stats["peak_connections"],
+            checkout_waits=stats["checkout_waits"],
+            tracked_runs=manager.tracked_runs(),
+        )
+    finally:
+        manager.close()
+    if results is not None:
+        results.put(report)
+    return report
+
+
+async def _session(
+    worker: int,
+    runs: int,
+    concurrency: int,
+    barrier: Any,
+    checkpointer_conninfo: str | None,
+    checkpointer_pool_size: int,
+) -> dict[str, Any]:
+    import asyncio
+
     from langgraph_scoped_conn.settings import redact_url
 
+    saver_pool: Any = None
     try:
-        manager = lsc.configure(url, max_connections=max_connections, **(options or {}))
-        graph = build_graph()
+        checkpointer = None
+        if checkpointer_conninfo:
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+            from psycopg.rows import dict_row
+            from psycopg_pool import AsyncConnectionPool
+
+            saver_pool = AsyncConnectionPool(
+                checkpointer_conninfo,
+                min_size=1,
+                max_size=checkpointer_pool_size,
+                kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+                open=False,
+            )
+            await saver_pool.open(wait=True)
+            checkpointer = AsyncPostgresSaver(saver_pool)
+        graph = build_graph(checkpointer)
         # warm the imports and the reflection cache before the clock starts
-        asyncio.run(_warm(graph))
+        config = {"configurable": {"thread_id": f"w{worker}-warm"}}
+        await graph.ainvoke({"messages": [("user", "1")]}, config)
     except BaseException:
         if barrier is not None:
             barrier.abort()  # the parent and the other workers stop waiting at once
+        if saver_pool is not None:
+            await saver_pool.close()
         raise
+
     errors: dict[str, int] = {}
     wrong = 0
     latencies: list[float] = []
+    gate = asyncio.Semaphore(concurrency)
 
-    async def one(i: int, gate: asyncio.Semaphore) -> None:
+    async def one(i: int) -> None:
         nonlocal wrong
         customer = 1 + (worker + i) % 5  # few distinct texts: each repeats on a connection
+        config = {"configurable": {"thread_id": f"w{worker}-{i}"}}
         async with gate:
             start = time.perf_counter()
             try:
-                out = await graph.ainvoke({"messages": [("user", str(customer))]})
+                out = await graph.ainvoke({"messages": [("user", str(customer))]}, config)
             except Exception as exc:
                 key = redact_url(f"{type(exc).__name__}: {exc}").splitlines()[0][:200]
                 errors[key] = errors.get(key, 0) + 1
@@ -361,38 +432,20 @@ def run_worker(
             if out["messages"][-1].content != expected_answer(customer):
                 wrong += 1
 
-    async def main() -> float:
-        gate = asyncio.Semaphore(concurrency)
+    try:
+        if barrier is not None:
+            await asyncio.to_thread(barrier.wait, 180)
         started = time.perf_counter()
-        await asyncio.gather(*(one(i, gate) for i in range(runs)))
-        return time.perf_counter() - started
-
-    if barrier is not None:
-        barrier.wait(timeout=120)
-    elapsed = asyncio.run(main())
-    manager.drain(timeout=30)
-    stats = manager.get_stats()
-    report = {
-        "worker": worker,
-        "pid": os.getpid(),
+        await asyncio.gather(*(one(i) for i in range(runs)))
+        elapsed = time.perf_counter() - started
+    finally:
+        if saver_pool is not None:
+            await saver_pool.close()
+    return {
         "ok": len(latencies) - wrong,
         "wrong": wrong,
         "failed": sum(errors.values()),
         "errors": errors,
         "elapsed": elapsed,
         "latencies": latencies,
-        "strategy": stats["strategy"],
-        "active_executions": stats["active_executions"],
-        "connections_in_use": stats["connections_in_use"],
-        "peak_open": stats["peak_connections"],
-        "checkout_waits": stats["checkout_waits"],
-        "tracked_runs": manager.tracked_runs(),
     }
-    manager.close()
-    if results is not None:
-        results.put(report)
-    return report
-
-
-async def _warm(graph: Any) -> None:
-    await graph.ainvoke({"messages": [("user", "1")]})
