@@ -134,10 +134,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         metadata: Mapping[str, Any] | None,
     ) -> None:
         manager = self.manager
-        if parent_run_id is not None:
-            manager.link_run(run_id, parent_run_id)
-            if manager.is_known_run(run_id):
-                return
+        if parent_run_id is not None and manager.link_run(run_id, parent_run_id):
+            return
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)
         try:

@@ -663,12 +663,18 @@ class ExecutionConnectionManager:
             self._runs[run_id] = error
             self.counters["scope_open_failures"] += 1
 
-    def link_run(self, run_id: uuid.UUID, parent_run_id: uuid.UUID) -> None:
-        """Map a child run to the execution of its parent, if the parent is known."""
+    def link_run(self, run_id: uuid.UUID, parent_run_id: uuid.UUID) -> bool:
+        """Map a child run to the execution of its parent, if the parent is known.
+
+        Returns:
+            True if the parent was known (the run is now mapped), False for a new root.
+        """
         with self._lock:
             target = self._runs.get(parent_run_id)
-            if target is not None:
-                self._runs[run_id] = target
+            if target is None:
+                return False
+            self._runs[run_id] = target
+            return True
 
     def is_known_run(self, run_id: uuid.UUID) -> bool:
         """True if ``run_id`` is mapped to an execution (or to a failed scope)."""

@@ -47,6 +47,9 @@ _default_manager: ExecutionConnectionManager | None = None
 def get_connection_manager() -> ExecutionConnectionManager:
     """Return the process-default manager, creating it from ``DATABASE_URL`` on first use."""
     global _default_manager  # noqa: PLW0603
+    manager = _default_manager
+    if manager is not None:  # the hot path: every callback event looks it up
+        return manager
     with _default_lock:
         if _default_manager is None:
             _default_manager = ExecutionConnectionManager()
