@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     Verdict,
     bench_server,
     console,
@@ -38,10 +38,10 @@ from common import (  # noqa: E402
     table,
     write_result,
 )
-from sqlalchemy import create_engine  # noqa: E402
+from sqlalchemy import create_engine
 
-import langgraph_scoped_conn as lsc  # noqa: E402
-from langgraph_scoped_conn.registry import ExecutionConnectionManager  # noqa: E402
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn.registry import ExecutionConnectionManager
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             db_plain = SQLDatabase(engine_plain)
         shared = ExecutionConnectionManager(url, max_connections=5)
         per_exec_cached = ExecutionConnectionManager(url, strategy="per_execution")
-        per_exec = ExecutionConnectionManager(
-            url, strategy="per_execution", cache_reflection=False
-        )
+        per_exec = ExecutionConnectionManager(url, strategy="per_execution", cache_reflection=False)
         managers = {
             "shared": shared,
             "per_execution_cached": per_exec_cached,

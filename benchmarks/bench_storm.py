@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     BackendSampler,
     BenchServer,
     Verdict,
@@ -48,14 +48,14 @@ from common import (  # noqa: E402
     table,
     write_result,
 )
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
-from langchain_core.runnables import RunnableConfig  # noqa: E402
-from langchain_core.tools import BaseTool, tool  # noqa: E402
-from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
-from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
-from sqlalchemy import create_engine  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, tool
+from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
+from sqlalchemy import create_engine
 
-import langgraph_scoped_conn as lsc  # noqa: E402
+import langgraph_scoped_conn as lsc
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -66,6 +66,9 @@ QUERIES_PER_TOOL = 3
 QUERY_SECONDS = 0.010
 MODES = ("cpu", "cpu_scoped", "naive", "global", "per_execution", "shared")
 SERVER_MAX_CONNECTIONS = 30
+SLOW_MODES = ("naive", "per_execution")
+#: Wall time of each tool call inside its executor thread (global and scoped modes).
+TOOL_SECONDS: list[float] = []
 
 
 def build_graph(run_sql: BaseTool) -> Any:
@@ -111,8 +114,10 @@ def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
         @tool
         def run_sql() -> str:
             """Run the queries through the one global SQLDatabase."""
+            t0 = time.perf_counter()
             for _ in range(QUERIES_PER_TOOL):
                 global_db.run(SLEEP_SQL)
+            TOOL_SECONDS.append(time.perf_counter() - t0)
             return "ok"
 
     else:
@@ -120,9 +125,11 @@ def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
         @tool
         def run_sql(config: RunnableConfig) -> str:
             """Run the queries through this execution's scoped SQLDatabase."""
+            t0 = time.perf_counter()
             db = lsc.get_scoped_sql_database(config)
             for _ in range(QUERIES_PER_TOOL):
                 db.run(SLEEP_SQL)
+            TOOL_SECONDS.append(time.perf_counter() - t0)
             return "ok"
 
     return run_sql
@@ -201,8 +208,11 @@ def run_mode(
 
         profiler = Profiler(async_mode="disabled")
         profiler.start()
+    TOOL_SECONDS.clear()
+    cpu0 = time.process_time()
     with sampler:
         result = asyncio.run(_storm(graph, k, executor_threads))
+    cpu_s = time.process_time() - cpu0 - sampler.cpu_seconds
     if profiler is not None:
         profiler.stop()
         out = Path(__file__).resolve().parent / "results" / f"storm_profile_{mode}.txt"
@@ -242,7 +252,31 @@ def run_mode(
         "exec_per_s": round(len(lat) / result["wall"], 2) if result["wall"] else 0.0,
         "p50_ms": round(percentile(lat, 50) * 1000, 1),
         "p99_ms": round(percentile(lat, 99) * 1000, 1),
+        "cpu_ms_per_exec": round(cpu_s * 1000 / k, 3),
+        "sampler_cpu_ms": round(sampler.cpu_seconds * 1000, 1),
+        "tool_p50_ms": round(percentile(TOOL_SECONDS, 50) * 1000, 2) if TOOL_SECONDS else None,
     }
+
+
+def round_order(modes: list[str], rnd: int, slow_rounds: int) -> list[str]:
+    """This round's modes: compared pairs adjacent, their order alternating (ABBA)."""
+    order: list[str] = []
+    for pair in (("cpu", "cpu_scoped"), ("global", "shared")):
+        present = [m for m in pair if m in modes]
+        order += present if rnd % 2 == 0 else present[::-1]
+    if rnd < slow_rounds:
+        order += [m for m in ("naive", "per_execution") if m in modes]
+    return order
+
+
+def paired_ratio(runs: list[dict[str, Any]], a: str, b: str) -> list[float]:
+    """Per round, exec/s of ``a`` over ``b`` (both run back to back in that round)."""
+    out = []
+    for rnd in sorted({r["round"] for r in runs}):
+        by = {r["mode"]: r for r in runs if r["round"] == rnd}
+        if a in by and b in by and by[b]["exec_per_s"]:
+            out.append(round(by[a]["exec_per_s"] / by[b]["exec_per_s"], 3))
+    return out
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, Any]]:
@@ -268,6 +302,7 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[st
             "exec_per_s": median([r["exec_per_s"] for r in rs]),
             "p50_ms": median([r["p50_ms"] for r in rs]),
             "p99_ms": median([r["p99_ms"] for r in rs]),
+            "cpu_ms_per_exec": median([r["cpu_ms_per_exec"] for r in rs]),
         }
     return out
 
@@ -275,7 +310,19 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=1000, help="concurrent runs per mode (1000)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
+    parser.add_argument(
+        "--slow-rounds",
+        type=int,
+        default=1,
+        help="rounds that also run naive and per_execution (1; they only show failures)",
+    )
+    parser.add_argument(
+        "--slow-k",
+        type=int,
+        default=300,
+        help="K for naive and per_execution, which run at a few exec/s (300; 1000 = full)",
+    )
     parser.add_argument("--budget", type=int, default=20, help="pool budget (20 of the 30)")
     parser.add_argument(
         "--executor-threads",
@@ -301,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = min(32, (os.cpu_count() or 1) + 4)
     threads = args.executor_threads or default_threads
     console.print(
-        f"storm: K={args.k}, {args.rounds} round(s), budget={args.budget} of "
+        f"storm: K={args.k} (naive, per_execution: {min(args.slow_k, args.k)}), "
+        f"{args.rounds} round(s), budget={args.budget} of "
         f"max_connections={SERVER_MAX_CONNECTIONS}, executor threads={threads}"
     )
     runs: list[dict[str, Any]] = []
@@ -309,13 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         sampler = BackendSampler(server)
         try:
             for rnd in range(args.rounds):
-                order = modes[rnd % len(modes) :] + modes[: rnd % len(modes)]
-                for mode in order:
+                for mode in round_order(modes, rnd, args.slow_rounds):
                     r = run_mode(
                         mode,
                         server,
                         sampler,
-                        args.k,
+                        min(args.slow_k, args.k) if mode in SLOW_MODES else args.k,
                         args.budget,
                         args.executor_threads or None,
                         profile=args.profile == mode and rnd == args.rounds - 1,
@@ -323,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd
                     runs.append(r)
                     console.print(
-                        f"  round {rnd} {mode:>13}: {r['succeeded']}/{args.k} ok, "
-                        f"{r['exec_per_s']:.1f} exec/s, peak {r['peak_backends']} backends"
+                        f"  round {rnd} {mode:>13}: {r['succeeded']}/{r['k']} ok, "
+                        f"{r['exec_per_s']:.1f} exec/s, peak {r['peak_backends']} backends, "
+                        f"tool p50 {r['tool_p50_ms']} ms, CPU {r['cpu_ms_per_exec']} ms/exec"
                     )
         finally:
             sampler.close()
@@ -339,15 +387,21 @@ def main(argv: list[str] | None = None) -> int:
         ceilings["cpu"] = cpu_ceiling
     binding = min(ceilings, key=lambda c: ceilings[c])
     global_rate = summary.get("global", {}).get("exec_per_s")
+    global_cpu = summary.get("global", {}).get("cpu_ms_per_exec")
     for s in summary.values():
         s["of_server_ceiling"] = round(s["exec_per_s"] / server_ceiling, 3)
+        s["of_executor_ceiling"] = round(s["exec_per_s"] / executor_ceiling, 3)
         s["of_cpu_ceiling"] = round(s["exec_per_s"] / cpu_ceiling, 3) if cpu_ceiling else None
         s["vs_global"] = round(s["exec_per_s"] / global_rate, 3) if global_rate else None
-    per_round_ratio = []
-    for rnd in range(args.rounds):
-        by = {r["mode"]: r for r in runs if r["round"] == rnd}
-        if "shared" in by and "global" in by and by["global"]["exec_per_s"]:
-            per_round_ratio.append(round(by["shared"]["exec_per_s"] / by["global"]["exec_per_s"], 3))
+        s["cpu_vs_global"] = round(s["cpu_ms_per_exec"] / global_cpu, 3) if global_cpu else None
+    # the compared pairs ran back to back in every round: the median of their per-round
+    # ratios cancels most of the noise of a shared machine
+    per_round_ratio = paired_ratio(runs, "shared", "global")
+    handler_ratio = paired_ratio(runs, "cpu_scoped", "cpu")
+    if per_round_ratio:
+        summary["shared"]["vs_global"] = median(per_round_ratio)
+    if handler_ratio:
+        summary["cpu_scoped"]["of_cpu_ceiling"] = median(handler_ratio)
 
     rows = []
     for mode in modes:
@@ -365,14 +419,18 @@ def main(argv: list[str] | None = None) -> int:
                 s["p50_ms"],
                 s["p99_ms"],
                 s["of_server_ceiling"],
+                s["of_executor_ceiling"],
                 s["of_cpu_ceiling"] if s["of_cpu_ceiling"] is not None else "-",
                 s["vs_global"] if s["vs_global"] is not None else "-",
+                s["cpu_ms_per_exec"],
+                s["cpu_vs_global"] if s["cpu_vs_global"] is not None else "-",
             )
         )
     console.print(
         table(
             f"storm: K={args.k} concurrent ainvoke x {args.rounds} rounds, budget {args.budget}, "
-            f"server max_connections={SERVER_MAX_CONNECTIONS} (medians of rounds)",
+            f"server max_connections={SERVER_MAX_CONNECTIONS} (medians of rounds; "
+            "x global of shared and x CPU ceil of cpu_scoped: median of paired per-round ratios)",
             [
                 "mode",
                 "ok",
@@ -385,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
                 "p50 ms",
                 "p99 ms",
                 "x server ceil",
+                "x executor ceil",
                 "x CPU ceil",
                 "x global",
+                "CPU ms/exec",
+                "CPU x global",
             ],
             rows,
         )
@@ -449,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "params": {
                 "k": args.k,
+                "slow_k": min(args.slow_k, args.k),
                 "rounds": args.rounds,
+                "slow_rounds": args.slow_rounds,
                 "budget": args.budget,
                 "server_max_connections": SERVER_MAX_CONNECTIONS,
                 "superuser_reserved_connections": 3,
@@ -460,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceilings": {**ceilings, "binding": binding},
             "summary": summary,
             "shared_vs_global_per_round": per_round_ratio,
+            "cpu_scoped_vs_cpu_per_round": handler_ratio,
             "runs": runs,
             "verdicts": [v.as_dict() for v in verdicts],
         },

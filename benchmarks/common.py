@@ -132,6 +132,7 @@ class BackendSampler:
         self.interval = interval
         self.peak = 0
         self.samples = 0
+        self.cpu_seconds = 0.0  # CPU time the sampler thread itself used in the last run
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn = server.admin()
@@ -145,6 +146,7 @@ class BackendSampler:
         return self
 
     def _run(self) -> None:
+        t0 = time.thread_time()
         with self._conn.cursor() as cur:
             while not self._stop.is_set():
                 cur.execute(_COUNT_SQL, (APP_USER,))
@@ -152,6 +154,7 @@ class BackendSampler:
                 self.peak = max(self.peak, n)
                 self.samples += 1
                 self._stop.wait(self.interval)
+        self.cpu_seconds = time.thread_time() - t0
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
