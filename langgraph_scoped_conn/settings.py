@@ -28,7 +28,9 @@ _POOLER_PORTS = frozenset({6432, 6543})
 _POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
 
 # the scheme is optional: "://user:pw@host" (a mistyped scheme) must be redacted too
-_USERINFO = re.compile(r"(?P<scheme>(?:[a-zA-Z][\w+.-]*:)?//)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+# The password runs to the last "@" of the token: a password with an un-encoded "@" is
+# hidden whole, not cut at its first "@" (which would show the rest).
+_USERINFO = re.compile(r"(?P<scheme>(?:[a-zA-Z][\w+.-]*:)?//)(?P<user>[^:/@\s]*):(?P<pw>\S*)@")
 _KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('[^']*'|\S+)")
 
 
@@ -177,6 +179,12 @@ def parse_url(url: str | URL) -> URL:
         )
     if url.startswith("postgres://"):
         url = "postgresql://" + url.removeprefix("postgres://")
+    if url.count("@") > 1 and not url.startswith("sqlite"):
+        raise ConfigurationError(
+            f"the database URL {redact_url(url)!r} has more than one '@', so part of the "
+            "password would be read as the host; URL-encode the password, e.g. with "
+            "urllib.parse.quote(password, safe='')"
+        )
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
