@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 
 from langgraph_scoped_conn.errors import (
@@ -151,6 +151,8 @@ class ScopedSQLDatabase(SQLDatabase):
                     if connection.in_transaction():
                         transaction.rollback()
                     connection.exec_driver_sql("PRAGMA query_only = OFF")
+                if self._lsc_read_only and dialect == "postgresql":
+                    _release_session_locks(connection, transaction)
             if connection.in_transaction():
                 # the connection's current transaction: after the SQLite PRAGMA above it is
                 # a new, autobegun one, and ``transaction`` is already rolled back
@@ -194,6 +196,23 @@ class ScopedSQLDatabase(SQLDatabase):
             f"execution={getattr(self._engine, 'execution_id', None)!r} "
             f"read_only={self._lsc_read_only}>"
         )
+
+
+def _release_session_locks(connection: Any, transaction: Any) -> None:
+    """Drop the session-level advisory locks a read-only statement took.
+
+    ``SELECT pg_advisory_lock(1)`` (also hidden in ``query_to_xml('...')``) is allowed
+    in a read-only transaction and outlives its rollback, so the pooled connection
+    would hold the lock for the next execution and beyond.
+    """
+    if connection.invalidated:
+        return  # the session is gone, and its locks with it
+    try:
+        if transaction.is_active:
+            transaction.rollback()
+        connection.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+    except SQLAlchemyError:
+        pass  # a broken connection: the pool discards it, which ends the session's locks
 
 
 def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -221,6 +221,24 @@ def test_session_settings_changed_by_a_query_are_rolled_back(
     assert {r[0] for r in rows} == {"langgraph_scoped_conn"}
 
 
+def test_session_advisory_locks_do_not_outlive_the_statement(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    """pg_advisory_lock is allowed in a read-only transaction and survives its rollback."""
+    locks = "select count(*) from pg_locks where locktype = 'advisory'"
+    with lsc.ExecutionScope():
+        db = lsc.get_scoped_sql_database(read_only=True)
+        db.run("select pg_advisory_lock(42)")
+        assert pg_db.query(locks) == [(0,)]
+        db.run("select query_to_xml('select pg_try_advisory_lock_shared(43)', false, false, '')")
+        assert pg_db.query(locks) == [(0,)]
+        # a lock taken by a statement that then fails is dropped too
+        assert db.run_no_throw("select pg_advisory_lock(44), 1/0").startswith("Error: ")
+        assert pg_db.query(locks) == [(0,)]
+        assert db.run("select 1") == "[(1,)]"
+    assert pg_db.query(locks) == [(0,)]
+
+
 def test_statement_timeout_stops_a_slow_read(
     manager: ExecutionConnectionManager, pg_db: Database
 ) -> None:
