@@ -473,7 +473,6 @@ def _cancel_graph(manager: ExecutionConnectionManager) -> Any:
     return lsc.with_scoped_connections(builder.compile(), manager=manager)
 
 
-@pytest.mark.slow
 async def test_thousand_runs_every_third_cancelled(pg_db: Database) -> None:
     rng = random.Random(20240607)
     mgr = ExecutionConnectionManager(
