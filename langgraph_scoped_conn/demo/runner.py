@@ -272,11 +272,33 @@ def _leaky(provide: DatabaseProvider, every: int, leaked: list[Any]) -> Database
         index = (config.get("metadata") or {}).get("demo_execution")
         tool_call = getattr(runtime, "tool_call_id", "") or ""
         if isinstance(index, int) and index % every == 0 and QUERY_TOOL in tool_call:
-            # the bug: a connection checked out and never returned (kept referenced)
-            leaked.append(db._engine.raw_connection())
+            return _LeakAfterQuery(db, leaked)
         return db
 
     return provide_and_leak
+
+
+class _LeakAfterQuery:
+    """A database whose ``run_no_throw`` forgets one connection after its query.
+
+    The leak comes after the query, as in a tool that opens a connection for a
+    follow-up and forgets it: leaking before the query would make each leaky run
+    wait for a second connection while holding the first, which with a small budget
+    deadlocks the runs against each other until ``pool_timeout``.
+    """
+
+    def __init__(self, db: Any, leaked: list[Any]) -> None:
+        self._db = db
+        self._leaked = leaked
+
+    def run_no_throw(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._db.run_no_throw(*args, **kwargs)
+        # the bug: a connection checked out and never returned (kept referenced)
+        self._leaked.append(self._db._engine.raw_connection())
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
 
 
 def _is_pg(url: Any) -> bool:
