@@ -201,6 +201,22 @@ class ScopedEngine(OptionEngine):
         self._lsc_execution = execution
         self._lsc_handle = handle
 
+    @classmethod
+    def _copy_for(cls, prototype: ScopedEngine, execution: Execution) -> ScopedEngine:
+        """A copy of ``prototype`` for ``execution``, skipping OptionEngine's set-up.
+
+        ``OptionEngine.__init__`` builds a logger and joins event dispatchers, the same
+        for every execution of a pool; copying a prototype keeps a new run's engine at
+        about a microsecond.
+        """
+        engine = cls.__new__(cls)
+        engine.__dict__.update(prototype.__dict__)
+        engine._execution_options = prototype._execution_options.union(
+            {EXECUTION_OPTION: execution.execution_id}
+        )
+        engine._lsc_execution = execution
+        return engine
+
     @property
     def execution_id(self) -> str:
         """The id of the execution this engine belongs to."""
@@ -272,6 +288,7 @@ class PoolHandle:
             and self.strategy == "shared"
             and url.get_backend_name() == "postgresql"
         )
+        self._prototype: ScopedEngine | None = None
         self.engine = self._create_engine(describe_holders, per_execution_id)
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
@@ -378,7 +395,14 @@ class PoolHandle:
 
     def scoped_engine(self, execution: Execution, **options: Any) -> ScopedEngine:
         """A new :class:`ScopedEngine` of this pool for ``execution``."""
-        return ScopedEngine(self.engine, execution, self, **options)
+        if options:
+            return ScopedEngine(self.engine, execution, self, **options)
+        prototype = self._prototype
+        if prototype is None:
+            prototype = ScopedEngine(self.engine, execution, self)
+            del prototype._lsc_execution  # don't keep the first execution alive
+            self._prototype = prototype
+        return ScopedEngine._copy_for(prototype, execution)
 
     def dispose(self) -> None:
         """Close every idle connection and forget the pool (blocking I/O)."""

@@ -115,7 +115,7 @@ class Execution:
         self.cached: dict[Any, Any] = {}
         self.handles: dict[str, PoolHandle] = {}
         self.checkouts: dict[int, Checkout] = {}
-        self.run_ids: list[uuid.UUID] = []
+        self.run_ids: list[uuid.UUID] = []  # every run mapped to this execution
         self.closed_by: int | None = None
         self._cond = threading.Condition(threading.Lock())
         self._warned_straggler = False
@@ -222,6 +222,16 @@ class Execution:
         return f"<Execution {self.execution_id!r} {self.state} holding {len(self.checkouts)}>"
 
 
+class FailedScope:
+    """Stands for the scope of a root run that could not be opened; its tools get the error."""
+
+    __slots__ = ("error", "run_ids")
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.run_ids: list[uuid.UUID] = []  # the root and every child mapped to it
+
+
 class _Release:
     """The blocking part of closing one execution, run outside the registry lock."""
 
@@ -269,8 +279,11 @@ class ExecutionConnectionManager:
         self._lock = threading.Lock()
         self._executions: dict[str, Execution] = {}
         self._draining: set[Execution] = set()
-        self._runs: dict[uuid.UUID, Execution | BaseException] = {}
+        #: every run id seen (roots and children) -> its execution, or its failed scope
+        self._runs: dict[uuid.UUID, Execution | FailedScope] = {}
+        #: root run id -> the execution it holds (released when the root run ends)
         self._root_runs: dict[uuid.UUID, Execution] = {}
+        self._failed_roots: dict[uuid.UUID, FailedScope] = {}
         self._handles: dict[tuple[str, str], PoolHandle] = {}
         # URL text as given -> its handle, so the per-call lookup skips parsing the URL
         self._handles_by_text: dict[str, PoolHandle] = {}
@@ -358,12 +371,12 @@ class ExecutionConnectionManager:
             self.counters["scopes_closed"] += 1
             if reason == "reaped":
                 self.counters["scopes_reaped"] += 1
+        reclaim: list[Checkout] = []
+        deferred = 0
         with execution._cond:
             execution.closed_by = closer
             outstanding = list(execution.checkouts.values())
             frames = sys._current_frames() if outstanding else {}
-            reclaim: list[Checkout] = []
-            deferred = 0
             for checkout in outstanding:
                 if not isinstance(checkout, Checkout):
                     deferred += 1  # a checkout in progress in another thread
@@ -650,17 +663,28 @@ class ExecutionConnectionManager:
                 self._root_runs[run_id] = execution
 
     def end_run(self, run_id: uuid.UUID, *, reason: str = "ended") -> None:
-        """A run ended: release its execution if it was a root, else just forget the id."""
-        with self._lock:
-            execution = self._root_runs.pop(run_id, None)
-            self._runs.pop(run_id, None)
+        """A run ended: release its execution if it was a root.
+
+        A child run's id stays mapped until its execution is released (a straggler
+        thread of a cancelled run may still look it up), so its end costs no lock.
+        """
+        execution = self._root_runs.pop(run_id, None)  # atomic: no lock on the hot path
         if execution is not None:
             self.release_execution(execution, reason=reason)
+            return
+        failed = self._failed_roots.pop(run_id, None)
+        if failed is not None:
+            with self._lock:
+                for rid in failed.run_ids:
+                    self._runs.pop(rid, None)
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
         """Remember that the scope of root run ``run_id`` could not be opened."""
+        failed = FailedScope(error)
         with self._lock:
-            self._runs[run_id] = error
+            self._runs[run_id] = failed
+            failed.run_ids.append(run_id)
+            self._failed_roots[run_id] = failed
             self.counters["scope_open_failures"] += 1
 
     def link_run(self, run_id: uuid.UUID, parent_run_id: uuid.UUID) -> bool:
@@ -674,17 +698,13 @@ class ExecutionConnectionManager:
             if target is None:
                 return False
             self._runs[run_id] = target
+            target.run_ids.append(run_id)  # pruned when the execution is released
             return True
 
     def is_known_run(self, run_id: uuid.UUID) -> bool:
         """True if ``run_id`` is mapped to an execution (or to a failed scope)."""
         with self._lock:
             return run_id in self._runs
-
-    def unlink_run(self, run_id: uuid.UUID) -> Execution | BaseException | None:
-        """Forget a run id when its run ends; return what it mapped to."""
-        with self._lock:
-            return self._runs.pop(run_id, None)
 
     def execution_for_run(self, run_id: uuid.UUID | None) -> Execution | None:
         """The open execution that ``run_id`` belongs to, or ``None``.
@@ -696,10 +716,11 @@ class ExecutionConnectionManager:
             return None
         with self._lock:
             target = self._runs.get(run_id)
-        if isinstance(target, BaseException):
+        if isinstance(target, FailedScope):
+            error = target.error
             raise ScopeUnavailableError(
                 f"the execution scope of this run could not be opened "
-                f"({type(target).__name__}: {redact_url(str(target))}); no connection is handed "
+                f"({type(error).__name__}: {redact_url(str(error))}); no connection is handed "
                 "out without a scope. Fix the cause above and run again"
             ) from None
         return target
@@ -717,7 +738,7 @@ class ExecutionConnectionManager:
     def tracked_runs(self) -> int:
         """How many run ids the registry maps right now (for leak checks)."""
         with self._lock:
-            return len(self._runs) + len(self._root_runs)
+            return len(self._runs) + len(self._root_runs) + len(self._failed_roots)
 
     # -- reaping -------------------------------------------------------------------
 
@@ -806,7 +827,7 @@ class ExecutionConnectionManager:
             per_exec = [h for e in self._executions.values() for h in list(e.handles.values())]
             per_exec += [h for e in self._draining for h in list(e.handles.values())]
             pending = len(self._pending)
-            runs = len(self._runs) + len(self._root_runs)
+            runs = len(self._runs) + len(self._root_runs) + len(self._failed_roots)
             retired = dict(self._retired_counters)
         return build_stats(
             executions=executions,
@@ -860,6 +881,7 @@ class ExecutionConnectionManager:
             self._reflection.clear()
             self._runs.clear()
             self._root_runs.clear()
+            self._failed_roots.clear()
             executor, self._executor = self._executor, None
         for handle in handles:
             handle.dispose()
