@@ -438,6 +438,7 @@ async def test_close_database_connections_is_a_deprecated_no_op(
         with pytest.warns(DeprecationWarning, match="does nothing"):
             await lsc.close_database_connections()
         after = lsc.get_connection_stats()
+
         def without_age(stats: dict[str, Any]) -> dict[str, Any]:
             return {
                 eid: {k: v for k, v in e.items() if k != "age_seconds"}
