@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 import langgraph_scoped_conn as lsc
@@ -148,6 +150,42 @@ def assert_clean(mgr: ExecutionConnectionManager) -> None:
     assert stats["active_executions"] == 0, f"scopes left open: {list(stats['executions'])}"
     assert stats["draining_executions"] == 0, "executions left draining"
     assert mgr.tracked_runs() == 0, "run ids left in the registry"
+
+
+@pytest.fixture
+def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnectionManager]]:
+    """``configure(url or pg_db.url, **options)``; checked clean, closed and uninstalled after."""
+    made: list[ExecutionConnectionManager] = []
+
+    def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+        mgr = lsc.configure(url or pg_db.url, **options)
+        made.append(mgr)
+        return mgr
+
+    try:
+        yield make
+        for mgr in made:
+            if _scope._default_manager is mgr:
+                assert_clean(mgr)
+    finally:
+        for mgr in made:
+            mgr.close()
+            if _scope._default_manager is mgr:
+                _scope._default_manager = None
+
+
+def backend_pid(conn: Any) -> int:
+    """The server pid behind a SQLAlchemy Connection."""
+    return int(conn.execute(text("select pg_backend_pid()")).scalar_one())
+
+
+def live_pids(pg_db: Database) -> dict[int, str]:
+    """pid -> state of this database's package backends, from pg_stat_activity."""
+    rows = pg_db.query(
+        "select pid, state from pg_stat_activity where datname = current_database() "
+        "and backend_type = 'client backend' and application_name like 'langgraph_scoped_conn%%'"
+    )
+    return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
 
 
 @pytest.fixture(autouse=True)

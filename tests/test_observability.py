@@ -20,10 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import scope as _scope
 from langgraph_scoped_conn.metrics import ScopedConnCollector, render_latest
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, assert_clean
+from tests.conftest import Database
 
 LOGGER = "langgraph_scoped_conn"
 _held: list[Any] = []  # connections a "leaky" node keeps past the end of its run
@@ -36,26 +35,14 @@ def _forget_held() -> Iterator[None]:
 
 
 @pytest.fixture
-def configure_default(pg_db: Database) -> Iterator[Any]:
-    """``configure(**options)`` on the test database, closed and uninstalled afterwards."""
-    made: list[ExecutionConnectionManager] = []
+def configure_default(configure_default: Any) -> Any:
+    """conftest's ``configure_default`` with a 5 s ``pool_timeout`` unless given."""
 
     def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
         options.setdefault("pool_timeout", 5)
-        mgr = lsc.configure(url or pg_db.url, **options)
-        made.append(mgr)
-        return mgr
+        return configure_default(url, **options)  # type: ignore[no-any-return]
 
-    try:
-        yield make
-        for mgr in made:
-            if _scope._default_manager is mgr:
-                assert_clean(mgr)
-    finally:
-        for mgr in made:
-            mgr.close()
-            if _scope._default_manager is mgr:
-                _scope._default_manager = None
+    return make
 
 
 class State(TypedDict):

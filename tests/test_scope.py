@@ -6,7 +6,7 @@ import asyncio
 import operator
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -14,44 +14,9 @@ from langgraph.graph import END, START, StateGraph
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import scope as _scope
 from langgraph_scoped_conn.errors import NoActiveScopeError
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, assert_clean
-
-
-@pytest.fixture
-def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnectionManager]]:
-    """Install a manager with the given options as the process default; close it afterwards."""
-    made: list[ExecutionConnectionManager] = []
-
-    def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
-        mgr = lsc.configure(url or pg_db.url, **options)
-        made.append(mgr)
-        return mgr
-
-    try:
-        yield make
-        if made:
-            assert_clean(made[-1])
-    finally:
-        for mgr in made:
-            mgr.close()
-        if _scope._default_manager in made:
-            _scope._default_manager = None
-
-
-def backend_pid(conn: Any) -> int:
-    return int(conn.execute(text("select pg_backend_pid()")).scalar_one())
-
-
-def live_pids(pg_db: Database) -> dict[int, str]:
-    """pid -> state of this database's package backends, from pg_stat_activity."""
-    rows = pg_db.query(
-        "select pid, state from pg_stat_activity where datname = current_database() "
-        "and backend_type = 'client backend' and application_name like 'langgraph_scoped_conn%%'"
-    )
-    return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
+from tests.conftest import Database, backend_pid, live_pids
 
 
 def test_single_execution_releases_everything(

@@ -10,7 +10,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -21,38 +21,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool.base import reset_commit
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import scope as _scope
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, assert_clean
+from tests.conftest import Database, backend_pid
 from tests.pgcluster import PostgresCluster
 
 APP = "langgraph_scoped_conn"
-
-
-@pytest.fixture
-def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnectionManager]]:
-    """Install a manager with the given options as the process default; close it afterwards."""
-    made: list[ExecutionConnectionManager] = []
-
-    def make(url: str | None = None, **options: Any) -> ExecutionConnectionManager:
-        mgr = lsc.configure(url or pg_db.url, **options)
-        made.append(mgr)
-        return mgr
-
-    try:
-        yield make
-        if made:
-            assert_clean(made[-1])
-    finally:
-        for mgr in made:
-            mgr.close()
-        if _scope._default_manager in made:
-            _scope._default_manager = None
-
-
-def backend_pid(conn: Any) -> int:
-    return int(conn.execute(text("select pg_backend_pid()")).scalar_one())
 
 
 def backends(pg_db: Database) -> list[tuple[int, str, str]]:
