@@ -449,30 +449,17 @@ class ExecutionConnectionManager:
             try:
                 _close_resource(obj)
             except Exception as exc:
-                with self._lock:
-                    self.counters["release_errors"] += 1
                 node, stack = execution.custom_origins.get(id(obj), (None, None))
-                logger.warning(
-                    "execution %s: closing tracked resource %s (tracked by %s) failed: %s: %s%s",
-                    execution.execution_id,
-                    type(obj).__name__,
-                    node or "code outside any graph node",
-                    type(exc).__name__,
-                    redact_url(str(exc)),
-                    f"\ntracked at:\n{stack}" if stack else "",
+                what = (
+                    f"closing tracked resource {type(obj).__name__} "
+                    f"(tracked by {node or 'code outside any graph node'})"
                 )
+                self._release_failed(execution, what, exc, stack=stack)
         for handle in release.handles:
             try:
                 handle.dispose()
             except Exception as exc:
-                with self._lock:
-                    self.counters["release_errors"] += 1
-                logger.warning(
-                    "execution %s: disposing its engine failed: %s: %s",
-                    execution.execution_id,
-                    type(exc).__name__,
-                    redact_url(str(exc)),
-                )
+                self._release_failed(execution, "disposing its engine", exc)
             self._retire_counters(handle)
 
     def _reclaim(self, checkout: Checkout, reason: str) -> None:
@@ -502,15 +489,23 @@ class ExecutionConnectionManager:
             elif fairy.is_valid:
                 fairy.invalidate()  # closes the DBAPI connection and returns the slot
         except Exception as exc:
-            with self._lock:
-                self.counters["release_errors"] += 1
-            logger.warning(
-                "execution %s: closing a leaked connection failed: %s: %s",
-                execution.execution_id,
-                type(exc).__name__,
-                redact_url(str(exc)),
-            )
+            self._release_failed(execution, "closing a leaked connection", exc)
         checkout.fairy = None  # type: ignore[assignment]
+
+    def _release_failed(
+        self, execution: Execution, what: str, exc: Exception, *, stack: str | None = None
+    ) -> None:
+        """Count and log (once, password redacted) a failure while releasing ``execution``."""
+        with self._lock:
+            self.counters["release_errors"] += 1
+        logger.warning(
+            "execution %s: %s failed: %s: %s%s",
+            execution.execution_id,
+            what,
+            type(exc).__name__,
+            redact_url(str(exc)),
+            f"\ntracked at:\n{stack}" if stack else "",
+        )
 
     def reclaim_abandoned(self) -> int:
         """Close connections that ended executions' threads moved on from without returning.
