@@ -217,6 +217,8 @@ def _release_session_locks(connection: Any, transaction: Any) -> None:
 
 def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """A hashable key of SQLDatabase options, for caches."""
+    if not options:
+        return ()
     return tuple(sorted((k, _freeze(v)) for k, v in options.items()))
 
 
