@@ -176,7 +176,7 @@ class ScopedSQLDatabase(SQLDatabase):
                     "SELECT set_config('search_path', %(schema)s, true)", {"schema": self._schema}
                 )
         elif dialect == "sqlite" and self._lsc_read_only:
-            # query_only lasts for the connection; reset by _reset_sqlite below
+            # query_only lasts for the connection; _execute turns it off in its finally
             connection.exec_driver_sql("PRAGMA query_only = ON")
             connection.info["langgraph_scoped_conn.query_only"] = True
 
