@@ -116,7 +116,7 @@ class Execution:
         self.cached: dict[Any, Any] = {}
         self.handles: dict[str, PoolHandle] = {}
         self.checkouts: dict[int, Checkout] = {}
-        self.run_ids: list[uuid.UUID] = []  # every run mapped to this execution
+        self.run_ids: list[uuid.UUID] = []  # the root runs mapped to this execution
         self.closed_by: int | None = None
         self._cond = threading.Condition(threading.Lock())
         self._warned_straggler = False
@@ -226,11 +226,10 @@ class Execution:
 class FailedScope:
     """Stands for the scope of a root run that could not be opened; its tools get the error."""
 
-    __slots__ = ("error", "run_ids")
+    __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
-        self.run_ids: list[uuid.UUID] = []  # the root and every child mapped to it
 
 
 class _Release:
@@ -280,8 +279,10 @@ class ExecutionConnectionManager:
         self._lock = threading.Lock()
         self._executions: dict[str, Execution] = {}
         self._draining: set[Execution] = set()
-        #: every run id seen (roots and children) -> its execution, or its failed scope
-        self._runs: dict[uuid.UUID, Execution | FailedScope] = {}
+        #: every run id seen (roots and children) -> (its execution or failed scope, its root)
+        self._runs: dict[uuid.UUID, tuple[Execution | FailedScope, uuid.UUID]] = {}
+        #: root run id -> the ids of its child runs, pruned when the root run ends
+        self._children: dict[uuid.UUID, list[uuid.UUID]] = {}
         #: root run id -> the execution it holds (released when the root run ends)
         self._root_runs: dict[uuid.UUID, Execution] = {}
         self._failed_roots: dict[uuid.UUID, FailedScope] = {}
@@ -366,7 +367,7 @@ class ExecutionConnectionManager:
             if self._executions.get(execution.execution_id) is execution:
                 del self._executions[execution.execution_id]
             for run_id in execution.run_ids:
-                self._runs.pop(run_id, None)
+                self._forget_root(run_id)
                 self._root_runs.pop(run_id, None)
             execution.run_ids.clear()
             self.counters["scopes_closed"] += 1
@@ -648,38 +649,46 @@ class ExecutionConnectionManager:
     # -- LangGraph run ids ---------------------------------------------------------
 
     def bind_run(self, run_id: uuid.UUID, execution: Execution, *, root: bool = False) -> None:
-        """Map a run id to ``execution``; pruned when the execution ends.
+        """Map the root run ``run_id`` to ``execution``; pruned when the run or execution ends.
 
         With ``root=True`` the run holds the execution: :meth:`end_run` releases it.
         """
         with self._lock:
-            self._runs[run_id] = execution
+            self._runs[run_id] = (execution, run_id)
+            self._children[run_id] = []
             execution.run_ids.append(run_id)
             if root:
                 self._root_runs[run_id] = execution
 
     def end_run(self, run_id: uuid.UUID, *, reason: str = "ended") -> None:
-        """A run ended: release its execution if it was a root.
+        """A run ended: release its execution if it was a root, and forget its run ids.
 
-        A child run's id stays mapped until its execution is released (a straggler
-        thread of a cancelled run may still look it up), so its end costs no lock.
+        A child run's id stays mapped until its root run ends (a straggler thread of a
+        cancelled run may still look it up), so a node's or tool's end costs no lock.
         """
         execution = self._root_runs.pop(run_id, None)  # atomic: no lock on the hot path
+        failed = None if execution is not None else self._failed_roots.pop(run_id, None)
+        if execution is None and failed is None:
+            return  # a child run
         if execution is not None:
             self.release_execution(execution, reason=reason)
-            return
-        failed = self._failed_roots.pop(run_id, None)
-        if failed is not None:
-            with self._lock:
-                for rid in failed.run_ids:
-                    self._runs.pop(rid, None)
+        with self._lock:
+            self._forget_root(run_id)
+            if execution is not None and run_id in execution.run_ids:
+                execution.run_ids.remove(run_id)
+
+    def _forget_root(self, run_id: uuid.UUID) -> None:
+        """Drop a root run id and its children's from the map (holding the lock)."""
+        self._runs.pop(run_id, None)
+        for child in self._children.pop(run_id, ()):
+            self._runs.pop(child, None)
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
         """Remember that the scope of root run ``run_id`` could not be opened."""
         failed = FailedScope(error)
         with self._lock:
-            self._runs[run_id] = failed
-            failed.run_ids.append(run_id)
+            self._runs[run_id] = (failed, run_id)
+            self._children[run_id] = []
             self._failed_roots[run_id] = failed
             self.counters["scope_open_failures"] += 1
 
@@ -690,11 +699,11 @@ class ExecutionConnectionManager:
             True if the parent was known (the run is now mapped), False for a new root.
         """
         with self._lock:
-            target = self._runs.get(parent_run_id)
-            if target is None:
+            entry = self._runs.get(parent_run_id)
+            if entry is None:
                 return False
-            self._runs[run_id] = target
-            target.run_ids.append(run_id)  # pruned when the execution is released
+            self._runs[run_id] = entry  # the same (target, root) pair as its parent
+            self._children[entry[1]].append(run_id)
             return True
 
     def is_known_run(self, run_id: uuid.UUID) -> bool:
@@ -711,7 +720,8 @@ class ExecutionConnectionManager:
         if run_id is None:
             return None
         with self._lock:
-            target = self._runs.get(run_id)
+            entry = self._runs.get(run_id)
+        target = entry[0] if entry is not None else None
         if isinstance(target, FailedScope):
             error = target.error
             raise ScopeUnavailableError(
@@ -734,7 +744,12 @@ class ExecutionConnectionManager:
     def tracked_runs(self) -> int:
         """How many run ids the registry maps right now (for leak checks)."""
         with self._lock:
-            return len(self._runs) + len(self._root_runs) + len(self._failed_roots)
+            return (
+                len(self._runs)
+                + len(self._children)
+                + len(self._root_runs)
+                + len(self._failed_roots)
+            )
 
     # -- reaping -------------------------------------------------------------------
 
@@ -823,7 +838,8 @@ class ExecutionConnectionManager:
             per_exec = [h for e in self._executions.values() for h in list(e.handles.values())]
             per_exec += [h for e in self._draining for h in list(e.handles.values())]
             pending = len(self._pending)
-            runs = len(self._runs) + len(self._root_runs) + len(self._failed_roots)
+            runs = len(self._runs) + len(self._children) + len(self._root_runs)
+            runs += len(self._failed_roots)
             retired = dict(self._retired_counters)
         return build_stats(
             executions=executions,
@@ -876,6 +892,7 @@ class ExecutionConnectionManager:
             self._handles_by_text.clear()
             self._reflection.clear()
             self._runs.clear()
+            self._children.clear()
             self._root_runs.clear()
             self._failed_roots.clear()
             executor, self._executor = self._executor, None

@@ -310,6 +310,21 @@ async def test_sync_with_scope_around_ainvoke(
     assert set(live_pids(pg_db).values()) <= {"idle"}
 
 
+async def test_wrapped_runs_joining_one_long_scope_do_not_grow_the_run_map(
+    manager: ExecutionConnectionManager,
+) -> None:
+    """Runs that join an enclosing scope forget their run ids when each run ends."""
+    graph = lsc.with_scoped_connections(_graph())
+    sizes = []
+    async with lsc.ExecutionScope("long-lived"):
+        for _ in range(5):
+            await graph.ainvoke({"rows": [], "log": []})
+            sizes.append(manager.tracked_runs())
+        assert lsc.get_connection_stats()["active_executions"] == 1
+    assert sizes == [0] * 5
+    assert manager.tracked_runs() == 0
+
+
 def test_create_outside_a_scope_says_how_to_open_one(manager: ExecutionConnectionManager) -> None:
     for create in (
         lsc.create_execution_scoped_engine_sync,
