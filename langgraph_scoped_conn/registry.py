@@ -46,6 +46,9 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 State = Literal["open", "draining", "closed"]
 
+#: How many conditions the executions of one manager share (see Execution._cond).
+_STRIPES = 64
+
 #: Returns the graph node / tool that is running in the current context, for leak reports.
 AttributionProvider = Callable[[], "str | None"]
 _attribution_provider: AttributionProvider | None = None
@@ -102,6 +105,25 @@ class Checkout:
 class Execution:
     """The resources of one execution (one LangGraph run, or one ExecutionScope)."""
 
+    __slots__ = (
+        "_cond",
+        "_warned_straggler",
+        "cached",
+        "checkouts",
+        "closed_by",
+        "created",
+        "custom",
+        "custom_origins",
+        "databases",
+        "engines",
+        "execution_id",
+        "handles",
+        "manager",
+        "refcount",
+        "run_ids",
+        "state",
+    )
+
     def __init__(self, manager: ExecutionConnectionManager, execution_id: str) -> None:
         self.manager = manager
         self.execution_id = execution_id
@@ -118,7 +140,8 @@ class Execution:
         self.checkouts: dict[int, Checkout] = {}
         self.run_ids: list[uuid.UUID] = []  # the root runs mapped to this execution
         self.closed_by: int | None = None
-        self._cond = threading.Condition(threading.Lock())
+        # striped: executions share a few conditions, so opening one allocates no lock
+        self._cond = manager._conditions[hash(execution_id) % _STRIPES]
         self._warned_straggler = False
 
     # -- connections ---------------------------------------------------------------
@@ -153,7 +176,7 @@ class Execution:
         except BaseException:
             with self._cond:
                 del self.checkouts[id(reserved)]
-                self._cond.notify()
+                self._cond.notify_all()  # the condition is shared: wake every waiter
                 drained = self.state == "draining" and not self.checkouts
                 if drained:
                     self.state = "closed"
@@ -197,7 +220,7 @@ class Execution:
                 return
             checkout.frame = None
             checkout.fairy = None  # type: ignore[assignment]
-            self._cond.notify()
+            self._cond.notify_all()  # the condition is shared: wake every waiter
             drained = self.state == "draining" and not self.checkouts
             if drained:
                 self.state = "closed"
@@ -277,6 +300,7 @@ class ExecutionConnectionManager:
         if self.settings.database_url:
             parse_url(self.settings.database_url)  # fail early, with the password redacted
         self._lock = threading.Lock()
+        self._conditions = tuple(threading.Condition(threading.Lock()) for _ in range(_STRIPES))
         self._executions: dict[str, Execution] = {}
         self._draining: set[Execution] = set()
         #: every run id seen (roots and children) -> (its execution or failed scope, its root)
