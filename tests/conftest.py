@@ -8,6 +8,7 @@ existing server whose user may create databases.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -172,6 +173,20 @@ def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnec
             mgr.close()
             if _scope._default_manager is mgr:
                 _scope._default_manager = None
+
+
+def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, else fail naming ``what``.
+
+    A connection closed by the client leaves pg_stat_activity only when its server
+    backend has exited, a moment later; assertions that a backend is gone wait for it.
+    This is a deadline for a condition, not a speed check.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
+        time.sleep(0.02)
 
 
 def backend_pid(conn: Any) -> int:

@@ -35,7 +35,7 @@ from langgraph_scoped_conn.errors import (
 )
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from langgraph_scoped_conn.sql_database import invalidate_schema_cache
-from tests.conftest import Database, backend_pid, live_pids
+from tests.conftest import Database, backend_pid, eventually, live_pids
 
 # -- leaks ------------------------------------------------------------------------
 
@@ -53,8 +53,9 @@ def test_leaked_connection_is_reclaimed_counted_and_refuses_reuse(
     stats = lsc.get_connection_stats()
     assert stats["leaks_reclaimed"] == 1
     assert stats["connections_in_use"] == 0
+    # closed on the server, not left to garbage collection
+    eventually(lambda: leaked_pid not in live_pids(pg_db), "the leaked backend is gone")
     pids = live_pids(pg_db)
-    assert leaked_pid not in pids  # closed on the server, not left to garbage collection
     assert pids.get(kept_pid) == "idle"  # the returned one stays pooled
     warning = next(r for r in caplog.records if "still checked out" in r.getMessage())
     assert warning.levelno == logging.WARNING
@@ -83,7 +84,7 @@ def test_leaked_connection_frees_its_budget_slot(
     stats = lsc.get_connection_stats()
     assert stats["leaks_reclaimed"] == 10
     assert stats["checkout_timeouts"] == 0
-    assert live_pids(pg_db) == {}
+    eventually(lambda: live_pids(pg_db) == {}, "every leaked backend is gone")
 
 
 def test_cap_per_execution_raises_a_clear_error(
@@ -256,7 +257,7 @@ def test_psycopg3_through_its_sqlalchemy_url(
     stats = lsc.get_connection_stats()
     assert stats["leaks_reclaimed"] == 1
     assert stats["pools"][0]["url"].startswith("postgresql+psycopg://")
-    assert pid not in live_pids(pg_db)
+    eventually(lambda: pid not in live_pids(pg_db), "the leaked psycopg 3 backend is gone")
     with pytest.raises(ScopeClosedError):
         leaked.execute(text("select 1"))
 
@@ -438,7 +439,7 @@ def test_reaper_runs_when_scopes_open(
     manager._last_reap -= 120  # the periodic check is due
     with lsc.ExecutionScope("next"):
         assert set(lsc.get_connection_stats()["executions"]) == {"next"}
-    assert pid not in live_pids(pg_db)
+    eventually(lambda: pid not in live_pids(pg_db), "the reaped scope's backend is gone")
     assert lsc.get_connection_stats()["scopes_reaped"] == 1
 
 
@@ -473,7 +474,7 @@ async def test_manager_close_releases_every_scope_and_pool(
         manager.close()
     else:
         await manager.aclose()
-    assert live_pids(pg_db) == {}
+    eventually(lambda: live_pids(pg_db) == {}, "no backend after close")
     stats = manager.get_stats()
     assert stats["active_executions"] == 0
     assert stats["connections_in_use"] == 0
@@ -495,7 +496,7 @@ def test_configure_closes_the_previous_default(
     assert live_pids(pg_db) != {}
     second = configure_default(max_connections=3)
     assert lsc.get_connection_manager() is second is not first
-    assert live_pids(pg_db) == {}  # the old pool was disposed
+    eventually(lambda: live_pids(pg_db) == {}, "the old pool was disposed")
     with pytest.raises(ScopeUnavailableError):
         first.open_execution("late")
 
@@ -541,7 +542,7 @@ def test_scope_end_wakes_a_thread_waiting_on_the_cap(
     # the scope ended: `first` was reclaimed, and the waiter got its connection at once
     assert holding.wait(60), "the waiter was not woken by the end of its scope"
     assert isinstance(outcome[0], int), outcome
-    assert first_pid not in live_pids(pg_db)
+    eventually(lambda: first_pid not in live_pids(pg_db), "the reclaimed backend is gone")
     assert live_pids(pg_db)[outcome[0]] == "idle in transaction"
     stats = manager.get_stats()
     assert stats["draining_executions"] == 1  # tracked until the worker returns it

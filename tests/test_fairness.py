@@ -31,7 +31,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError
 from langgraph_scoped_conn.pool import BudgetPool
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, assert_clean
+from tests.conftest import Database, assert_clean, eventually
 
 
 class _PeakBackends:
@@ -231,7 +231,7 @@ def test_a_waiter_is_served_before_a_hog_reacquires(pg_db: Database) -> None:
     order = _hog_and_waiter(pg_db.url, BudgetPool)
     assert order[0] == "W", order  # the hog's first re-acquire queued behind the waiter
     assert order.count("H") == HOG_ROUNDS
-    assert pg_db.backends("lsc-fair-hog") == 0
+    eventually(lambda: pg_db.backends("lsc-fair-hog") == 0, "the hog's pool was disposed")
 
 
 def test_control_plain_queuepool_lets_the_hog_barge_ahead(pg_db: Database) -> None:

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import http
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database
+from tests.conftest import Database, eventually
 
 STATUS = "/api/memory/debug/connections/status"
 CLEANUP = "/api/memory/debug/connections/cleanup"
@@ -130,7 +130,7 @@ def test_cleanup_of_one_execution_by_id(
         data = response.json()["data"]
         assert data["released"] == ["stuck"] and data["mode"] == "execution"
         assert manager.active_executions() == ["keep"]
-        assert in_use_on_server(pg_db) == 0
+        eventually(lambda: in_use_on_server(pg_db) == 0, "the released backend is gone")
         assert client.post(CLEANUP + "?execution_id=keep").json()["data"]["released"] == ["keep"]
     assert manager.get_stats()["scopes_reaped"] == 2
 
@@ -266,7 +266,7 @@ def test_lifespan_reaper_releases_orphans(pg_db: Database, monkeypatch: pytest.M
                 time.sleep(0.05)
         assert mgr.active_executions() == ["busy"]
         assert mgr.get_stats()["scopes_reaped"] == 1
-        assert in_use_on_server(pg_db) == 0
+        eventually(lambda: in_use_on_server(pg_db) == 0, "the reaped backend is gone")
         mgr.release_execution(live)
     finally:
         mgr.close()

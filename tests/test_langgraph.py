@@ -32,7 +32,7 @@ from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database
+from tests.conftest import Database, eventually
 
 APP = "langgraph_scoped_conn%"
 
@@ -238,7 +238,9 @@ def assert_released(mgr: ExecutionConnectionManager, pg_db: Database) -> dict[st
         APP,
     )
     assert busy == [(0,)]
-    assert pg_db.backends(APP) == stats["connections_idle"]
+    eventually(
+        lambda: pg_db.backends(APP) == stats["connections_idle"], "only pooled backends remain"
+    )
     assert pg_db.backends(APP) <= mgr.settings.max_connections
     return stats
 
@@ -873,15 +875,16 @@ def test_sync_node_outliving_its_cancelled_run_keeps_a_working_connection(
     stats = assert_released(manager, pg_db)
     assert stats["leaks_reclaimed"] == 1  # only the late leak; the `with` one came back
     assert leaked[0].invalidated
-    server_pids = {
-        r[0]
-        for r in pg_db.query(
+
+    def server_pids() -> set[object]:
+        rows = pg_db.query(
             "select pid from pg_stat_activity where datname = current_database() "
             "and application_name like %s",
             APP,
         )
-    }
-    assert outcome["late_pid"] not in server_pids
+        return {r[0] for r in rows}
+
+    eventually(lambda: outcome["late_pid"] not in server_pids(), "the late leak's backend")
 
 
 # -- a scope that cannot be opened -----------------------------------------------------

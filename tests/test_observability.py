@@ -22,7 +22,7 @@ from sqlalchemy import text
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.metrics import ScopedConnCollector, render_latest
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database
+from tests.conftest import Database, eventually
 
 LOGGER = "langgraph_scoped_conn"
 _held: list[Any] = []  # connections a "leaky" node keeps past the end of its run
@@ -106,7 +106,10 @@ def test_leak_in_a_node_is_reported_once_counted_and_closed_on_the_server(
     assert stats["leaks_reclaimed"] == 1
     assert stats["connections_in_use"] == 0
     # the leaked connection was closed on the server; only idle pooled ones remain
-    assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"]
+    eventually(
+        lambda: len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"],
+        "only pooled backends remain",
+    )
     assert _held[0].invalidated or _held[0].closed
 
 
@@ -210,7 +213,9 @@ def test_per_execution_strategy_names_the_execution(
         c.execute(text("select 1"))
         assert app_backends(pg_db, "langgraph_scoped_conn%") == ["langgraph_scoped_conn:pe-7"]
     lsc.get_connection_manager().drain()
-    assert app_backends(pg_db, "langgraph_scoped_conn%") == []
+    eventually(
+        lambda: app_backends(pg_db, "langgraph_scoped_conn%") == [], "the engine was disposed"
+    )
 
 
 # -- orphan reaper ------------------------------------------------------------------------
@@ -261,7 +266,10 @@ def test_scopes_past_their_lifetime_are_reaped_when_the_next_one_opens(
         assert mgr.active_executions() == ["next"]
     stats = mgr.get_stats()
     assert stats["scopes_reaped"] == 1 and stats["leaks_reclaimed"] == 1
-    assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"]
+    eventually(
+        lambda: len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"],
+        "only pooled backends remain",
+    )
     mgr.release_execution(orphan)  # a late release of a reaped scope is harmless
 
 
