@@ -202,7 +202,7 @@ def _url_key(database_url: str | URL | None) -> str | None:
     return database_url.render_as_string(hide_password=False)
 
 
-def _current_node() -> str | None:
+def _current_node(manager: ExecutionConnectionManager) -> str | None:
     """The LangGraph node (and tool) running in this context, for leak reports."""
     from langchain_core.runnables.config import var_child_runnable_config
 
@@ -211,9 +211,9 @@ def _current_node() -> str | None:
         return None
     metadata = config.get("metadata") or {}
     node = metadata.get("langgraph_node")
-    run_name = config.get("run_name")
-    if node and run_name and run_name != node:
-        return f"node {node!r} / {run_name!r}"
+    tool = manager.run_name(getattr(config.get("callbacks"), "parent_run_id", None))
+    if node and tool:
+        return f"node {node!r} / tool {tool!r}"
     return f"node {node!r}" if node else None
 
 

@@ -111,7 +111,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._start(run_id, parent_run_id, tags, metadata)
+        name = kwargs.get("name") or (serialized or {}).get("name")
+        self._start(run_id, parent_run_id, tags, metadata, name=name)
 
     def on_retriever_start(
         self,
@@ -132,9 +133,11 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         parent_run_id: uuid.UUID | None,
         tags: list[str] | None,
         metadata: Mapping[str, Any] | None,
+        *,
+        name: str | None = None,
     ) -> None:
         manager = self.manager
-        if parent_run_id is not None and manager.link_run(run_id, parent_run_id):
+        if parent_run_id is not None and manager.link_run(run_id, parent_run_id, name=name):
             return
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)

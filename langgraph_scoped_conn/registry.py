@@ -49,8 +49,9 @@ State = Literal["open", "draining", "closed"]
 #: How many conditions the executions of one manager share (see Execution._cond).
 _STRIPES = 64
 
-#: Returns the graph node / tool that is running in the current context, for leak reports.
-AttributionProvider = Callable[[], "str | None"]
+#: Names the graph node / tool running in the current context, for leak reports; it is
+#: given the manager, which knows the names of the tool runs it has seen.
+AttributionProvider = Callable[["ExecutionConnectionManager"], "str | None"]
 _attribution_provider: AttributionProvider | None = None
 
 
@@ -81,7 +82,9 @@ class Checkout:
         self.frame = frame
         self.thread_id = threading.get_ident()
         self.started = time.monotonic()
-        self.node = _attribution_provider() if _attribution_provider is not None else None
+        self.node = (
+            _attribution_provider(execution.manager) if _attribution_provider is not None else None
+        )
         self.stack = (
             "".join(traceback.format_stack(frame)) if execution.manager.settings.debug else None
         )
@@ -307,6 +310,8 @@ class ExecutionConnectionManager:
         self._runs: dict[uuid.UUID, tuple[Execution | FailedScope, uuid.UUID]] = {}
         #: root run id -> the ids of its child runs, pruned when the root run ends
         self._children: dict[uuid.UUID, list[uuid.UUID]] = {}
+        #: tool run id -> the tool's name, for leak reports; pruned with its root
+        self._run_names: dict[uuid.UUID, str] = {}
         #: root run id -> the execution it holds (released when the root run ends)
         self._root_runs: dict[uuid.UUID, Execution] = {}
         self._failed_roots: dict[uuid.UUID, FailedScope] = {}
@@ -662,7 +667,7 @@ class ExecutionConnectionManager:
         loop = _running_loop()
         if loop is not None and not callable(getattr(obj, "close", None)):
             obj = _AsyncResource(obj, loop)
-        node = _attribution_provider() if _attribution_provider is not None else None
+        node = _attribution_provider(self) if _attribution_provider is not None else None
         stack = "".join(traceback.format_stack()[:-1]) if self.settings.debug else None
         with execution._cond:
             execution._check_usable()
@@ -706,6 +711,7 @@ class ExecutionConnectionManager:
         self._runs.pop(run_id, None)
         for child in self._children.pop(run_id, ()):
             self._runs.pop(child, None)
+            self._run_names.pop(child, None)
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
         """Remember that the scope of root run ``run_id`` could not be opened."""
@@ -716,8 +722,12 @@ class ExecutionConnectionManager:
             self._failed_roots[run_id] = failed
             self.counters["scope_open_failures"] += 1
 
-    def link_run(self, run_id: uuid.UUID, parent_run_id: uuid.UUID) -> bool:
+    def link_run(
+        self, run_id: uuid.UUID, parent_run_id: uuid.UUID, *, name: str | None = None
+    ) -> bool:
         """Map a child run to the execution of its parent, if the parent is known.
+
+        ``name`` (a tool's) is kept for leak reports until the root run ends.
 
         Returns:
             True if the parent was known (the run is now mapped), False for a new root.
@@ -728,7 +738,13 @@ class ExecutionConnectionManager:
                 return False
             self._runs[run_id] = entry  # the same (target, root) pair as its parent
             self._children[entry[1]].append(run_id)
+            if name is not None:
+                self._run_names[run_id] = name
             return True
+
+    def run_name(self, run_id: uuid.UUID | None) -> str | None:
+        """The tool name recorded for ``run_id``, if any."""
+        return self._run_names.get(run_id) if run_id is not None else None
 
     def is_known_run(self, run_id: uuid.UUID) -> bool:
         """True if ``run_id`` is mapped to an execution (or to a failed scope)."""
@@ -771,6 +787,7 @@ class ExecutionConnectionManager:
             return (
                 len(self._runs)
                 + len(self._children)
+                + len(self._run_names)
                 + len(self._root_runs)
                 + len(self._failed_roots)
             )
@@ -862,8 +879,8 @@ class ExecutionConnectionManager:
             per_exec = [h for e in self._executions.values() for h in list(e.handles.values())]
             per_exec += [h for e in self._draining for h in list(e.handles.values())]
             pending = len(self._pending)
-            runs = len(self._runs) + len(self._children) + len(self._root_runs)
-            runs += len(self._failed_roots)
+            runs = len(self._runs) + len(self._children) + len(self._run_names)
+            runs += len(self._root_runs) + len(self._failed_roots)
             retired = dict(self._retired_counters)
         return build_stats(
             executions=executions,
@@ -917,6 +934,7 @@ class ExecutionConnectionManager:
             self._reflection.clear()
             self._runs.clear()
             self._children.clear()
+            self._run_names.clear()
             self._root_runs.clear()
             self._failed_roots.clear()
             executor, self._executor = self._executor, None

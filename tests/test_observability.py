@@ -139,7 +139,7 @@ def test_leak_in_a_tool_names_the_tool_node(
     records = leak_records(caplog)
     assert len(records) == 1
     # langgraph_node of the ToolNode; the tool's own config carries no tool name
-    assert "acquired by node 'tools'" in records[0].getMessage()
+    assert "acquired by node 'tools' / tool 'count_orders'" in records[0].getMessage()
     assert lsc.get_connection_stats()["leaks_reclaimed"] == 1
 
 
