@@ -185,6 +185,12 @@ def run_mode(
             pool_timeout=60,
             cache_reflection=mode != "per_execution",
         )
+        if mode == "shared":
+            # reflect the schema once before timing, as `global` builds its SQLDatabase
+            # before timing; then start cold on connections like the other modes
+            with lsc.ExecutionScope(manager=manager):
+                lsc.get_scoped_sql_database(manager=manager)
+            manager.pool_for().dispose()
     if mode == "global":
         global_engine = create_engine(
             url,
