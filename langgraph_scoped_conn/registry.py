@@ -816,11 +816,7 @@ class ExecutionConnectionManager:
                 victims += [e for e in self._draining if now - e.created > limit]
         reaped = []
         for execution in victims:
-            release: _Release | None
-            if execution.state == "draining":
-                release = self._force_drain(execution)
-            else:
-                release = self._detach(execution, reason="reaped", force=True)
+            release = self._force_release(execution, "reaped")
             if release is not None:
                 logger.warning(
                     "reaped execution %s after %.1fs (max_scope_lifetime=%s)",
@@ -831,6 +827,12 @@ class ExecutionConnectionManager:
                 self._run_release(release)
                 reaped.append(execution.execution_id)
         return reaped
+
+    def _force_release(self, execution: Execution, reason: str) -> _Release | None:
+        """Release ``execution`` whoever still holds it, draining or not."""
+        if execution.state == "draining":
+            return self._force_drain(execution)
+        return self._detach(execution, reason=reason, force=True)
 
     def _force_drain(self, execution: Execution) -> _Release:
         with execution._cond:
@@ -919,11 +921,7 @@ class ExecutionConnectionManager:
             self._closed = True
             victims = list(self._executions.values()) + list(self._draining)
         for execution in victims:
-            release: _Release | None
-            if execution.state == "draining":
-                release = self._force_drain(execution)
-            else:
-                release = self._detach(execution, reason="closed with its manager", force=True)
+            release = self._force_release(execution, "closed with its manager")
             if release is not None:
                 self._finalize(release)
         self.drain(timeout=30)
