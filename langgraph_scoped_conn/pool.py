@@ -111,6 +111,12 @@ class BudgetPool(QueuePool):
         return pool
 
     def _do_get(self) -> ConnectionPoolEntry:
+        if not self._line:
+            # nobody is waiting: take an idle connection without joining the line
+            try:
+                return self._pool.get(False)
+            except sqla_queue.Empty:
+                pass
         deadline = time.monotonic() + self._timeout
         ticket = object()
         with self._gate:

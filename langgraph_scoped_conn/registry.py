@@ -46,7 +46,7 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 State = Literal["open", "draining", "closed"]
 
-#: How many conditions the executions of one manager share (see Execution._cond).
+#: How many locks the executions of one manager share (see Execution._mutex).
 _STRIPES = 64
 
 #: Names the graph node / tool running in the current context, for leak reports; it is
@@ -110,6 +110,8 @@ class Execution:
 
     __slots__ = (
         "_cond",
+        "_mutex",
+        "_waiters",
         "_warned_straggler",
         "cached",
         "checkouts",
@@ -143,8 +145,12 @@ class Execution:
         self.checkouts: dict[int, Checkout] = {}
         self.run_ids: list[uuid.UUID] = []  # the root runs mapped to this execution
         self.closed_by: int | None = None
-        # striped: executions share a few conditions, so opening one allocates no lock
-        self._cond = manager._conditions[hash(execution_id) % _STRIPES]
+        # striped: executions share a few locks, so opening one allocates none. ``_mutex``
+        # guards the maps; ``_cond`` (on the same lock) is only for per-execution cap waits
+        stripe = hash(execution_id) % _STRIPES
+        self._mutex = manager._mutexes[stripe]
+        self._cond = manager._conditions[stripe]
+        self._waiters = 0  # threads waiting on the per-execution cap
         self._warned_straggler = False
 
     # -- connections ---------------------------------------------------------------
@@ -155,31 +161,19 @@ class Execution:
 
         settings = self.manager.settings
         cap = settings.max_connections_per_execution
-        with self._cond:
+        with self._mutex:
             self._check_usable()
             if len(self.checkouts) >= cap:
-                deadline = time.monotonic() + settings.pool_timeout
-                while len(self.checkouts) >= cap:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._cond.wait(remaining):
-                        if len(self.checkouts) < cap:
-                            break
-                        raise ExecutionConnectionLimitError(
-                            f"execution {self.execution_id!r} already holds {cap} connections "
-                            f"(max_connections_per_execution={cap}) and none came back within "
-                            f"pool_timeout={settings.pool_timeout:.2f}s; return connections "
-                            "you no longer need (use `with engine.connect()`), or raise "
-                            "max_connections_per_execution"
-                        )
+                self._wait_below_cap(cap, settings.pool_timeout)
                 self._check_usable()  # the scope may have ended while this thread waited
             reserved = object()
             self.checkouts[id(reserved)] = reserved  # type: ignore[assignment]
         try:
             fairy = handle.engine.pool.connect()
         except BaseException:
-            with self._cond:
+            with self._mutex:
                 del self.checkouts[id(reserved)]
-                self._cond.notify_all()  # the condition is shared: wake every waiter
+                self._wake_waiters()
                 drained = self.state == "draining" and not self.checkouts
                 if drained:
                     self.state = "closed"
@@ -187,11 +181,35 @@ class Execution:
                 self.manager._finish_draining(self)
             raise
         record = Checkout(self, fairy, frame)
-        with self._cond:
+        with self._mutex:
             del self.checkouts[id(reserved)]
             self.checkouts[id(record)] = record
         fairy.info[CHECKOUT_KEY] = record
         return fairy
+
+    def _wait_below_cap(self, cap: int, timeout: float) -> None:
+        """Wait (holding ``_mutex``) until this execution holds fewer than ``cap`` connections."""
+        deadline = time.monotonic() + timeout
+        self._waiters += 1
+        try:
+            while len(self.checkouts) >= cap:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    if len(self.checkouts) < cap:
+                        return
+                    raise ExecutionConnectionLimitError(
+                        f"execution {self.execution_id!r} already holds {cap} connections "
+                        f"(max_connections_per_execution={cap}) and none came back within "
+                        f"pool_timeout={timeout:.2f}s; return connections you no longer need "
+                        "(use `with engine.connect()`), or raise max_connections_per_execution"
+                    )
+        finally:
+            self._waiters -= 1
+
+    def _wake_waiters(self) -> None:
+        """Wake threads waiting on the cap (holding ``_mutex``); the condition is shared."""
+        if self._waiters:
+            self._cond.notify_all()
 
     def _check_usable(self) -> None:
         if self.state == "open":
@@ -218,12 +236,12 @@ class Execution:
 
     def checkout_returned(self, checkout: Checkout) -> None:
         """Forget a checkout that came back to the pool, and finish draining if it was the last."""
-        with self._cond:
+        with self._mutex:
             if self.checkouts.pop(id(checkout), None) is None:
                 return
             checkout.frame = None
             checkout.fairy = None  # type: ignore[assignment]
-            self._cond.notify_all()  # the condition is shared: wake every waiter
+            self._wake_waiters()
             drained = self.state == "draining" and not self.checkouts
             if drained:
                 self.state = "closed"
@@ -303,7 +321,8 @@ class ExecutionConnectionManager:
         if self.settings.database_url:
             parse_url(self.settings.database_url)  # fail early, with the password redacted
         self._lock = threading.Lock()
-        self._conditions = tuple(threading.Condition(threading.Lock()) for _ in range(_STRIPES))
+        self._mutexes = tuple(threading.Lock() for _ in range(_STRIPES))
+        self._conditions = tuple(threading.Condition(lock) for lock in self._mutexes)
         self._executions: dict[str, Execution] = {}
         self._draining: set[Execution] = set()
         #: every run id seen (roots and children) -> (its execution or failed scope, its root)
@@ -404,7 +423,7 @@ class ExecutionConnectionManager:
                 self.counters["scopes_reaped"] += 1
         reclaim: list[Checkout] = []
         deferred = 0
-        with execution._cond:
+        with execution._mutex:
             execution.closed_by = closer
             outstanding = list(execution.checkouts.values())
             frames = sys._current_frames() if outstanding else {}
@@ -417,7 +436,7 @@ class ExecutionConnectionManager:
                 else:
                     deferred += 1
             execution.state = "draining" if deferred else "closed"
-            execution._cond.notify_all()  # wake callers waiting on the per-execution cap
+            execution._wake_waiters()  # they re-check the scope and fail or drain
             del frames
         custom = list(execution.custom)
         handles = [] if deferred else list(execution.handles.values())
@@ -556,7 +575,7 @@ class ExecutionConnectionManager:
         frames = sys._current_frames()
         closed = 0
         for execution in draining:
-            with execution._cond:
+            with execution._mutex:
                 if execution.state != "draining":
                     continue
                 stale = [
@@ -637,7 +656,7 @@ class ExecutionConnectionManager:
         handle = shared
         if shared.strategy == "per_execution":
             key = shared.safe_url
-            with execution._cond:
+            with execution._mutex:
                 execution._check_usable()
                 handle_or_none = execution.handles.get(key)
             if handle_or_none is None:
@@ -647,12 +666,12 @@ class ExecutionConnectionManager:
                     describe_holders=self.describe_holders,
                     per_execution_id=execution.execution_id,
                 )
-                with execution._cond:
+                with execution._mutex:
                     execution.handles.setdefault(key, handle_or_none)
                     handle_or_none = execution.handles[key]
             handle = handle_or_none
         engine = handle.scoped_engine(execution, **options)
-        with execution._cond:
+        with execution._mutex:
             execution._check_usable()
             execution.engines.append(engine)
         return engine
@@ -669,7 +688,7 @@ class ExecutionConnectionManager:
             obj = _AsyncResource(obj, loop)
         node = _attribution_provider(self) if _attribution_provider is not None else None
         stack = "".join(traceback.format_stack()[:-1]) if self.settings.debug else None
-        with execution._cond:
+        with execution._mutex:
             execution._check_usable()
             execution.custom.append(obj)
             execution.custom_origins[id(obj)] = (node, stack)
@@ -835,7 +854,7 @@ class ExecutionConnectionManager:
         return self._detach(execution, reason=reason, force=True)
 
     def _force_drain(self, execution: Execution) -> _Release:
-        with execution._cond:
+        with execution._mutex:
             reclaim = [c for c in execution.checkouts.values() if isinstance(c, Checkout)]
             for c in reclaim:
                 del execution.checkouts[id(c)]
@@ -1017,5 +1036,5 @@ def _loop_running() -> bool:
 
 def iter_checkouts(execution: Execution) -> Iterable[Checkout]:
     """The finished checkouts of ``execution`` (for tests and debugging)."""
-    with execution._cond:
+    with execution._mutex:
         return [c for c in execution.checkouts.values() if isinstance(c, Checkout)]

@@ -256,7 +256,7 @@ def new_scoped_sql_database(
     db._lsc_read_only = read_only
     db._lsc_statement_timeout = statement_timeout
     db._lsc_max_query_length = max_query_length
-    with execution._cond:
+    with execution._mutex:
         execution._check_usable()
         execution.databases.append(db)
     return db
