@@ -142,7 +142,9 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)
         try:
-            execution = manager.open_execution(self._choose_id(manager, run_id, tags, metadata))
+            manager.open_execution(
+                self._choose_id(manager, run_id, tags, metadata), root_run=run_id
+            )
         except Exception as exc:
             logger.error(
                 "could not open an execution scope for run %s: %s: %s; tools of this run will "
@@ -152,8 +154,6 @@ class ScopedConnectionHandler(BaseCallbackHandler):
                 redact_url(str(exc)),
             )
             manager.bind_failed_run(run_id, exc)
-            return
-        manager.bind_run(run_id, execution, root=True)
 
     def _choose_id(
         self,

@@ -355,11 +355,14 @@ class ExecutionConnectionManager:
 
     # -- executions ----------------------------------------------------------------
 
-    def open_execution(self, execution_id: str | None = None) -> Execution:
+    def open_execution(
+        self, execution_id: str | None = None, *, root_run: uuid.UUID | None = None
+    ) -> Execution:
         """Open the execution ``execution_id``, or join it if it is already open.
 
         Every call must be matched by one :meth:`release_execution`; the execution's
-        resources are released when the last holder releases it.
+        resources are released when the last holder releases it.  With ``root_run``,
+        that run id is bound to the execution and holds it (see :meth:`end_run`).
         """
         if execution_id is None:
             execution_id = os.urandom(16).hex()  # as unique as uuid4().hex, 4x cheaper
@@ -377,10 +380,14 @@ class ExecutionConnectionManager:
             execution = self._executions.get(execution_id)
             if execution is not None:
                 execution.refcount += 1
+                if root_run is not None:
+                    self._bind_root(root_run, execution)
                 return execution
             execution = Execution(self, execution_id)
             self._executions[execution_id] = execution
             self.counters["scopes_opened"] += 1
+            if root_run is not None:
+                self._bind_root(root_run, execution)
         logger.debug("execution %s opened", execution_id)
         return execution
 
@@ -696,17 +703,12 @@ class ExecutionConnectionManager:
 
     # -- LangGraph run ids ---------------------------------------------------------
 
-    def bind_run(self, run_id: uuid.UUID, execution: Execution, *, root: bool = False) -> None:
-        """Map the root run ``run_id`` to ``execution``; pruned when the run or execution ends.
-
-        With ``root=True`` the run holds the execution: :meth:`end_run` releases it.
-        """
-        with self._lock:
-            self._runs[run_id] = (execution, run_id)
-            self._children[run_id] = []
-            execution.run_ids.append(run_id)
-            if root:
-                self._root_runs[run_id] = execution
+    def _bind_root(self, run_id: uuid.UUID, execution: Execution) -> None:
+        """Map the root run ``run_id`` to ``execution``, which it holds (holding the lock)."""
+        self._runs[run_id] = (execution, run_id)
+        self._children[run_id] = []
+        execution.run_ids.append(run_id)
+        self._root_runs[run_id] = execution
 
     def end_run(self, run_id: uuid.UUID, *, reason: str = "ended") -> None:
         """A run ended: release its execution if it was a root, and forget its run ids.
