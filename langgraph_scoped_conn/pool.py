@@ -111,12 +111,10 @@ class BudgetPool(QueuePool):
         return pool
 
     def _do_get(self) -> ConnectionPoolEntry:
-        if not self._line:
-            # nobody is waiting: take an idle connection without joining the line
-            try:
-                return self._pool.get(False)
-            except sqla_queue.Empty:
-                pass
+        if not self._line:  # nobody is waiting: an idle connection needs no place in line
+            entry = self._take_idle()
+            if entry is not None:
+                return entry
         deadline = time.monotonic() + self._timeout
         ticket = object()
         with self._gate:
@@ -138,6 +136,13 @@ class BudgetPool(QueuePool):
             with self._gate:
                 self._line.remove(ticket)
                 self._gate.notify_all()
+
+    def _take_idle(self) -> ConnectionPoolEntry | None:
+        """An idle pooled connection, or ``None`` if there is none right now."""
+        try:
+            return self._pool.get(False)
+        except sqla_queue.Empty:
+            return None
 
     def _get_as_head(self, deadline: float) -> ConnectionPoolEntry:
         try:
