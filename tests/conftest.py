@@ -8,6 +8,7 @@ existing server whose user may create databases.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -187,6 +188,52 @@ def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
         time.sleep(0.02)
+
+
+class BackendSampler:
+    """Counts a database's client backends named like ``app_like``, on a background thread.
+
+    Used as ``with BackendSampler(pg_db) as sampler: ...``; ``samples`` holds every
+    count read from pg_stat_activity, ``peak`` the largest.
+    """
+
+    def __init__(
+        self, db: Database, app_like: str = "langgraph_scoped_conn%", interval: float = 0.005
+    ) -> None:
+        self.db = db
+        self.app_like = app_like
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+    def _run(self) -> None:
+        conn = self.db.server.admin()
+        try:
+            with conn.cursor() as cur:
+                while not self._stop.is_set():
+                    cur.execute(
+                        "select count(*) from pg_stat_activity where datname = %s "
+                        "and backend_type = 'client backend' and application_name like %s "
+                        "and application_name <> 'lsc-test-admin'",
+                        (self.db.name, self.app_like),
+                    )
+                    self.samples.append(int(cur.fetchone()[0]))
+                    self._stop.wait(self.interval)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> BackendSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def backend_pid(conn: Any) -> int:

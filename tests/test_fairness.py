@@ -31,43 +31,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError
 from langgraph_scoped_conn.pool import BudgetPool
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, assert_clean, eventually
-
-
-class _PeakBackends:
-    """Samples this test's client backends (by application_name) on a thread."""
-
-    def __init__(self, db: Database, app_like: str) -> None:
-        self.db = db
-        self.app_like = app_like
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        conn = self.db.server.admin()
-        try:
-            with conn.cursor() as cur:
-                while not self._stop.is_set():
-                    cur.execute(
-                        "select count(*) from pg_stat_activity where datname = %s "
-                        "and backend_type = 'client backend' and application_name like %s",
-                        (self.db.name, self.app_like),
-                    )
-                    self.peak = max(self.peak, int(cur.fetchone()[0]))
-                    self.samples += 1
-                    self._stop.wait(0.005)
-        finally:
-            conn.close()
-
-    def __enter__(self) -> _PeakBackends:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+from tests.conftest import BackendSampler, Database, assert_clean, eventually
 
 
 @pytest.fixture
@@ -153,7 +117,7 @@ def test_every_thread_gets_connections_under_contention(
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    with _PeakBackends(pg_db, "lsc-fair%") as sampler:
+    with BackendSampler(pg_db, "lsc-fair%") as sampler:
         for t in threads:
             t.start()
         for t in threads:
@@ -168,7 +132,7 @@ def test_every_thread_gets_connections_under_contention(
     # first come, first served: a caller is passed only by those already in line
     # when it arrived, one each at most
     assert max(overtaken) <= THREADS - 1, max(overtaken)
-    assert sampler.samples > 0
+    assert len(sampler.samples) > 0
     assert 1 <= sampler.peak <= 3  # the server never saw more than the budget
 
 

@@ -32,7 +32,7 @@ from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, eventually
+from tests.conftest import BackendSampler, Database, eventually
 
 APP = "langgraph_scoped_conn%"
 
@@ -1147,31 +1147,6 @@ def test_blocking_call_checker_never_fires_on_our_code(
 # -- load ------------------------------------------------------------------------------
 
 
-class BackendSampler(threading.Thread):
-    """Counts this database's backends of ours from pg_stat_activity until stopped."""
-
-    def __init__(self, pg_db: Database) -> None:
-        super().__init__(daemon=True)
-        self.pg_db = pg_db
-        self.samples: list[int] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        conn = self.pg_db.server.admin()
-        try:
-            with conn.cursor() as cur:
-                while not self.stop.is_set():
-                    cur.execute(
-                        "select count(*) from pg_stat_activity where datname = %s "
-                        "and application_name like %s",
-                        (self.pg_db.name, APP),
-                    )
-                    self.samples.append(int(cur.fetchone()[0]))
-                    self.stop.wait(0.005)
-        finally:
-            conn.close()
-
-
 def test_hundred_concurrent_ainvoke_runs_stay_within_the_budget(
     manager: ExecutionConnectionManager, pg_db: Database
 ) -> None:
@@ -1179,19 +1154,14 @@ def test_hundred_concurrent_ainvoke_runs_stay_within_the_budget(
     graph = lsc.with_scoped_connections(build_example_graph(recorder))  # one shared handler
     runs = 100
     before = opened(manager)
-    sampler = BackendSampler(pg_db)
-    sampler.start()
 
     async def main() -> list[Any]:
         return await asyncio.gather(
             *(graph.ainvoke({"tag": f"r{i}"}) for i in range(runs)), return_exceptions=True
         )
 
-    try:
+    with BackendSampler(pg_db) as sampler:
         results = asyncio.run(main())
-    finally:
-        sampler.stop.set()
-        sampler.join()
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures == []
     assert all(sorted(set(r["seen"])) == ["agent", "branch", "inner"] for r in results)

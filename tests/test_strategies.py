@@ -23,7 +23,7 @@ from sqlalchemy.pool.base import reset_commit
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.conftest import Database, backend_pid, eventually
+from tests.conftest import BackendSampler, Database, backend_pid, eventually
 from tests.pgcluster import PostgresCluster
 
 APP = "langgraph_scoped_conn"
@@ -37,39 +37,6 @@ def backends(pg_db: Database) -> list[tuple[int, str, str]]:
         f"and application_name like '{APP}%%'"
     )
     return [(int(p), str(a), str(s)) for p, a, s in rows]  # type: ignore[call-overload]
-
-
-class Sampler:
-    """Counts the package's backends on a server in a background thread, as fast as it can."""
-
-    def __init__(self, connect: Callable[[], Any], database: str) -> None:
-        self._connect = connect
-        self._database = database
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        conn = self._connect()
-        try:
-            with conn.cursor() as cur:
-                while not self._stop.is_set() and len(self.samples) < 200_000:
-                    cur.execute(
-                        "select count(*) from pg_stat_activity where datname = %s "
-                        "and backend_type = 'client backend' and application_name like %s",
-                        (self._database, f"{APP}%"),
-                    )
-                    self.samples.append(int(cur.fetchone()[0]))
-        finally:
-            conn.close()
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 # -- per_execution ----------------------------------------------------------------
@@ -200,8 +167,7 @@ def test_shared_total_stays_within_the_budget_under_load(
         except BaseException as exc:
             errors.append(exc)
 
-    admin = pg_db.server.admin
-    with Sampler(admin, pg_db.name) as sampler:
+    with BackendSampler(pg_db, f"{APP}%", interval=0) as sampler:
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(12)]
         for t in threads:
             t.start()
@@ -219,7 +185,7 @@ def test_shared_total_stays_within_the_budget_under_load(
     assert stats["active_executions"] == 0
     assert {s for _, _, s in backends(pg_db)} <= {"idle"}
     manager.close()
-    assert backends(pg_db) == []  # nothing remains after close()
+    eventually(lambda: backends(pg_db) == [], "nothing remains after close()")
 
 
 def test_budget_waiter_gets_a_returned_or_reclaimed_connection(
