@@ -33,22 +33,12 @@ import psycopg2  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tests.pgcluster import SUPERUSER, SUPERUSER_PASSWORD, PostgresCluster  # noqa: E402
+from tests.pgcluster import SAMPLE_SQL, SUPERUSER, SUPERUSER_PASSWORD, PostgresCluster  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 APP_USER = "app"
 APP_PASSWORD = "bench-App-pw-9f3c"  # a throwaway cluster's password; never printed
 BENCH_DB = "bench"
-
-SAMPLE_SQL = """
-create table customers (id int primary key, name text not null, city text not null);
-create table orders (id int primary key, customer_id int references customers(id),
-                     amount numeric(10,2) not null, created date not null);
-insert into customers select g, 'customer ' || g, (array['Lima','Oslo','Pune'])[1 + g % 3]
-  from generate_series(1, 50) g;
-insert into orders select g, 1 + g % 50, (g % 97) + 0.5, date '2024-01-01' + (g % 300)
-  from generate_series(1, 500) g;
-"""
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 

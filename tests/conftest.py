@@ -23,17 +23,7 @@ from sqlalchemy.engine import make_url
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import scope as _scope
 from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from tests.pgcluster import PostgresCluster
-
-SAMPLE_SQL = """
-create table customers (id int primary key, name text not null, city text not null);
-create table orders (id int primary key, customer_id int references customers(id),
-                     amount numeric(10,2) not null, created date not null);
-insert into customers select g, 'customer ' || g, (array['Lima','Oslo','Pune'])[1 + g % 3]
-  from generate_series(1, 50) g;
-insert into orders select g, 1 + g % 50, (g % 97) + 0.5, date '2024-01-01' + (g % 300)
-  from generate_series(1, 500) g;
-"""
+from tests.pgcluster import SAMPLE_SQL, PostgresCluster
 
 
 @dataclass

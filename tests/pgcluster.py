@@ -18,7 +18,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PostgresCluster", "free_port", "pg_bin"]
+__all__ = ["SAMPLE_SQL", "PostgresCluster", "free_port", "pg_bin"]
+
+#: A small customers/orders schema that tests and benchmarks load into their databases.
+SAMPLE_SQL = """
+create table customers (id int primary key, name text not null, city text not null);
+create table orders (id int primary key, customer_id int references customers(id),
+                     amount numeric(10,2) not null, created date not null);
+insert into customers select g, 'customer ' || g, (array['Lima','Oslo','Pune'])[1 + g % 3]
+  from generate_series(1, 50) g;
+insert into orders select g, 1 + g % 50, (g % 97) + 0.5, date '2024-01-01' + (g % 300)
+  from generate_series(1, 500) g;
+"""
 
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "s3cr3t-Sup3ruser-pw"
