@@ -815,11 +815,18 @@ class ExecutionConnectionManager:
 
     # -- reaping -------------------------------------------------------------------
 
-    def reap(self, *, max_age: float | None = None, execution_id: str | None = None) -> list[str]:
+    def reap(
+        self,
+        *,
+        max_age: float | None = None,
+        execution_id: str | None = None,
+        reason: str = "reaped",
+    ) -> list[str]:
         """Release executions older than ``max_age`` (default ``max_scope_lifetime``).
 
         With ``execution_id``, release that one execution whatever its age.  Live
-        executions younger than the limit are never touched.
+        executions younger than the limit are never touched.  ``reason`` is what the
+        log says happened (``"released by request"`` for the cleanup route).
 
         Returns:
             The ids that were released.
@@ -837,14 +844,22 @@ class ExecutionConnectionManager:
                 victims += [e for e in self._draining if now - e.created > limit]
         reaped = []
         for execution in victims:
-            release = self._force_release(execution, "reaped")
+            release = self._force_release(execution, reason)
             if release is not None:
-                logger.warning(
-                    "reaped execution %s after %.1fs (max_scope_lifetime=%s)",
-                    execution.execution_id,
-                    now - execution.created,
-                    limit,
-                )
+                if reason == "reaped":
+                    logger.warning(
+                        "reaped execution %s after %.1fs (max_scope_lifetime=%s)",
+                        execution.execution_id,
+                        now - execution.created,
+                        limit,
+                    )
+                else:
+                    logger.warning(
+                        "execution %s %s after %.1fs",
+                        execution.execution_id,
+                        reason,
+                        now - execution.created,
+                    )
                 self._run_release(release)
                 reaped.append(execution.execution_id)
         return reaped
