@@ -4,133 +4,61 @@ The guard is the first of two walls.  It refuses, before anything reaches the
 database, what a read-only transaction cannot stop by itself: several statements
 in one call (``COMMIT; DROP ...`` would end the read-only transaction), statements
 that change session or transaction state (``SET``, ``RESET``, ``BEGIN``,
-``COMMIT``...), statements that are not queries, and oversized text.  The second
-wall is the database: every guarded statement runs in a read-only transaction with
-a statement timeout (see :mod:`langgraph_scoped_conn.sql_database`).
+``COMMIT``, ``PREPARE``, ``LISTEN``...), statements that are not queries, and
+oversized text.  The second wall is the database: every guarded statement runs in a
+read-only transaction with a statement timeout that is rolled back (see
+:mod:`langgraph_scoped_conn.sql_database`).
+
+On PostgreSQL the text is parsed by PostgreSQL's own parser (libpg_query, through
+pglast), so statement boundaries, dollar quotes, comments and identifiers are read
+exactly as the server reads them: an earlier hand-written lexer took ``€$a$`` for a
+dollar quote where PostgreSQL reads one identifier, and let ``COMMIT; DELETE`` through.
+The whole parse tree is walked; only one plain query is accepted.
+
+SQLite has no such parser here; a small lexer reads its text the way SQLite's
+tokenizer does, and ``PRAGMA query_only`` is the second wall.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from langgraph_scoped_conn.errors import UnsafeQueryError
 
-__all__ = ["check_read_only_sql", "split_statements"]
+__all__ = ["check_read_only_sql", "split_sqlite_statements"]
 
-#: First keywords of statements that only read.  Data-modifying CTEs and
-#: EXPLAIN ANALYZE of a write are caught by the read-only transaction.
-_READ_KEYWORDS = frozenset({"select", "with", "values", "table", "explain", "show"})
+_SEND_ONE = "send one SELECT statement"
 
-_WORD = re.compile(r"[A-Za-z_]+")
-#: A word as PostgreSQL's scanner reads it: "$" continues an identifier (a$$ is one word),
-#: so it never starts a dollar quote there.  Numbers and $1 parameters are words too.
-_TOKEN = re.compile(r"(?:[^\W\d]|_)[\w$]*|\d[\w.$]*|\$\d+", re.UNICODE)
-_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
-
-
-def split_statements(sql: str) -> list[str]:  # noqa: PLR0915 - one pass of a small lexer
-    """Split ``sql`` on top-level semicolons, ignoring those in strings and comments.
-
-    Follows PostgreSQL's scanner: single-quoted strings with ``''`` escapes,
-    double-quoted identifiers, ``--`` comments (ended by a newline or a carriage
-    return), nested ``/* */`` comments, ``$tag$`` dollar quoting, and identifiers
-    that contain ``$``.  Returns the non-empty statements with comments removed.
-
-    A backslash right before a quote inside a string is refused: ``E'\\''``, a type
-    name ending in ``e`` (``name'\\'``) and ``standard_conforming_strings=off`` read
-    it as an escaped quote, plain strings as the end of the string, so the statement
-    boundaries would depend on context the guard cannot see.
-
-    Raises:
-        UnsafeQueryError: the text ends inside a string, identifier or comment, or
-            holds a backslash-escaped quote.
-    """
-    out: list[str] = []
-    buf: list[str] = []
-    i, n = 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        nxt = sql[i + 1] if i + 1 < n else ""
-        if ch == "-" and nxt == "-":
-            while i < n and sql[i] not in "\r\n":
-                i += 1
-            buf.append(" ")
-            continue
-        if ch == "/" and nxt == "*":
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-            if depth:
-                raise UnsafeQueryError("the query ends inside a /* comment */; close the comment")
-            buf.append(" ")
-            continue
-        if ch in "'\"":
-            j = i + 1
-            while True:
-                if j >= n:
-                    kind = "string" if ch == "'" else "quoted identifier"
-                    raise UnsafeQueryError(f"the query ends inside a {kind}; close the quote")
-                if sql[j] == ch:
-                    if ch == "'" and _odd_backslashes_before(sql, j, i + 1):
-                        raise UnsafeQueryError(
-                            "the query has a backslash before a quote inside a string (\\'), "
-                            "which PostgreSQL reads differently in E'' strings and with "
-                            "standard_conforming_strings=off; write a quote inside a string "
-                            "as two quotes ('') instead"
-                        )
-                    if j + 1 < n and sql[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
-            buf.append(sql[i : j + 1])
-            i = j + 1
-            continue
-        if ch == "$":
-            m = _DOLLAR_TAG.match(sql, i)
-            if m:
-                tag = m.group(0)
-                end = sql.find(tag, i + len(tag))
-                if end < 0:
-                    raise UnsafeQueryError(f"the query ends inside a {tag} quoted string")
-                buf.append(sql[i : end + len(tag)])
-                i = end + len(tag)
-                continue
-        m = _TOKEN.match(sql, i)
-        if m:
-            buf.append(m.group(0))
-            i = m.end()
-            continue
-        if ch == ";":
-            stmt = "".join(buf).strip()
-            if stmt:
-                out.append(stmt)
-            buf = []
-            i += 1
-            continue
-        buf.append(ch)
-        i += 1
-    stmt = "".join(buf).strip()
-    if stmt:
-        out.append(stmt)
-    return out
+#: Statement types that are never queries, named by the keyword a model would recognise.
+_WRITE_NODES = {
+    "InsertStmt": "INSERT",
+    "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE",
+}
+#: What EXPLAIN can wrap besides a query, for the refusal message.
+_EXPLAINED = {
+    **_WRITE_NODES,
+    "CreateTableAsStmt": "CREATE TABLE AS",
+    "DeclareCursorStmt": "DECLARE",
+    "ExecuteStmt": "EXECUTE",
+}
 
 
-def _odd_backslashes_before(sql: str, j: int, start: int) -> bool:
-    """True if an odd run of backslashes ends right before ``sql[j]`` (after ``start``)."""
-    k = j
-    while k > start and sql[k - 1] == "\\":
-        k -= 1
-    return (j - k) % 2 == 1
-
-
-def check_read_only_sql(sql: str, *, max_length: int = 20_000) -> str:
+def check_read_only_sql(sql: str, *, max_length: int = 20_000, dialect: str = "postgresql") -> str:
     """Return the single statement in ``sql`` if the guard lets it through.
+
+    On PostgreSQL (the default ``dialect``) the statement must be one plain query:
+    ``SELECT`` (also ``VALUES``, ``TABLE name`` and ``WITH`` of plain queries),
+    ``EXPLAIN`` of such a query, or ``SHOW``.  Anywhere in its parse tree there may
+    be no ``INSERT``/``UPDATE``/``DELETE``/``MERGE`` (data-modifying ``WITH``), no
+    ``SELECT ... INTO`` and no ``FOR UPDATE``/``FOR SHARE`` row locks.  The returned
+    text is the statement as written, from its first token to its last, without a
+    trailing ``;`` or surrounding comments.
+
+    With ``dialect="sqlite"`` the statement must start with ``SELECT``, ``WITH``,
+    ``VALUES`` or ``EXPLAIN``; ``PRAGMA query_only`` refuses writes.
 
     Raises:
         UnsafeQueryError: naming what was refused and what to send instead.
@@ -144,21 +72,219 @@ def check_read_only_sql(sql: str, *, max_length: int = 20_000) -> str:
         )
     if "\x00" in sql:
         raise UnsafeQueryError("the query contains a NUL character; remove it")
-    statements = split_statements(sql)
+    if dialect == "postgresql":
+        return _check_postgresql(sql)
+    if dialect == "sqlite":
+        return _check_sqlite(sql)
+    raise UnsafeQueryError(
+        f"read-only mode cannot check {dialect} SQL; only postgresql and sqlite are supported"
+    )
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+
+def _check_postgresql(sql: str) -> str:
+    from pglast import ast
+    from pglast.parser import ParseError, parse_sql, scan
+
+    try:
+        statements = parse_sql(sql)
+        tokens = scan(sql)
+    except ParseError as exc:
+        raise UnsafeQueryError(f"the query is not valid SQL: {exc.args[0]}; {_SEND_ONE}") from exc
+    except RecursionError as exc:  # pragma: no cover - libpg_query refuses deep nesting first
+        raise UnsafeQueryError(f"the query is nested too deeply; {_SEND_ONE}") from exc
+    _refuse_backslash_quotes(sql, tokens)
     if not statements:
-        raise UnsafeQueryError("the query is empty; send one SELECT statement")
+        raise UnsafeQueryError(f"the query is empty; {_SEND_ONE}")
+    if len(statements) > 1:
+        raise UnsafeQueryError(
+            f"the query holds {len(statements)} statements; read-only mode runs exactly one "
+            "statement per call, so send them one at a time"
+        )
+    stmt = statements[0].stmt
+    if isinstance(stmt, ast.ExplainStmt):
+        if not isinstance(stmt.query, ast.SelectStmt):
+            name = type(stmt.query).__name__
+            raise UnsafeQueryError(
+                f"EXPLAIN {_EXPLAINED.get(name, name)} is refused in read-only mode (EXPLAIN "
+                "ANALYZE would run it); EXPLAIN only a SELECT query"
+            )
+    elif not isinstance(stmt, (ast.SelectStmt, ast.VariableShowStmt)):
+        raise UnsafeQueryError(
+            f"{_statement_name(stmt, sql, tokens)} statements are refused in read-only mode; "
+            "only SELECT, WITH, VALUES, TABLE, EXPLAIN and SHOW queries may run"
+        )
+    _walk(statements[0], ast)
+    code = [t for t in tokens if t.name not in ("SQL_COMMENT", "C_COMMENT", "ASCII_59")]
+    return sql[code[0].start : code[-1].end + 1]
+
+
+def _statement_name(stmt: Any, sql: str, tokens: Any) -> str:
+    """The keyword a model would use for ``stmt``: DELETE for a WITH ... DELETE too."""
+    name = type(stmt).__name__
+    if name in _WRITE_NODES:
+        return _WRITE_NODES[name]
+    for token in tokens:
+        if token.name not in ("SQL_COMMENT", "C_COMMENT", "ASCII_40"):  # comments and "("
+            return sql[token.start : token.end + 1].upper()
+    return name  # pragma: no cover - a statement always has a first keyword
+
+
+def _walk(root: Any, ast: Any) -> None:
+    """Refuse writes, SELECT INTO and row locks anywhere in the parse tree."""
+    from pglast.visitors import Visitor
+
+    class _Refuser(Visitor):
+        def visit(self, ancestors: Any, node: Any) -> None:
+            name = type(node).__name__
+            if name in _WRITE_NODES:
+                raise UnsafeQueryError(
+                    f"the query holds a data-modifying {_WRITE_NODES[name]} (in a WITH clause "
+                    "or subquery), which read-only mode refuses; send a SELECT that only reads"
+                )
+            if isinstance(node, ast.SelectStmt):
+                if node.intoClause is not None:
+                    raise UnsafeQueryError(
+                        "SELECT ... INTO creates a table and is refused in read-only mode; "
+                        "send the SELECT without INTO"
+                    )
+                if node.lockingClause:
+                    raise UnsafeQueryError(
+                        "the query locks rows (FOR UPDATE / FOR NO KEY UPDATE / FOR SHARE / "
+                        "FOR KEY SHARE), which read-only mode refuses; send the SELECT "
+                        "without the FOR ... clause"
+                    )
+            elif name.endswith("Stmt") and name not in (
+                "RawStmt",
+                "ExplainStmt",
+                "VariableShowStmt",
+            ):
+                raise UnsafeQueryError(  # pragma: no cover - the grammar nests only queries
+                    f"the query holds a {name} statement, which read-only mode refuses; {_SEND_ONE}"
+                )
+
+    _Refuser()(root)
+
+
+def _refuse_backslash_quotes(sql: str, tokens: Any) -> None:
+    """Refuse a backslash right before a quote in a '...' or E'...' string constant.
+
+    pglast reads plain strings as ``standard_conforming_strings=on`` does; a server (or
+    database, or role) where an admin set it off reads ``'a\\'`` as an escaped quote, so
+    the string and the statement would end elsewhere than the guard saw.  E'' strings
+    are refused the same way, so one rule covers both.  Dollar quotes are literal.
+    """
+    for token in tokens:
+        if token.name != "SCONST":
+            continue
+        text = sql[token.start : token.end + 1]
+        if text[:1] not in ("'", "E", "e"):
+            continue  # $tag$...$tag$
+        body = text[text.index("'") + 1 :]
+        for i, ch in enumerate(body):
+            if ch == "'" and _odd_backslashes_before(body, i, 0):
+                raise UnsafeQueryError(
+                    "the query has a backslash before a quote inside a string (\\'), "
+                    "which PostgreSQL reads differently in E'' strings and with "
+                    "standard_conforming_strings=off; write a quote inside a string "
+                    "as two quotes ('') instead"
+                )
+
+
+def _odd_backslashes_before(text: str, j: int, start: int) -> bool:
+    """True if an odd run of backslashes ends right before ``text[j]`` (after ``start``)."""
+    k = j
+    while k > start and text[k - 1] == "\\":
+        k -= 1
+    return (j - k) % 2 == 1
+
+
+# -- SQLite ----------------------------------------------------------------------------
+
+#: First keywords of SQLite statements that only read (EXPLAIN only lists bytecode).
+_SQLITE_READ_KEYWORDS = ("EXPLAIN", "SELECT", "VALUES", "WITH")
+
+#: SQLite's IdChar: ASCII letters, digits, "_", "$" and every byte >= 0x80 (so every
+#: non-ASCII character of the UTF-8 text).  "$" also starts a $name parameter.
+_SQLITE_WORD = re.compile(r"[A-Za-z0-9_$\u0080-\U0010ffff]+")
+
+
+def split_sqlite_statements(sql: str) -> list[str]:
+    """Split SQLite ``sql`` on top-level semicolons, as SQLite's tokenizer reads it.
+
+    Strings ``'...'`` and identifiers ``"..."`` and ```...``` with doubled-quote
+    escapes, ``[...]`` identifiers (no escapes), ``--`` comments to the end of the
+    line, ``/* */`` comments (not nested), and words of letters, digits, ``_``,
+    ``$`` and non-ASCII characters.  SQLite has no dollar quoting and no backslash
+    escapes.  Returns the non-empty statements with comments removed.
+
+    Raises:
+        UnsafeQueryError: the text ends inside a string, identifier or comment.
+    """
+    out: list[str] = []
+    buf: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+            buf.append(" ")
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            if end < 0:
+                raise UnsafeQueryError("the query ends inside a /* comment */; close the comment")
+            i = end + 2
+            buf.append(" ")
+        elif ch in "'\"`[":
+            close = "]" if ch == "[" else ch
+            j = i + 1
+            while True:
+                j = sql.find(close, j)
+                if j < 0:
+                    kind = "string" if ch == "'" else "quoted identifier"
+                    raise UnsafeQueryError(f"the query ends inside a {kind}; close the quote")
+                if close != "]" and sql.startswith(close * 2, j):
+                    j += 2
+                    continue
+                break
+            buf.append(sql[i : j + 1])
+            i = j + 1
+        elif ch == ";":
+            stmt = "".join(buf).strip()
+            if stmt:
+                out.append(stmt)
+            buf = []
+            i += 1
+        else:
+            m = _SQLITE_WORD.match(sql, i)
+            end = m.end() if m else i + 1
+            buf.append(sql[i:end])
+            i = end
+    stmt = "".join(buf).strip()
+    if stmt:
+        out.append(stmt)
+    return out
+
+
+def _check_sqlite(sql: str) -> str:
+    statements = split_sqlite_statements(sql)
+    if not statements:
+        raise UnsafeQueryError(f"the query is empty; {_SEND_ONE}")
     if len(statements) > 1:
         raise UnsafeQueryError(
             f"the query holds {len(statements)} statements; read-only mode runs exactly one "
             "statement per call, so send them one at a time"
         )
     statement = statements[0]
-    m = _WORD.match(statement.lstrip("( \t\r\n"))
-    keyword = m.group(0).lower() if m else ""
-    if keyword not in _READ_KEYWORDS:
-        shown = keyword.upper() or statement[:20]
+    m = _SQLITE_WORD.match(statement.lstrip("( \t\r\n\f"))
+    keyword = m.group(0).upper() if m else ""
+    if keyword not in _SQLITE_READ_KEYWORDS:
+        shown = keyword or statement[:20]
         raise UnsafeQueryError(
             f"{shown} statements are refused in read-only mode; only "
-            f"{', '.join(sorted(k.upper() for k in _READ_KEYWORDS))} queries may run"
+            f"{', '.join(_SQLITE_READ_KEYWORDS)} queries may run"
         )
     return statement

@@ -108,7 +108,9 @@ class ScopedSQLDatabase(SQLDatabase):
                     "read-only mode runs SQL text only, so the guard can check it; "
                     f"got {type(command).__name__}"
                 )
-            command = check_read_only_sql(command, max_length=self._lsc_max_query_length)
+            command = check_read_only_sql(
+                command, max_length=self._lsc_max_query_length, dialect=dialect
+            )
         if isinstance(command, str):
             command = text(command)
         elif not isinstance(command, Executable):
