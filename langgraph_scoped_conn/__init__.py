@@ -24,27 +24,33 @@ from langgraph_scoped_conn.errors import (
     ScopeUnavailableError,
     UnsafeQueryError,
 )
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.lookup import (
+    current_execution,
+    get_scoped_engine,
+    get_scoped_sql_database,
+)
+from langgraph_scoped_conn.manager import (
+    ExecutionConnectionManager,
+    aconfigure,
+    configure,
+    get_connection_manager,
+)
 from langgraph_scoped_conn.scope import (
     ExecutionScope,
     close_database_connections,
-    configure,
     create_execution_scoped_engine,
     create_execution_scoped_engine_sync,
     create_execution_scoped_sql_database,
     create_execution_scoped_sql_database_sync,
-    current_execution,
-    get_connection_manager,
     get_connection_stats,
     track_connection,
 )
 
 if TYPE_CHECKING:
-    from langgraph_scoped_conn.context import get_scoped_engine, get_scoped_sql_database
+    from langgraph_scoped_conn.engine import ScopedEngine
     from langgraph_scoped_conn.errors import ConnectionReclaimedError
     from langgraph_scoped_conn.graph import with_scoped_connections
     from langgraph_scoped_conn.handler import ScopedConnectionHandler
-    from langgraph_scoped_conn.pool import ScopedEngine
     from langgraph_scoped_conn.sql_database import ScopedSQLDatabase, invalidate_schema_cache
 
 __version__ = "0.1.0"
@@ -66,6 +72,7 @@ __all__ = [
     "ScopedSQLDatabase",
     "UnsafeQueryError",
     "__version__",
+    "aconfigure",
     "close_database_connections",
     "configure",
     "create_execution_scoped_engine",
@@ -84,11 +91,9 @@ __all__ = [
 
 _LAZY = {
     "ConnectionReclaimedError": "langgraph_scoped_conn.errors",
-    "get_scoped_engine": "langgraph_scoped_conn.context",
-    "get_scoped_sql_database": "langgraph_scoped_conn.context",
     "with_scoped_connections": "langgraph_scoped_conn.graph",
     "ScopedConnectionHandler": "langgraph_scoped_conn.handler",
-    "ScopedEngine": "langgraph_scoped_conn.pool",
+    "ScopedEngine": "langgraph_scoped_conn.engine",
     "ScopedSQLDatabase": "langgraph_scoped_conn.sql_database",
     "invalidate_schema_cache": "langgraph_scoped_conn.sql_database",
 }

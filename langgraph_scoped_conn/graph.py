@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 from langgraph.pregel import Pregel
 
 from langgraph_scoped_conn.handler import ExecutionIdFactory, ScopedConnectionHandler
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
 __all__ = ["with_scoped_connections"]
 
@@ -145,13 +145,3 @@ def _wrap(
         return graph  # already wrapped: one scope per run, not two
     handler = ScopedConnectionHandler(manager, execution_id=execution_id)
     return graph.with_config(callbacks=[handler])
-
-
-def scoped_handler_of(graph: Pregel[Any, Any, Any, Any]) -> ScopedConnectionHandler | None:
-    """The handler a wrapped graph carries, or ``None`` for an unwrapped graph."""
-    callbacks = (graph.config or {}).get("callbacks")
-    if isinstance(callbacks, list):
-        for cb in callbacks:
-            if isinstance(cb, ScopedConnectionHandler):
-                return cb
-    return None

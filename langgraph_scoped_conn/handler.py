@@ -3,8 +3,9 @@
 The handler is a synchronous langchain-core callback handler with ``run_inline =
 True``: LangChain calls it directly on the calling thread (also from the async
 callback manager), so the scope exists before the first node runs, and the sync
-path never starts an event loop.  Blocking release work is handed to a worker
-thread when an event loop is running, so it never blocks the loop.
+path never starts an event loop.  The blocking part of a release (closing leaked
+connections, cancelling server work) always goes to the package's release threads,
+so a callback never blocks the thread or event loop that runs the graph.
 
 Execution id, in order of precedence:
 
@@ -23,9 +24,8 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from langgraph_scoped_conn.context import register_manager
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
-from langgraph_scoped_conn.scope import current_execution, get_connection_manager
+from langgraph_scoped_conn.lookup import current_execution, register_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
 from langgraph_scoped_conn.settings import redact_url
 
 __all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]
@@ -180,7 +180,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
                 )
             return chosen
         enclosing = current_execution()
-        if enclosing is not None and enclosing.manager is manager:
+        if enclosing is not None and enclosing.owner is manager:
             return enclosing.execution_id
         server_run = metadata.get("run_id")
         if server_run:
@@ -242,8 +242,6 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     def _end(self, run_id: uuid.UUID, reason: str) -> None:
         manager = self.manager
         manager.end_run(run_id, reason=reason)
-        # a node that outlived its cancelled run ends here: close what it never returned
-        manager.reclaim_abandoned()
 
     def __repr__(self) -> str:
         return f"<ScopedConnectionHandler manager={self._manager!r}>"

@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
 
 __all__ = ["GAUGES", "PREFIX", "ScopedConnCollector", "render_latest"]
 
@@ -71,8 +71,6 @@ class ScopedConnCollector:
 
     def __init__(self, manager: ExecutionConnectionManager | None = None) -> None:
         if manager is None:
-            from langgraph_scoped_conn.scope import get_connection_manager
-
             self._get: Callable[[], ExecutionConnectionManager] = get_connection_manager
         else:
             self._get = lambda: manager

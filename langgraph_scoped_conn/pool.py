@@ -1,46 +1,30 @@
-"""Engines and pools: the shared budget pool, per-execution engines and the scoped engine.
+"""The budget pool: a fixed-size QueuePool with fair admission, and its counters.
 
-* :class:`BudgetPool` is a :class:`~sqlalchemy.pool.QueuePool` whose size is the hard
-  budget (``max_connections``, no overflow).  Waiters are admitted first come, first
-  served, and a caller that waits longer than ``pool_timeout`` gets
-  :class:`~langgraph_scoped_conn.errors.ConnectionBudgetExceededError` naming the
-  budget and the executions that hold connections.
-* :class:`ScopedEngine` is a cheap :class:`~sqlalchemy.engine.Engine` view (an
-  ``OptionEngine``) of a pool's engine that belongs to one execution.  Every
-  connection it checks out is recorded against that execution.
+:class:`BudgetPool` is a :class:`~sqlalchemy.pool.QueuePool` whose size is the hard
+budget (``max_connections``, no overflow).  Waiters are admitted first come, first
+served.  A caller that waits longer than ``pool_timeout`` gets
+:class:`~langgraph_scoped_conn.errors.ConnectionBudgetExceededError` naming the
+budget and the executions that hold connections; a caller that would wait on
+executions which are themselves all waiting for a connection gets it at once.
+
+The pool knows nothing of executions: the engine layer gives it two callbacks,
+``describe_holders`` and ``find_deadlock``.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine, create_engine
-from sqlalchemy.engine.base import OptionEngine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from langgraph_scoped_conn.errors import ConnectionBudgetExceededError, ConnectionReclaimedError
-from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy
+from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
 
-if TYPE_CHECKING:
-    from langgraph_scoped_conn.registry import Execution
-
-__all__ = ["BudgetPool", "PoolHandle", "ScopedEngine"]
-
-logger = logging.getLogger("langgraph_scoped_conn")
-
-#: Key under ``ConnectionPoolEntry.info`` that links a checked-out entry to its checkout record.
-CHECKOUT_KEY = "langgraph_scoped_conn.checkout"
-#: Execution option that names the owning execution on a :class:`ScopedEngine`.
-EXECUTION_OPTION = "langgraph_scoped_conn_execution"
+__all__ = ["BudgetPool", "PoolCounters"]
 
 
 class PoolCounters:
@@ -54,9 +38,12 @@ class PoolCounters:
         "opened",
         "peak_in_use",
         "peak_open",
+        "resets",
         "timeouts",
         "waits",
     )
+
+    NAMES = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts", "resets")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -66,6 +53,7 @@ class PoolCounters:
         self.checkins = 0
         self.waits = 0
         self.timeouts = 0
+        self.resets = 0  # session resets (DISCARD ALL) of connections that may be dirty
         self.peak_open = 0
         self.peak_in_use = 0
 
@@ -87,6 +75,35 @@ class PoolCounters:
         with self.lock:
             self.checkins += 1
 
+    def add(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as plain values."""
+        with self.lock:
+            values = {name: getattr(self, name) for name in self.NAMES}
+            values["peak_open"] = self.peak_open
+            values["peak_in_use"] = self.peak_in_use
+        return values
+
+
+class _Ticket:
+    """A caller's place in the wait line."""
+
+    __slots__ = ("waited",)
+
+    def __init__(self) -> None:
+        self.waited = False
+
+
+def _nobody() -> str:
+    return ""
+
+
+def _no_deadlock() -> str | None:
+    return None
+
 
 class BudgetPool(QueuePool):
     """A fixed-size QueuePool with first-come-first-served admission and a clear timeout error.
@@ -98,15 +115,21 @@ class BudgetPool(QueuePool):
     def __init__(self, creator: Any, **kw: Any) -> None:
         kw["max_overflow"] = 0
         super().__init__(creator, **kw)
-        self._describe_holders: Callable[[], str] = lambda: ""
+        #: names the executions holding connections, for the timeout error
+        self.describe_holders: Callable[[], str] = _nobody
+        #: names the cycle when every holder waits for a connection itself, else None
+        self.find_deadlock: Callable[[], str | None] = _no_deadlock
         self.counters = PoolCounters()
         self._gate = threading.Condition(threading.Lock())
         self._line: collections.deque[object] = collections.deque()
+        #: ids of the threads waiting for a connection right now
+        self.waiting: set[int] = set()
 
     def recreate(self) -> BudgetPool:
         pool = super().recreate()
         assert isinstance(pool, BudgetPool)
-        pool._describe_holders = self._describe_holders
+        pool.describe_holders = self.describe_holders
+        pool.find_deadlock = self.find_deadlock
         pool.counters = self.counters
         return pool
 
@@ -116,10 +139,13 @@ class BudgetPool(QueuePool):
             if entry is not None:
                 return entry
         deadline = time.monotonic() + self._timeout
-        ticket = object()
+        ticket = _Ticket()
+        thread = threading.get_ident()
         with self._gate:
+            self.waiting.add(thread)
             self._line.append(ticket)
-            if self._line[0] is not ticket:
+            if self._line[0] is not ticket:  # counted once per request, in line or at the head
+                ticket.waited = True
                 with self.counters.lock:
                     self.counters.waits += 1
             while self._line[0] is not ticket:
@@ -128,6 +154,7 @@ class BudgetPool(QueuePool):
                     if self._line[0] is ticket:
                         break
                     self._line.remove(ticket)
+                    self.waiting.discard(thread)
                     self._gate.notify_all()
                     raise self._budget_error()
         try:
@@ -135,6 +162,7 @@ class BudgetPool(QueuePool):
         finally:
             with self._gate:
                 self._line.remove(ticket)
+                self.waiting.discard(thread)
                 self._gate.notify_all()
 
     def _take_idle(self) -> ConnectionPoolEntry | None:
@@ -155,324 +183,34 @@ class BudgetPool(QueuePool):
             except BaseException:
                 self._dec_overflow()
                 raise
-        with self.counters.lock:
-            self.counters.waits += 1
+        cycle = self.find_deadlock()
+        if cycle is not None:
+            raise self._budget_error(cycle)
+        head = self._line[0]  # this caller's ticket
+        if not (isinstance(head, _Ticket) and head.waited):
+            with self.counters.lock:
+                self.counters.waits += 1
         try:
             return self._pool.get(True, max(deadline - time.monotonic(), 0.001))
         except sqla_queue.Empty:
             pass
         raise self._budget_error()
 
-    def _budget_error(self) -> ConnectionBudgetExceededError:
+    def _budget_error(self, cycle: str | None = None) -> ConnectionBudgetExceededError:
         with self.counters.lock:
             self.counters.timeouts += 1
-        holders = self._describe_holders() or "none recorded (connections held outside scopes)"
+        if cycle is not None:
+            return ConnectionBudgetExceededError(
+                f"all {self.size()} connections of the budget (max_connections={self.size()}) "
+                f"are held by executions that are themselves waiting for another: {cycle}. "
+                "None can go on, so this request fails at once instead of after "
+                f"pool_timeout={self._timeout:.2f}s; its scope's release lets the others go "
+                "on. Return connections before asking for another (`with engine.connect()`)"
+            )
+        holders = self.describe_holders() or "none recorded (connections held outside scopes)"
         return ConnectionBudgetExceededError(
             f"all {self.size()} connections of the budget (max_connections={self.size()}) stayed "
             f"in use for pool_timeout={self._timeout:.2f}s; executions holding connections: "
             f"{holders}. Raise max_connections if the server allows it, lower concurrency, or "
             "make tools return connections sooner"
         )
-
-
-class ScopedConnection(Connection):
-    """A Connection of a :class:`ScopedEngine`; it does not reconnect once its execution ended."""
-
-    def _revalidate_connection(self) -> PoolProxiedConnection:
-        execution = getattr(self.engine, "_lsc_execution", None)
-        if self.invalidated and execution is not None and execution.state != "open":
-            # reclaimed at scope end (or lost) after the execution ended: SQLAlchemy would
-            # say "rollback() first" or silently check out a new connection
-            raise ConnectionReclaimedError(
-                f"this connection belonged to execution {execution.execution_id!r}, which has "
-                "ended; it was closed at scope exit because it was still checked out. Use "
-                "`with engine.connect() as conn:` inside the scope, and get a new engine in "
-                "the next execution"
-            )
-        return super()._revalidate_connection()
-
-
-class ScopedEngine(OptionEngine):
-    """An Engine that belongs to one execution and draws from a shared pool.
-
-    It shares the pool, dialect and compiled cache of the pool's engine, so creating
-    one costs microseconds.  Each checkout is recorded against the execution, and
-    counts toward ``max_connections_per_execution``.  :meth:`dispose` does not touch
-    the shared pool: the execution scope releases this engine's connections.
-    """
-
-    _lsc_execution: Execution
-    _lsc_handle: PoolHandle
-    _connection_cls = ScopedConnection
-
-    def __init__(
-        self, proxied: Engine, execution: Execution, handle: PoolHandle, **options: Any
-    ) -> None:
-        super().__init__(proxied, {EXECUTION_OPTION: execution.execution_id, **options})
-        self._lsc_execution = execution
-        self._lsc_handle = handle
-
-    @classmethod
-    def _copy_for(cls, prototype: ScopedEngine, execution: Execution) -> ScopedEngine:
-        """A copy of ``prototype`` for ``execution``, skipping OptionEngine's set-up.
-
-        ``OptionEngine.__init__`` builds a logger and joins event dispatchers, the same
-        for every execution of a pool; copying a prototype keeps a new run's engine at
-        about a microsecond.
-        """
-        engine = cls.__new__(cls)
-        engine.__dict__.update(prototype.__dict__)
-        engine._execution_options = prototype._execution_options.union(
-            {EXECUTION_OPTION: execution.execution_id}
-        )
-        engine._lsc_execution = execution
-        return engine
-
-    @property
-    def execution_id(self) -> str:
-        """The id of the execution this engine belongs to."""
-        return self._lsc_execution.execution_id
-
-    def execution_options(self, **opt: Any) -> ScopedEngine:
-        return ScopedEngine(self, self._lsc_execution, self._lsc_handle, **opt)
-
-    def raw_connection(self) -> PoolProxiedConnection:
-        fairy = self._lsc_execution.checkout(self._lsc_handle, _caller_frame())
-        if self._lsc_handle.tag_connections:
-            _tag_connection(fairy, self._lsc_handle, self.execution_id)
-        return fairy
-
-    def connect(self) -> Connection:
-        connection = super().connect()
-        dbapi = connection._dbapi_connection
-        checkout = dbapi.info.get(CHECKOUT_KEY) if dbapi is not None else None
-        if checkout is not None:
-            checkout.connection = weakref.ref(connection)
-        return connection
-
-    def dispose(self, close: bool = True) -> None:
-        """Do nothing to the shared pool; the execution scope releases this engine's connections.
-
-        Tool code written for unscoped engines often calls ``engine.dispose()``; on a
-        scoped engine that would close connections other executions are using, so
-        it only logs at DEBUG.
-        """
-        logger.debug(
-            "dispose() on the scoped engine of execution %s ignored; "
-            "the scope releases its connections when it ends",
-            self.execution_id,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"ScopedEngine({self.url.render_as_string(hide_password=True)}, "
-            f"execution={self.execution_id!r})"
-        )
-
-
-class PoolHandle:
-    """One pool the manager owns: its engine, strategy and counters.
-
-    ``shared`` and ``pooler`` strategies keep one handle per URL for the manager's
-    life; ``per_execution`` creates a handle per execution and disposes it at the end.
-    """
-
-    def __init__(
-        self,
-        url: URL,
-        settings: ScopedConnSettings,
-        *,
-        describe_holders: Callable[[], str],
-        per_execution_id: str | None = None,
-    ) -> None:
-        self.url = url
-        self.strategy = resolve_strategy(settings.strategy, url)
-        if per_execution_id is not None:
-            self.strategy = "per_execution"
-        self.settings = settings
-        self.retired = False
-        self.counters = PoolCounters()
-        self.safe_url = url.render_as_string(hide_password=True)
-        #: SET application_name to name the execution at each checkout (shared PostgreSQL only)
-        self.tag_connections = (
-            settings.tag_connections
-            and self.strategy == "shared"
-            and url.get_backend_name() == "postgresql"
-        )
-        self._prototype: ScopedEngine | None = None
-        self.engine = self._create_engine(describe_holders, per_execution_id)
-        self.dialect_name = self.engine.dialect.name
-        self._install_listeners()
-
-    @property
-    def size(self) -> int:
-        """How many connections this pool may hold at once."""
-        return int(self.engine.pool.size()) if isinstance(self.engine.pool, QueuePool) else 0
-
-    def in_use(self) -> int:
-        """Connections checked out right now."""
-        return int(self.engine.pool.checkedout()) if isinstance(self.engine.pool, QueuePool) else 0
-
-    def idle(self) -> int:
-        """Connections open and waiting in the pool."""
-        c = self.counters
-        return max(c.opened - c.closed - self.in_use(), 0)
-
-    def _create_engine(
-        self, describe_holders: Callable[[], str], per_execution_id: str | None
-    ) -> Engine:
-        s = self.settings
-        url = self.url.difference_update_query(["pgbouncer"])
-        connect_args: dict[str, Any] = {}
-        options: dict[str, Any] = {
-            "pool_recycle": s.pool_recycle,
-            "pool_pre_ping": s.pool_pre_ping,
-            "pool_timeout": s.pool_timeout,
-        }
-        backend = url.get_backend_name()
-        driver = url.get_driver_name()
-        if backend == "postgresql":
-            app = s.application_name
-            if per_execution_id is not None:
-                app = f"{app}:{per_execution_id}"
-            connect_args["application_name"] = app[:63]
-            if self.strategy == "pooler" and driver == "psycopg":
-                # a transaction pooler hands each transaction to any server connection,
-                # where a statement psycopg prepared earlier does not exist
-                connect_args["prepare_threshold"] = None
-        elif backend == "sqlite":
-            if url.database in (None, "", ":memory:"):
-                from langgraph_scoped_conn.errors import ConfigurationError
-
-                raise ConfigurationError(
-                    "an in-memory SQLite database cannot be shared by a pool of connections; "
-                    "use a file, e.g. sqlite:///agent.db"
-                )
-            connect_args["check_same_thread"] = False
-        engine_options = dict(s.engine_options)
-        connect_args.update(engine_options.pop("connect_args", {}))
-        options.update(engine_options)
-        if self.strategy == "pooler":
-            _check_no_session_state(url, connect_args)
-        if per_execution_id is not None:
-            # the guide's settings for an engine of one execution
-            return create_engine(
-                url,
-                pool_size=2,
-                max_overflow=3,
-                pool_reset_on_return="commit",
-                connect_args=connect_args,
-                **{**options, "pool_timeout": s.pool_timeout},
-            )
-        engine = create_engine(
-            url,
-            poolclass=BudgetPool,
-            pool_size=s.max_connections,
-            connect_args=connect_args,
-            **options,
-        )
-        pool = engine.pool
-        assert isinstance(pool, BudgetPool)
-        pool._describe_holders = describe_holders
-        pool.counters = self.counters
-        return engine
-
-    def _install_listeners(self) -> None:
-        counters = self.counters
-        pool = self.engine.pool
-
-        def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            counters.on_open()
-
-        def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            counters.on_close()
-
-        def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-            counters.on_checkout()
-
-        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            counters.on_checkin()
-            checkout = record.info.pop(CHECKOUT_KEY, None)
-            if record.info.pop(TAGGED_KEY, False) and dbapi_connection is not None:
-                _set_application_name(dbapi_connection, self.settings.application_name)
-            if checkout is not None:
-                checkout.returned()
-
-        event.listen(pool, "connect", on_connect)
-        event.listen(pool, "close", on_close)
-        event.listen(pool, "close_detached", on_close)
-        event.listen(pool, "checkout", on_checkout)
-        event.listen(pool, "checkin", on_checkin)
-
-    def scoped_engine(self, execution: Execution, **options: Any) -> ScopedEngine:
-        """A new :class:`ScopedEngine` of this pool for ``execution``."""
-        if options:
-            return ScopedEngine(self.engine, execution, self, **options)
-        prototype = self._prototype
-        if prototype is None:
-            prototype = ScopedEngine(self.engine, execution, self)
-            del prototype._lsc_execution  # don't keep the first execution alive
-            self._prototype = prototype
-        return ScopedEngine._copy_for(prototype, execution)
-
-    def dispose(self) -> None:
-        """Close every idle connection and forget the pool (blocking I/O)."""
-        self.engine.dispose()
-
-    def __repr__(self) -> str:
-        return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
-
-
-def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:
-    """Refuse startup ``options`` behind a transaction pooler: later transactions may not see them.
-
-    The ``pooler`` strategy keeps the budget pool (the client connections to the pooler
-    are what the budget caps; keeping them saves a TCP and SCRAM handshake per checkout,
-    and an idle one holds no server backend); state belongs in ``SET LOCAL``.
-    """
-    from langgraph_scoped_conn.errors import ConfigurationError
-
-    if "options" in connect_args or "options" in url.query:
-        raise ConfigurationError(
-            "strategy='pooler': the startup parameter `options` (e.g. '-c search_path=...') "
-            "sets session state, which a transaction pooler does not keep for the next "
-            "transaction (PgBouncer rejects it). Remove it and use SET LOCAL inside the "
-            "transaction, or use strategy='shared' when connecting to PostgreSQL directly"
-        )
-
-
-#: Key under ``ConnectionPoolEntry.info`` set while a connection carries an execution's name.
-TAGGED_KEY = "langgraph_scoped_conn.tagged"
-
-
-def _tag_connection(fairy: PoolProxiedConnection, handle: PoolHandle, execution_id: str) -> None:
-    """Name the execution in the connection's application_name (``tag_connections=True``)."""
-    name = f"{handle.settings.application_name}:{execution_id}"[:63]
-    if _set_application_name(fairy.dbapi_connection, name):
-        fairy.info[TAGGED_KEY] = True
-
-
-def _set_application_name(dbapi_connection: Any, name: str) -> bool:
-    """Set and commit application_name, so a later rollback keeps it (2 round trips)."""
-    try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("select set_config('application_name', %s, false)", (name,))
-        finally:
-            cursor.close()
-        dbapi_connection.commit()
-    except Exception as exc:  # a broken connection fails the caller's own query instead
-        logger.debug("could not set application_name: %s", type(exc).__name__)
-        return False
-    return True
-
-
-_INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.pool", "langgraph_scoped_conn.registry")
-
-
-def _caller_frame() -> Any:
-    """The innermost frame outside SQLAlchemy and this package's plumbing."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_PREFIXES):
-        frame = frame.f_back  # type: ignore[assignment]
-    return frame

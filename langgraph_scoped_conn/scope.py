@@ -1,88 +1,37 @@
-"""ExecutionScope and the guide's module-level API over the process-default manager."""
+"""ExecutionScope and the guide's module-level functions over the process-default manager."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import threading
 import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn import context as _context  # installs node attribution
-from langgraph_scoped_conn.errors import ScopeClosedError
-from langgraph_scoped_conn.registry import (
-    Execution,
+from langgraph_scoped_conn.lookup import enter_scope, find_execution, leave_scope
+from langgraph_scoped_conn.manager import (
     ExecutionConnectionManager,
-    require_execution,
+    get_connection_manager,
+    manager_of,
 )
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from langgraph_scoped_conn.pool import ScopedEngine
+    from langgraph_scoped_conn.engine import ScopedEngine
+    from langgraph_scoped_conn.execution import Execution
     from langgraph_scoped_conn.sql_database import ScopedSQLDatabase
 
 __all__ = [
     "ExecutionScope",
     "close_database_connections",
-    "configure",
     "create_execution_scoped_engine",
     "create_execution_scoped_engine_sync",
     "create_execution_scoped_sql_database",
     "create_execution_scoped_sql_database_sync",
-    "current_execution",
-    "get_connection_manager",
     "get_connection_stats",
     "track_connection",
 ]
-
-_current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
-    "langgraph_scoped_conn_execution", default=None
-)
-_default_lock = threading.Lock()
-_default_manager: ExecutionConnectionManager | None = None
-
-
-def get_connection_manager() -> ExecutionConnectionManager:
-    """Return the process-default manager, creating it from ``DATABASE_URL`` on first use."""
-    global _default_manager  # noqa: PLW0603
-    manager = _default_manager
-    if manager is not None:  # the hot path: every callback event looks it up
-        return manager
-    with _default_lock:
-        if _default_manager is None:
-            _default_manager = ExecutionConnectionManager()
-        return _default_manager
-
-
-def configure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
-    """Replace the process-default manager, closing the old one, and return the new one.
-
-    Args:
-        database_url: the default URL; ``None`` falls back to ``DATABASE_URL``.
-        **options: see the README's configuration table.
-
-    Raises:
-        ConfigurationError: an option is unknown or out of range, or the URL is invalid.
-            The old manager is kept in that case.
-
-    Example:
-        >>> configure("postgresql://app@db/app", max_connections=10)  # doctest: +SKIP
-    """
-    global _default_manager
-    new = ExecutionConnectionManager(database_url, **options)
-    with _default_lock:
-        old, _default_manager = _default_manager, new
-    if old is not None:
-        old.close()
-    return new
-
-
-def current_execution() -> Execution | None:
-    """The execution opened by the innermost :class:`ExecutionScope` in this context."""
-    execution = _current.get()
-    return execution if execution is not None and execution.state == "open" else None
 
 
 class ExecutionScope:
@@ -94,7 +43,9 @@ class ExecutionScope:
 
     On exit, idle connections return to the shared pool; a connection still checked
     out is closed (and reported as a leak), unless another thread is still running
-    the code that checked it out, in which case it is released when returned.
+    the code that checked it out, in which case it is released when returned.  The
+    ``with`` form does that on the calling thread; ``async with`` hands it to a
+    release thread and awaits it, and a cancellation during the exit cannot drop it.
 
     Args:
         execution_id: the id; a random one is made up when ``None``.
@@ -113,7 +64,7 @@ class ExecutionScope:
         self.manager = manager or get_connection_manager()
         self._requested_id = execution_id
         self._execution: Execution | None = None
-        self._token: contextvars.Token[Execution | None] | None = None
+        self._token: contextvars.Token[Any] | None = None
 
     @property
     def execution_id(self) -> str:
@@ -128,17 +79,14 @@ class ExecutionScope:
         if self._execution is not None:
             raise RuntimeError("an ExecutionScope cannot be entered twice; create a new one")
         self._execution = self.manager.open_execution(self._requested_id)
-        self._token = _current.set(self._execution)
+        self._token = enter_scope(self._execution)
         return self
 
-    def _reset_context(self) -> Execution:
+    def _leave(self) -> Execution:
         execution = self._execution
         assert execution is not None, "scope exited without being entered"
         if self._token is not None:
-            try:
-                _current.reset(self._token)
-            except ValueError:  # exited in another context (e.g. a generator finalised elsewhere)
-                _current.set(None)
+            leave_scope(self._token)
             self._token = None
         return execution
 
@@ -151,7 +99,7 @@ class ExecutionScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.manager.release_execution(self._reset_context())
+        self.manager.release_execution(self._leave())
 
     async def __aenter__(self) -> ExecutionScope:
         return self._enter()
@@ -162,34 +110,19 @@ class ExecutionScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.manager.arelease_execution(self._reset_context())
+        await self.manager.arelease_execution(self._leave())
 
     def __repr__(self) -> str:
         state = self._execution.state if self._execution is not None else "not entered"
         return f"<ExecutionScope {self._requested_id or '(auto)'!s} {state}>"
 
 
-def _resolve(manager: ExecutionConnectionManager | None, what: str) -> Execution:
-    execution = current_execution()
-    if execution is None:
-        execution = _context.execution_from_langgraph_context(manager)
-    if execution is None:
-        ended = _current.get()
-        if ended is not None:  # inside a `with ExecutionScope` whose execution was reaped
-            raise ScopeClosedError(
-                f"{what} was called in execution {ended.execution_id!r}, which has already "
-                "been released (reaped after max_scope_lifetime, or by the cleanup route); "
-                "open a new ExecutionScope"
-            )
-    return require_execution(execution, what)
-
-
 def create_execution_scoped_engine_sync(
     database_url: str | URL | None = None, **options: Any
 ) -> ScopedEngine:
     """Synchronous twin of :func:`create_execution_scoped_engine`."""
-    execution = _resolve(None, "create_execution_scoped_engine()")
-    return execution.manager.engine_for(execution, database_url, **options)
+    execution = find_execution(what="create_execution_scoped_engine()")
+    return manager_of(execution).engine_for(execution, database_url, **options)
 
 
 async def create_execution_scoped_engine(
@@ -213,7 +146,7 @@ def create_execution_scoped_sql_database_sync(
     """Synchronous twin of :func:`create_execution_scoped_sql_database`."""
     from langgraph_scoped_conn.sql_database import new_scoped_sql_database
 
-    execution = _resolve(None, "create_execution_scoped_sql_database()")
+    execution = find_execution(what="create_execution_scoped_sql_database()")
     return new_scoped_sql_database(execution, database_url, **options)
 
 
@@ -234,15 +167,13 @@ async def create_execution_scoped_sql_database(
     Raises:
         NoActiveScopeError: outside any execution scope.
     """
-    from langgraph_scoped_conn.sql_database import needs_reflection
+    from langgraph_scoped_conn.sql_database import new_scoped_sql_database, schema_cache
 
-    execution = _resolve(None, "create_execution_scoped_sql_database()")
-    if needs_reflection(execution.manager, database_url, options):
+    execution = find_execution(what="create_execution_scoped_sql_database()")
+    if schema_cache(manager_of(execution)).needs_reflection(database_url, options):
         # the first SQLDatabase of a URL reflects the schema: keep that I/O off the loop
-        return await asyncio.to_thread(
-            create_execution_scoped_sql_database_sync, database_url, **options
-        )
-    return create_execution_scoped_sql_database_sync(database_url, **options)
+        return await asyncio.to_thread(new_scoped_sql_database, execution, database_url, **options)
+    return new_scoped_sql_database(execution, database_url, **options)
 
 
 def track_connection(obj: Any) -> Any:
@@ -254,8 +185,8 @@ def track_connection(obj: Any) -> Any:
         NoActiveScopeError: outside any execution scope.
         TypeError: ``obj`` has no close method.
     """
-    execution = _resolve(None, "track_connection()")
-    execution.manager.track(execution, obj)
+    execution = find_execution(what="track_connection()")
+    manager_of(execution).track(execution, obj)
     return obj
 
 

@@ -1,10 +1,10 @@
 """The SQLDatabase adapter: langchain-community's ``SQLDatabase`` over a scoped engine.
 
 ``SQLDatabase(engine)`` reflects the schema on construction (26 statements against
-PostgreSQL).  Here reflection runs once per URL and options, into a template; each
-execution gets a shallow copy of the template bound to its own scoped engine, which
-costs microseconds.  Call :meth:`ExecutionConnectionManager.invalidate_schema_cache
-<langgraph_scoped_conn.sql_database.invalidate_schema_cache>` after a migration.
+PostgreSQL).  Here reflection runs once per manager, URL and options, into a template
+held by the manager's :class:`SchemaCache`; each execution gets a shallow copy of the
+template bound to its own scoped engine, which costs microseconds.  Call
+:func:`invalidate_schema_cache` after a migration.
 
 langchain-community is imported only here, and its import-time sunset warning is
 silenced, so the core never depends on it.
@@ -12,8 +12,10 @@ silenced, so the core never depends on it.
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,12 +24,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 
+from langgraph_scoped_conn.engine import mark_clean
 from langgraph_scoped_conn.errors import (
     ConfigurationError,
     ReadOnlyViolationError,
     ScopedConnectionError,
 )
 from langgraph_scoped_conn.guard import check_read_only_sql
+from langgraph_scoped_conn.manager import (
+    ExecutionConnectionManager,
+    get_connection_manager,
+    manager_of,
+)
 
 with warnings.catch_warnings():
     warnings.filterwarnings(
@@ -39,13 +47,21 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.engine.reflection import Inspector
 
-    from langgraph_scoped_conn.registry import Execution, ExecutionConnectionManager
+    from langgraph_scoped_conn.execution import Execution
 
-__all__ = ["ScopedSQLDatabase", "invalidate_schema_cache", "new_scoped_sql_database"]
+__all__ = [
+    "SchemaCache",
+    "ScopedSQLDatabase",
+    "invalidate_schema_cache",
+    "new_scoped_sql_database",
+    "schema_cache",
+]
 
 #: Options of new_scoped_sql_database that are not SQLDatabase keyword arguments.
 _SCOPE_OPTIONS = frozenset({"read_only", "statement_timeout", "max_query_length"})
-_template_lock = threading.Lock()
+#: Functions that run SQL text of their own, which the guard cannot see into: a guarded
+#: statement that names one may leave session state (a prepared statement) behind.
+_DYNAMIC_SQL = re.compile(r"(?i)(?:query|cursor)_to_xml|dblink")
 #: SQLSTATE codes that mean "refused because the transaction is read-only" (25006), or
 #: "cannot do this inside the read-only transaction" (25001, e.g. set_config of
 #: transaction_read_only).
@@ -153,8 +169,8 @@ class ScopedSQLDatabase(SQLDatabase):
                     if connection.in_transaction():
                         transaction.rollback()
                     connection.exec_driver_sql("PRAGMA query_only = OFF")
-                if self._lsc_read_only and dialect == "postgresql":
-                    _release_session_locks(connection, transaction)
+            if self._lsc_read_only and dialect == "postgresql":
+                _end_read_only(connection, transaction, command)
             if connection.in_transaction():
                 # the connection's current transaction: after the SQLite PRAGMA above it is
                 # a new, autobegun one, and ``transaction`` is already rolled back
@@ -200,28 +216,105 @@ class ScopedSQLDatabase(SQLDatabase):
         )
 
 
-def _release_session_locks(connection: Any, transaction: Any) -> None:
-    """Drop the session-level advisory locks a read-only statement took.
+def _end_read_only(connection: Any, transaction: Any, command: Any) -> None:
+    """End a guarded read-only statement so that it leaves no session state behind.
 
-    ``SELECT pg_advisory_lock(1)`` (also hidden in ``query_to_xml('...')``) is allowed
-    in a read-only transaction and outlives its rollback, so the pooled connection
-    would hold the lock for the next execution and beyond.
+    Everything a read-only transaction can change is undone by its rollback, except
+    session-level advisory locks (``pg_advisory_lock(1)`` is allowed read-only), which
+    are dropped in the same transaction before it ends.  The connection is then marked
+    clean, so the pool does not reset it; a statement that runs SQL text of its own
+    (``query_to_xml('...')``) is not, and the pool resets that session.
     """
     if connection.invalidated:
-        return  # the session is gone, and its locks with it
+        return  # the session is gone, and its state with it
     try:
-        if transaction.is_active:
-            transaction.rollback()
         connection.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+        transaction.rollback()
     except SQLAlchemyError:
-        pass  # a broken connection: the pool discards it, which ends the session's locks
+        return  # a broken connection: the pool resets or discards it
+    if not _DYNAMIC_SQL.search(str(command)):
+        mark_clean(connection)
 
 
-def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """A hashable key of SQLDatabase options, for caches."""
-    if not options:
-        return ()
-    return tuple(sorted((k, _freeze(v)) for k, v in options.items()))
+class SchemaCache:
+    """Reflected schemas of one manager, by URL and SQLDatabase options.
+
+    Reflection runs once per key (26 statements against PostgreSQL), through the
+    shared pool; with strategy ``per_execution``, through the asking execution's own
+    pool, which is disposed with it, so no connection outlives the executions.
+    """
+
+    def __init__(self, manager: ExecutionConnectionManager) -> None:
+        self._manager = manager
+        self._lock = threading.Lock()
+        self._templates: dict[Any, SQLDatabase] = {}
+
+    @staticmethod
+    def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """A hashable key of SQLDatabase options."""
+        if not options:
+            return ()
+        return tuple(sorted((k, _freeze(v)) for k, v in options.items()))
+
+    def key(self, database_url: str | URL | None, options: Mapping[str, Any]) -> Any:
+        """The cache key of a URL and its SQLDatabase options (scope options left out)."""
+        parsed, _ = self._manager.resolve_target(database_url)
+        sql_options = {k: v for k, v in options.items() if k not in _SCOPE_OPTIONS}
+        return (parsed.render_as_string(hide_password=False), self.options_key(sql_options))
+
+    def needs_reflection(self, database_url: str | URL | None, options: Mapping[str, Any]) -> bool:
+        """True if a new SQLDatabase for these arguments would reflect the schema (blocking I/O)."""
+        if not self._manager.settings.cache_reflection:
+            return True
+        return self.key(database_url, options) not in self._templates
+
+    def template(
+        self, engine: Engine, database_url: str | URL | None, options: dict[str, Any]
+    ) -> SQLDatabase:
+        """The reflected SQLDatabase for ``options``; ``engine`` is the asking execution's."""
+        if options.get("lazy_table_reflection"):
+            raise ValueError(
+                "lazy_table_reflection=True is not supported by scoped SQLDatabase objects: "
+                "they share one reflected schema; leave it False (reflection is cached anyway)"
+            )
+        if not self._manager.settings.cache_reflection:
+            return _reflect(engine, options)
+        key = self.key(database_url, options)
+        template = self._templates.get(key)
+        if template is None:
+            with self._lock:
+                template = self._templates.get(key)
+                if template is None:
+                    _, handle = self._manager.resolve_target(database_url)
+                    template = _reflect(handle.engine if handle is not None else engine, options)
+                    template._engine = None  # type: ignore[assignment]  # copies get their own
+                    self._templates[key] = template
+        return template
+
+    def clear(self) -> None:
+        with self._lock:
+            self._templates.clear()
+
+
+_caches: weakref.WeakKeyDictionary[ExecutionConnectionManager, SchemaCache] = (
+    weakref.WeakKeyDictionary()
+)
+_caches_lock = threading.Lock()
+
+
+def schema_cache(manager: ExecutionConnectionManager) -> SchemaCache:
+    """The schema cache of ``manager``, created on first use."""
+    cache = _caches.get(manager)
+    if cache is None:
+        with _caches_lock:
+            cache = _caches.setdefault(manager, SchemaCache(manager))
+    return cache
+
+
+def _reflect(engine: Engine, options: dict[str, Any]) -> SQLDatabase:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return SQLDatabase(engine, **options)
 
 
 def _freeze(value: Any) -> Any:
@@ -236,7 +329,7 @@ def new_scoped_sql_database(
     execution: Execution, database_url: str | URL | None = None, **options: Any
 ) -> ScopedSQLDatabase:
     """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
-    manager = execution.manager
+    manager = manager_of(execution)
     settings = manager.settings
     read_only = bool(options.pop("read_only", settings.read_only))
     statement_timeout = options.pop("statement_timeout", settings.statement_timeout)
@@ -248,7 +341,7 @@ def new_scoped_sql_database(
             f"read-only transaction; {engine.dialect.name} cannot. Connect with a database "
             "role that may only SELECT and pass read_only=False"
         )
-    template = _template(manager, engine, database_url, options)
+    template = schema_cache(manager).template(engine, database_url, options)
     db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
     state = dict(template.__dict__)
     state.pop("_inspector", None)
@@ -258,56 +351,10 @@ def new_scoped_sql_database(
     db._lsc_read_only = read_only
     db._lsc_statement_timeout = statement_timeout
     db._lsc_max_query_length = max_query_length
-    with execution._mutex:
-        execution._check_usable()
-        execution.databases.append(db)
+    execution.add("databases", db)
     return db
-
-
-def _template(
-    manager: ExecutionConnectionManager,
-    engine: Engine,
-    database_url: str | URL | None,
-    options: dict[str, Any],
-) -> Any:
-    if options.get("lazy_table_reflection"):
-        raise ValueError(
-            "lazy_table_reflection=True is not supported by scoped SQLDatabase objects: they "
-            "share one reflected schema; leave it False (reflection is cached per URL anyway)"
-        )
-    if not manager.settings.cache_reflection:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return SQLDatabase(engine, **options)
-    handle = manager.pool_for(database_url)
-    key = (handle.safe_url, id(handle), options_key(options))
-    cache = manager._reflection
-    template = cache.get(key)
-    if template is None:
-        with _template_lock:
-            template = cache.get(key)
-            if template is None:
-                template = SQLDatabase(handle.engine, **options)
-                cache[key] = template
-    return template
-
-
-def needs_reflection(
-    manager: ExecutionConnectionManager, database_url: str | URL | None, options: Mapping[str, Any]
-) -> bool:
-    """True if a new SQLDatabase for these arguments would reflect the schema (blocking I/O)."""
-    if not manager.settings.cache_reflection:
-        return True
-    sql_options = {k: v for k, v in options.items() if k not in _SCOPE_OPTIONS}
-    handle = manager.pool_for(database_url)
-    return (handle.safe_url, id(handle), options_key(sql_options)) not in manager._reflection
 
 
 def invalidate_schema_cache(manager: ExecutionConnectionManager | None = None) -> None:
     """Forget reflected schemas, so the next SQLDatabase reflects again (after a migration)."""
-    if manager is None:
-        from langgraph_scoped_conn.scope import get_connection_manager
-
-        manager = get_connection_manager()
-    with _template_lock:
-        manager._reflection.clear()
+    schema_cache(manager or get_connection_manager()).clear()

@@ -1,6 +1,6 @@
 """The stats payload: the guide's shape, plus pool measures and counters.
 
-Pure code over plain values gathered by the registry.  Every key is documented in
+Pure code over plain snapshots gathered by the manager.  Every key is documented in
 the README's stats table.  Nothing here can contain a password: pool URLs are
 rendered with the password hidden before they get here.
 """
@@ -8,62 +8,58 @@ rendered with the password hidden before they get here.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from langgraph_scoped_conn.pool import PoolHandle
-    from langgraph_scoped_conn.settings import ScopedConnSettings
+from typing import Any
 
 __all__ = ["build_stats"]
 
-_POOL_COUNTERS = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts")
+_POOL_COUNTERS = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts", "resets")
 
 
 def build_stats(
     *,
     executions: Mapping[str, Mapping[str, Any]],
     counters: Mapping[str, int],
-    handles: Sequence[PoolHandle],
+    pools: Sequence[Mapping[str, Any]],
     retired: Mapping[str, int],
     draining: int,
     pending_releases: int,
     tracked_runs: int,
-    settings: ScopedConnSettings,
+    settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Merge live measures and counters into one JSON-serialisable dict."""
+    """Merge live measures and counters into one JSON-serialisable dict.
+
+    ``pools`` are :meth:`PoolHandle.snapshot` dicts (shared pools and the pools of
+    live ``per_execution`` executions); ``retired`` holds the summed counters of
+    per-execution pools already disposed.
+    """
     totals = {name: retired.get(name, 0) for name in _POOL_COUNTERS}
     peak_open = retired.get("peak_open", 0)
-    pools = []
+    rows = []
     in_use = idle = 0
-    for handle in handles:
-        c = handle.counters
-        with c.lock:
-            snapshot = {name: getattr(c, name) for name in _POOL_COUNTERS}
-            peak = c.peak_open
-            peak_in_use = c.peak_in_use
-        for name, value in snapshot.items():
-            totals[name] += value
-        peak_open = max(peak_open, peak)
-        h_in_use, h_idle = handle.in_use(), handle.idle()
-        in_use += h_in_use
-        idle += h_idle
-        if handle.strategy != "per_execution":
-            pools.append(
-                {
-                    "url": handle.safe_url,
-                    "strategy": handle.strategy,
-                    "dialect": handle.dialect_name,
-                    "max_connections": handle.size,
-                    "connections_in_use": h_in_use,
-                    "connections_idle": h_idle,
-                    "peak_connections": peak,
-                    "peak_connections_in_use": peak_in_use,
-                    **{
-                        f"connections_{k}" if k in ("opened", "closed") else k: v
-                        for k, v in snapshot.items()
-                    },
-                }
-            )
+    for pool in pools:
+        c = pool["counters"]
+        for name in _POOL_COUNTERS:
+            totals[name] += c[name]
+        peak_open = max(peak_open, c["peak_open"])
+        in_use += pool["in_use"]
+        idle += pool["idle"]
+        row = {
+            "url": pool["url"],
+            "strategy": pool["strategy"],
+            "dialect": pool["dialect"],
+            "max_connections": pool["max_connections"],
+            "connections_in_use": pool["in_use"],
+            "connections_idle": pool["idle"],
+            "peak_connections": c["peak_open"],
+            "peak_connections_in_use": c["peak_in_use"],
+            **{
+                f"connections_{k}" if k in ("opened", "closed") else k: c[k] for k in _POOL_COUNTERS
+            },
+        }
+        if pool["execution_id"] is not None:
+            row["execution_id"] = pool["execution_id"]
+        rows.append(row)
+    strategies = sorted({r["strategy"] for r in rows})
     return {
         "active_executions": len(executions),
         "total_tracked_connections": sum(
@@ -71,9 +67,9 @@ def build_stats(
             for e in executions.values()
         ),
         "executions": {eid: dict(e) for eid, e in executions.items()},
-        "strategy": ", ".join(sorted({p["strategy"] for p in pools})) or settings.strategy,
-        "max_connections": settings.max_connections,
-        "max_connections_per_execution": settings.max_connections_per_execution,
+        "strategy": ", ".join(strategies) or settings["strategy"],
+        "max_connections": settings["max_connections"],
+        "max_connections_per_execution": settings["max_connections_per_execution"],
         "connections_in_use": in_use,
         "connections_idle": idle,
         "connections_opened": totals["opened"],
@@ -83,10 +79,11 @@ def build_stats(
         "checkins": totals["checkins"],
         "checkout_waits": totals["waits"],
         "checkout_timeouts": totals["timeouts"],
+        "session_resets": totals["resets"],
         "peak_connections": peak_open,
         "draining_executions": draining,
         "pending_releases": pending_releases,
         "tracked_runs": tracked_runs,
         **counters,
-        "pools": pools,
+        "pools": rows,
     }

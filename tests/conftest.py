@@ -21,8 +21,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import scope as _scope
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn import ExecutionConnectionManager
+from langgraph_scoped_conn.manager import swap_default_manager
 from tests.pgcluster import SAMPLE_SQL, PostgresCluster
 
 
@@ -131,8 +131,27 @@ def manager(pg_db: Database) -> Iterator[ExecutionConnectionManager]:
         assert_clean(mgr)
     finally:
         mgr.close()
-        if _scope._default_manager is mgr:
-            _scope._default_manager = None
+        uninstall_default(mgr)
+
+
+def installed_default() -> ExecutionConnectionManager | None:
+    """The process-default manager if one is installed, without creating one."""
+    current = swap_default_manager(None)
+    swap_default_manager(current)
+    return current
+
+
+def uninstall_default(
+    mgr: ExecutionConnectionManager | None = None,
+) -> ExecutionConnectionManager | None:
+    """The one place tests remove the process default: uninstall ``mgr`` (any when None).
+
+    Does not close it.  Returns what was installed.
+    """
+    current = swap_default_manager(None)
+    if mgr is not None and current is not mgr:
+        swap_default_manager(current)  # another manager is installed: leave it
+    return current
 
 
 def assert_clean(mgr: ExecutionConnectionManager) -> None:
@@ -157,13 +176,12 @@ def configure_default(pg_db: Database) -> Iterator[Callable[..., ExecutionConnec
     try:
         yield make
         for mgr in made:
-            if _scope._default_manager is mgr:
+            if installed_default() is mgr:
                 assert_clean(mgr)
     finally:
         for mgr in made:
             mgr.close()
-            if _scope._default_manager is mgr:
-                _scope._default_manager = None
+            uninstall_default(mgr)
 
 
 def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -244,6 +262,6 @@ def live_pids(pg_db: Database) -> dict[int, str]:
 def _no_scope_left_open() -> Iterator[None]:
     """After every test, the default manager has no open or draining execution."""
     yield
-    mgr = _scope._default_manager
+    mgr = installed_default()
     if mgr is not None:
         assert_clean(mgr)

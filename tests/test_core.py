@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import scope as _scope
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import (
     ConfigurationError,
     ConnectionBudgetExceededError,
@@ -33,9 +33,8 @@ from langgraph_scoped_conn.errors import (
     ScopedConnectionError,
     ScopeUnavailableError,
 )
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from langgraph_scoped_conn.sql_database import invalidate_schema_cache
-from tests.conftest import Database, backend_pid, eventually, live_pids
+from tests.conftest import Database, backend_pid, eventually, live_pids, uninstall_default
 
 # -- leaks ------------------------------------------------------------------------
 
@@ -153,7 +152,7 @@ def test_bad_options_are_named_and_keep_the_old_default(
             pass
     finally:
         old.close()
-        _scope._default_manager = None
+        uninstall_default()
 
 
 def test_a_refused_configure_leaves_the_working_default(
@@ -190,7 +189,7 @@ def test_bad_urls_are_refused_without_showing_the_password(url: str, named: str)
         assert lsc.get_connection_manager() is old
     finally:
         old.close()
-        _scope._default_manager = None
+        uninstall_default()
 
 
 def test_no_url_anywhere_is_a_clear_error(
@@ -207,7 +206,7 @@ def test_no_url_anywhere_is_a_clear_error(
             assert "DATABASE_URL" in str(caught.value)
     finally:
         lsc.get_connection_manager().close()
-        _scope._default_manager = None
+        uninstall_default()
 
 
 def test_database_url_env_fallback(
@@ -216,7 +215,7 @@ def test_database_url_env_fallback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", pg_db.url)
-    _scope.configure(None)  # no URL given: DATABASE_URL is read at use time
+    lsc.configure(None)  # no URL given: DATABASE_URL is read at use time
     try:
         with lsc.ExecutionScope("env"):
             conn = lsc.create_execution_scoped_engine_sync().connect()
@@ -224,7 +223,7 @@ def test_database_url_env_fallback(
             conn.close()
     finally:
         lsc.get_connection_manager().close()
-        _scope._default_manager = None
+        uninstall_default()
 
 
 def test_postgres_scheme_and_url_objects_are_accepted(
@@ -436,8 +435,10 @@ def test_reaper_runs_when_scopes_open(
     conn = manager.engine_for(forgotten).connect()
     pid = backend_pid(conn)
     forgotten.created -= 120
-    manager._last_reap -= 120  # the periodic check is due
+    manager._last_upkeep -= 120  # the periodic check is due
     with lsc.ExecutionScope("next"):
+        # the open hands upkeep to a release thread instead of reaping inline
+        assert manager.drain()
         assert set(lsc.get_connection_stats()["executions"]) == {"next"}
     eventually(lambda: pid not in live_pids(pg_db), "the reaped scope's backend is gone")
     assert lsc.get_connection_stats()["scopes_reaped"] == 1

@@ -21,8 +21,10 @@ import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-from langgraph_scoped_conn import scope as _scope
+import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.demo.data import SALES_ROWS
+from langgraph_scoped_conn.manager import swap_default_manager
+from tests.conftest import installed_default
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sql_agent" / "graph.py"
 COUNT_ANSWER = f"Result: [({SALES_ROWS},)]\n\nSQL: SELECT COUNT(*) AS count FROM sales"
@@ -52,12 +54,12 @@ def example_on_postgres(pg_db, manager, monkeypatch: pytest.MonkeyPatch) -> Modu
 @pytest.fixture
 def own_default_manager() -> Iterator[None]:
     """Close a process-default manager the test created (the SQLite example makes one)."""
-    before = _scope._default_manager
+    before = installed_default()
     yield
-    after = _scope._default_manager
+    after = installed_default()
     if after is not None and after is not before:
         after.close()
-        _scope._default_manager = before
+        swap_default_manager(before)
 
 
 async def run_mode(graph: Any, mode: str, inputs: Any, config: dict | None = None) -> dict:
@@ -161,6 +163,6 @@ async def test_example_runs_offline_on_the_sqlite_default(
         example.graph, mode, {"messages": [("user", "How many sales are there?")]}
     )
     assert state["messages"][-1].content == COUNT_ANSWER
-    stats = _scope.get_connection_manager().get_stats()
+    stats = lsc.get_connection_manager().get_stats()
     assert stats["active_executions"] == 0
     assert stats["pools"][0]["dialect"] == "sqlite"

@@ -28,9 +28,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError
 from langgraph_scoped_conn.pool import BudgetPool
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import BackendSampler, Database, assert_clean, eventually
 
 

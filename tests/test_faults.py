@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from typing_extensions import TypedDict
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn import ExecutionConnectionManager
 from tests.conftest import Database, assert_clean
 from tests.pgcluster import SAMPLE_SQL, SUPERUSER_PASSWORD, PostgresCluster
 

@@ -31,7 +31,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn import ExecutionConnectionManager
 from tests.conftest import BackendSampler, Database, eventually
 
 APP = "langgraph_scoped_conn%"

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.metrics import ScopedConnCollector, render_latest
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import Database, eventually
 
 LOGGER = "langgraph_scoped_conn"

@@ -22,8 +22,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConfigurationError, UnsafeQueryError
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from langgraph_scoped_conn.settings import parse_url, resolve_strategy
 from tests.conftest import Database, Server, assert_clean
 from tests.pgbouncer import PgBouncer, pgbouncer_binary, run_worker, scram_secret

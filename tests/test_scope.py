@@ -14,8 +14,8 @@ from langgraph.graph import END, START, StateGraph
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import NoActiveScopeError
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import Database, backend_pid, eventually, live_pids
 
 

@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn import ExecutionConnectionManager
 from tests.conftest import Database, assert_clean
 
 BUDGET = 4

@@ -21,8 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool.base import reset_commit
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import BackendSampler, Database, backend_pid, eventually
 from tests.pgcluster import PostgresCluster
 

@@ -22,7 +22,7 @@ from langchain_core.messages import AIMessage
 
 from langgraph_scoped_conn.demo.agent import DatabaseProvider, build_sql_agent, scoped_database
 from langgraph_scoped_conn.demo.model import QUERY_TOOL, ScriptedSQLChatModel
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.settings import parse_url, redact_url
 
 __all__ = ["QUESTIONS", "RunReport", "is_too_many_clients", "run_naive", "run_scoped"]

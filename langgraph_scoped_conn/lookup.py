@@ -1,21 +1,36 @@
-"""Find the current execution from a RunnableConfig, a ToolRuntime, or LangGraph's context.
+"""Find the current execution, and this execution's engine and SQLDatabase.
+
+There is one search, :func:`find_execution`, in this order:
+
+1. what the caller passed: a ``RunnableConfig``, a ``ToolRuntime`` or a LangGraph
+   ``Runtime`` (its config);
+2. an :class:`~langgraph_scoped_conn.ExecutionScope` entered inside the running
+   node itself;
+3. the config LangGraph has set for the running node or tool;
+4. the innermost :class:`~langgraph_scoped_conn.ExecutionScope` of this context.
 
 Inside a node or tool, ``config["run_id"]`` is ``None``; what is always there is
-``config["callbacks"].parent_run_id``, the run id of the node or tool itself.  The
-callback handler maps every run it sees to its execution, so that id is enough.
-Under LangGraph Server, ``configurable.run_id`` names the server's run as well.
+``config["callbacks"].parent_run_id``, the run id of the node or tool itself, which
+the callback handler mapped to its root run's execution.  Under LangGraph Server,
+``configurable.run_id`` names the server's run as well.
+
+LangChain is imported here only when it is already loaded (a graph is running).
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import uuid
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.registry import (
-    Execution,
+from langgraph_scoped_conn.errors import ScopeClosedError
+from langgraph_scoped_conn.manager import (
     ExecutionConnectionManager,
+    get_connection_manager,
+    manager_of,
     require_execution,
     set_attribution_provider,
 )
@@ -23,15 +38,25 @@ from langgraph_scoped_conn.registry import (
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from langgraph_scoped_conn.pool import ScopedEngine
+    from langgraph_scoped_conn.engine import ScopedEngine
+    from langgraph_scoped_conn.execution import Execution
     from langgraph_scoped_conn.sql_database import ScopedSQLDatabase
 
 __all__ = [
+    "current_execution",
+    "enter_scope",
     "execution_from_config",
-    "execution_from_langgraph_context",
+    "find_execution",
     "get_scoped_engine",
     "get_scoped_sql_database",
+    "leave_scope",
+    "register_manager",
 ]
+
+#: The innermost ExecutionScope's execution, and the LangGraph config it was entered in.
+_current: contextvars.ContextVar[tuple[Execution, object] | None] = contextvars.ContextVar(
+    "langgraph_scoped_conn_execution", default=None
+)
 
 #: Managers that a callback handler has used; searched when no manager is named.
 _managers: weakref.WeakSet[ExecutionConnectionManager] = weakref.WeakSet()
@@ -42,13 +67,39 @@ def register_manager(manager: ExecutionConnectionManager) -> None:
     _managers.add(manager)
 
 
-def _candidate_managers(manager: ExecutionConnectionManager | None) -> list[Any]:
-    if manager is not None:
-        return [manager]
-    from langgraph_scoped_conn.scope import get_connection_manager
+# -- ExecutionScope's context ------------------------------------------------------------
 
-    default = get_connection_manager()
-    return [default, *(m for m in list(_managers) if m is not default)]
+
+def enter_scope(execution: Execution) -> contextvars.Token[tuple[Execution, object] | None]:
+    """Make ``execution`` the innermost scope of this context."""
+    return _current.set((execution, _langgraph_config()))
+
+
+def leave_scope(token: contextvars.Token[tuple[Execution, object] | None]) -> None:
+    """Undo :func:`enter_scope`."""
+    try:
+        _current.reset(token)
+    except ValueError:  # exited in another context (e.g. a generator finalised elsewhere)
+        _current.set(None)
+
+
+def current_execution() -> Execution | None:
+    """The execution opened by the innermost :class:`ExecutionScope` in this context."""
+    entry = _current.get()
+    if entry is None or entry[0].state != "open":
+        return None
+    return entry[0]
+
+
+def _langgraph_config() -> Any:
+    """The config LangGraph set for the running node or tool, if a graph is running."""
+    module = sys.modules.get("langchain_core.runnables.config")
+    if module is None:
+        return None
+    return module.var_child_runnable_config.get()
+
+
+# -- the search ------------------------------------------------------------------------
 
 
 def _as_config(config_or_runtime: Any) -> Mapping[str, Any] | None:
@@ -66,6 +117,13 @@ def _as_config(config_or_runtime: Any) -> Mapping[str, Any] | None:
     )
 
 
+def _candidate_managers(manager: ExecutionConnectionManager | None) -> list[Any]:
+    if manager is not None:
+        return [manager]
+    default = get_connection_manager()
+    return [default, *(m for m in list(_managers) if m is not default)]
+
+
 def execution_from_config(
     config: Mapping[str, Any], manager: ExecutionConnectionManager | None = None
 ) -> Execution | None:
@@ -75,8 +133,7 @@ def execution_from_config(
         ScopeUnavailableError: the handler saw the run but could not open its scope.
     """
     run_ids: list[uuid.UUID] = []
-    callbacks = config.get("callbacks")
-    parent = getattr(callbacks, "parent_run_id", None)
+    parent = getattr(config.get("callbacks"), "parent_run_id", None)
     if isinstance(parent, uuid.UUID):
         run_ids.append(parent)
     run_id = config.get("run_id")
@@ -96,30 +153,40 @@ def execution_from_config(
     return None
 
 
-def execution_from_langgraph_context(
+def find_execution(
+    config_or_runtime: Any = None,
     manager: ExecutionConnectionManager | None = None,
-) -> Execution | None:
-    """The execution of the runnable config LangGraph has set for the running node, if any."""
-    from langchain_core.runnables.config import var_child_runnable_config
-
-    config = var_child_runnable_config.get()
-    if config is None:
-        return None
-    return execution_from_config(config, manager)
-
-
-def _find(
-    config_or_runtime: Any, manager: ExecutionConnectionManager | None, what: str
+    *,
+    what: str,
 ) -> Execution:
-    from langgraph_scoped_conn.scope import current_execution
+    """The current execution (see the module docstring for the order).
 
+    Raises:
+        NoActiveScopeError: there is none.
+        ScopeClosedError: the innermost ExecutionScope's execution was released.
+        ScopeUnavailableError: the run's scope could not be opened.
+    """
     config = _as_config(config_or_runtime)
-    execution = execution_from_config(config, manager) if config is not None else None
-    if execution is None:
-        execution = execution_from_langgraph_context(manager) if config is None else None
-    if execution is None:
-        execution = current_execution()
+    if config is not None:
+        execution = execution_from_config(config, manager)
+        return require_execution(execution or current_execution(), what)
+    entry = _current.get()
+    graph_config = _langgraph_config()
+    if entry is not None and entry[1] is graph_config and entry[0].state == "open":
+        return entry[0]  # a scope entered inside this node (or outside any graph)
+    execution = execution_from_config(graph_config, manager) if graph_config else None
+    if execution is None and entry is not None:
+        if entry[0].state != "open":  # inside a `with ExecutionScope` that was released
+            raise ScopeClosedError(
+                f"{what} was called in execution {entry[0].execution_id!r}, which has already "
+                "been released (reaped after max_scope_lifetime, or by the cleanup route); "
+                "open a new ExecutionScope"
+            )
+        execution = entry[0]
     return require_execution(execution, what)
+
+
+# -- this execution's engine and SQLDatabase ------------------------------------------
 
 
 def get_scoped_engine(
@@ -140,13 +207,12 @@ def get_scoped_engine(
         NoActiveScopeError: not inside a wrapped graph run or an ExecutionScope.
         ScopeUnavailableError: the run's scope could not be opened.
     """
-    execution = _find(config, manager, "get_scoped_engine()")
+    execution = find_execution(config, manager, what="get_scoped_engine()")
     key = ("engine", _url_key(database_url))
     cached = execution.cached.get(key)
     if cached is None:
-        cached = execution.cached.setdefault(
-            key, execution.manager.engine_for(execution, database_url)
-        )
+        engine = manager_of(execution).engine_for(execution, database_url)
+        cached = execution.cached.setdefault(key, engine)
     return cached  # type: ignore[no-any-return]
 
 
@@ -179,19 +245,14 @@ def get_scoped_sql_database(
         ... def run_query(query: str, config: RunnableConfig) -> str:
         ...     return get_scoped_sql_database(config, read_only=True).run(query)
     """
-    from langgraph_scoped_conn.sql_database import new_scoped_sql_database, options_key
+    from langgraph_scoped_conn.sql_database import SchemaCache, new_scoped_sql_database
 
-    execution = _find(config, manager, "get_scoped_sql_database()")
-    key = (
-        "sql_database",
-        _url_key(database_url),
-        options_key(options),
-    )
+    execution = find_execution(config, manager, what="get_scoped_sql_database()")
+    key = ("sql_database", _url_key(database_url), SchemaCache.options_key(options))
     cached = execution.cached.get(key)
     if cached is None:
-        cached = execution.cached.setdefault(
-            key, new_scoped_sql_database(execution, database_url, **options)
-        )
+        db = new_scoped_sql_database(execution, database_url, **options)
+        cached = execution.cached.setdefault(key, db)
     return cached  # type: ignore[no-any-return]
 
 
@@ -204,9 +265,7 @@ def _url_key(database_url: str | URL | None) -> str | None:
 
 def _current_node(manager: ExecutionConnectionManager) -> str | None:
     """The LangGraph node (and tool) running in this context, for leak reports."""
-    from langchain_core.runnables.config import var_child_runnable_config
-
-    config = var_child_runnable_config.get()
+    config = _langgraph_config()
     if not config:
         return None
     metadata = config.get("metadata") or {}

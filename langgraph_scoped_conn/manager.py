@@ -1,0 +1,621 @@
+"""ExecutionConnectionManager, the public facade, and the process-default manager.
+
+The manager composes the pieces below it: the :class:`~langgraph_scoped_conn.registry.Registry`
+of executions, the :class:`~langgraph_scoped_conn.runs.RunIndex` of LangGraph run ids,
+the :class:`~langgraph_scoped_conn.engine.PoolHandle` of each URL, and the
+:class:`~langgraph_scoped_conn.release.Releaser` that does the blocking work.
+
+Sync and async are chosen by the caller's API: :meth:`~ExecutionConnectionManager.release_execution`
+blocks, :meth:`~ExecutionConnectionManager.arelease_execution` awaits a release thread;
+:func:`configure` closes the old manager on the calling thread, :func:`aconfigure`
+in a worker thread.  Upkeep (reaping expired executions, closing connections that
+ended executions' threads abandoned) runs on the release threads, never inside
+another execution's open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from langgraph_scoped_conn.errors import (
+    ConfigurationError,
+    NoActiveScopeError,
+    ScopeUnavailableError,
+)
+from langgraph_scoped_conn.execution import Execution, FailedScope, Release
+from langgraph_scoped_conn.registry import Registry
+from langgraph_scoped_conn.release import AsyncResource, Releaser
+from langgraph_scoped_conn.runs import RunIndex
+from langgraph_scoped_conn.settings import ScopedConnSettings, parse_url, redact_url
+from langgraph_scoped_conn.stats import build_stats
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+    # SQLAlchemy is imported on first use, so `import langgraph_scoped_conn` stays cheap
+    from langgraph_scoped_conn.engine import PoolHandle, ScopedEngine
+
+__all__ = [
+    "ExecutionConnectionManager",
+    "aconfigure",
+    "configure",
+    "get_connection_manager",
+    "manager_of",
+    "set_attribution_provider",
+]
+
+logger = logging.getLogger("langgraph_scoped_conn")
+
+#: Names the graph node / tool running in the current context, for leak reports; it is
+#: given the manager, which knows the names of the tool runs it has seen.  Installed by
+#: the LangGraph layer (:mod:`langgraph_scoped_conn.lookup`).
+AttributionProvider = Callable[["ExecutionConnectionManager"], "str | None"]
+_attribution_provider: AttributionProvider | None = None
+
+
+def set_attribution_provider(provider: AttributionProvider | None) -> None:
+    """Install the function that names the running node (set by the LangGraph layer)."""
+    global _attribution_provider  # noqa: PLW0603
+    _attribution_provider = provider
+
+
+class ExecutionConnectionManager:
+    """The registry of executions and of the pools their resources draw from.
+
+    One manager is shared by every thread, event loop and run of a process; it is
+    not bound to any event loop.  The process default is returned by
+    :func:`~langgraph_scoped_conn.get_connection_manager` and replaced by
+    :func:`~langgraph_scoped_conn.configure`.
+
+    Args:
+        database_url: the default URL.  ``None`` falls back to ``DATABASE_URL``.
+        **options: the options of :class:`~langgraph_scoped_conn.settings.ScopedConnSettings`
+            (``strategy``, ``max_connections``, ``pool_timeout`` ...; see the README).
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range.
+    """
+
+    def __init__(self, database_url: str | None = None, **options: Any) -> None:
+        self.settings = ScopedConnSettings.from_options(database_url, **options)
+        if self.settings.database_url:
+            parse_url(self.settings.database_url)  # fail early, with the password redacted
+        self._registry = Registry(self)
+        self._runs = RunIndex()
+        self._releaser = Releaser(count=self._registry.count, disposed=self._retire_counters)
+        self._lock = threading.Lock()
+        self._handles: dict[str, PoolHandle] = {}
+        # URL text as given -> (parsed URL, its shared handle or None for per_execution)
+        self._targets: dict[str, tuple[URL, PoolHandle | None]] = {}
+        self._retired_counters: dict[str, int] = {}
+        self._last_upkeep = time.monotonic()
+        self._upkeep_due = False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The manager's counters (scopes opened, closed, reaped, leaks reclaimed ...)."""
+        return self._registry.counters
+
+    # -- executions ----------------------------------------------------------------
+
+    def open_execution(
+        self, execution_id: str | None = None, *, root_run: uuid.UUID | None = None
+    ) -> Execution:
+        """Open the execution ``execution_id``, or join it if it is already open.
+
+        Every call must be matched by one :meth:`release_execution`; the execution's
+        resources are released when the last holder releases it.  With ``root_run``,
+        that run id is bound to the execution and holds it (see :meth:`end_run`).
+        """
+        self._schedule_upkeep()
+        bind = None
+        if root_run is not None:
+            runs = self._runs
+
+            def bind(execution: Execution) -> None:
+                runs.bind_root(root_run, execution)
+
+        execution = self._registry.open(execution_id, bind)
+        logger.debug("execution %s opened", execution.execution_id)
+        return execution
+
+    def release_execution(self, execution: Execution, *, reason: str = "ended") -> None:
+        """Drop one hold on ``execution``; release its resources when none is left (blocking).
+
+        Idle connections go back to the pool.  A connection still checked out is
+        closed at once (counted as a leak), unless another thread is still running
+        the code that checked it out, as a sync node does after its run was
+        cancelled; that one is released when the thread returns it.  The closing
+        runs on the calling thread; use :meth:`arelease_execution` from async code.
+        """
+        self._releaser.run(self._detach(execution, reason))
+
+    async def arelease_execution(self, execution: Execution, *, reason: str = "ended") -> None:
+        """Like :meth:`release_execution`, awaiting the blocking part on a release thread.
+
+        The release is handed over before the first await, and the await is shielded:
+        a cancellation of the calling task cannot drop it.
+        """
+        await self._releaser.arun(self._detach(execution, reason))
+
+    def _detach(self, execution: Execution, reason: str) -> Release | None:
+        release = self._registry.detach(execution, reason=reason, force=False)
+        if release is not None:
+            self._runs.forget_execution(execution)
+        return release
+
+    # -- ExecutionOwner ----------------------------------------------------------------
+
+    def attribute(self) -> str | None:
+        """The graph node (and tool) running in this context, for leak reports."""
+        return _attribution_provider(self) if _attribution_provider is not None else None
+
+    def execution_drained(self, execution: Execution) -> None:
+        """An ended execution's last connection came back: dispose its own pools."""
+        self._registry.drained(execution)
+        handles = list(execution.handles.values())
+        if handles:
+            self._releaser.submit(Release(execution, "drained", handles=handles))
+
+    def reclaim_abandoned(self) -> int:
+        """Close connections that ended executions' threads moved on from without returning.
+
+        A sync node still running after its run was cancelled keeps its connections
+        until it returns them; one it never returns (a leak) is closed here once that
+        thread no longer runs the code that checked it out (blocking).
+
+        Returns:
+            How many connections were closed.
+        """
+        closed = 0
+        for release in self._registry.abandoned():
+            closed += len(release.reclaim)
+            self._releaser.run(release)
+        return closed
+
+    def drain(self, timeout: float | None = 10.0) -> bool:
+        """Close abandoned connections and wait for releases on the release threads.
+
+        Returns:
+            True if nothing is pending any more.
+        """
+        self.reclaim_abandoned()
+        return self._releaser.drain(timeout)
+
+    async def adrain(self, timeout: float | None = 10.0) -> bool:  # noqa: ASYNC109
+        """Async twin of :meth:`drain`; does not block the event loop."""
+        return await asyncio.to_thread(self.drain, timeout)
+
+    def _schedule_upkeep(self) -> None:
+        """Hand reaping and abandoned-connection closing to a release thread when due."""
+        lifetime = self.settings.max_scope_lifetime
+        due = self._registry.has_draining()
+        if lifetime is not None and not due:
+            due = time.monotonic() - self._last_upkeep > min(lifetime / 4, 60.0)
+        if not due or self._upkeep_due:
+            return
+        self._upkeep_due = True
+        self._releaser.call(self.upkeep)
+
+    def upkeep(self) -> None:
+        """Reap expired executions and close abandoned connections (blocking)."""
+        self._upkeep_due = False
+        self._last_upkeep = time.monotonic()
+        self.reclaim_abandoned()
+        if self.settings.max_scope_lifetime is not None:
+            self.reap()
+
+    # -- resources ---------------------------------------------------------------
+
+    def resolve_target(self, url: str | URL | None) -> tuple[URL, PoolHandle | None]:
+        """The parsed URL and its shared pool (``None`` for strategy per_execution)."""
+        raw = self.settings.resolve_url(url)
+        text = raw if isinstance(raw, str) else raw.render_as_string(hide_password=False)
+        found = self._targets.get(text)
+        if found is not None:
+            return found
+        from langgraph_scoped_conn.engine import PoolHandle
+
+        parsed = parse_url(raw)
+        key = parsed.render_as_string(hide_password=False)
+        with self._lock:
+            if self._registry.closed:
+                raise ScopeUnavailableError("this ExecutionConnectionManager is closed")
+            handle = self._handles.get(key)
+            created = False
+            if handle is None and self.settings.strategy != "per_execution":
+                handle = PoolHandle(
+                    parsed,
+                    self.settings,
+                    describe_holders=self.describe_holders,
+                    find_deadlock=self._find_deadlock,
+                )
+                self._handles[key] = handle
+                created = True
+            found = (parsed, handle)
+            self._targets[text] = found
+        if created and handle is not None:
+            logger.info(
+                "created %s pool for %s with max_connections=%d",
+                handle.strategy,
+                handle.safe_url,
+                self.settings.max_connections,
+            )
+        return found
+
+    def pool_for(self, url: str | URL | None = None) -> PoolHandle:
+        """The shared pool for ``url`` (the configured URL by default), created on first use.
+
+        Raises:
+            ConfigurationError: with strategy ``per_execution``, which has no shared pool.
+        """
+        _parsed, handle = self.resolve_target(url)
+        if handle is None:
+            raise ConfigurationError(
+                "strategy='per_execution' has no shared pool: each execution gets its own; "
+                "use get_scoped_engine() inside a scope"
+            )
+        return handle
+
+    def engine_for(
+        self, execution: Execution, url: str | URL | None = None, **options: Any
+    ) -> ScopedEngine:
+        """A new scoped engine of ``execution`` (recorded under ``sql_engines``)."""
+        parsed, handle = self.resolve_target(url)
+        if handle is None:
+            from langgraph_scoped_conn.engine import PoolHandle
+
+            key = parsed.render_as_string(hide_password=True)
+
+            def create() -> PoolHandle:
+                return PoolHandle(
+                    parsed,
+                    self.settings,
+                    describe_holders=self.describe_holders,
+                    per_execution_id=execution.execution_id,
+                )
+
+            handle = execution.handle_for(key, create)
+        engine = handle.scoped_engine(execution, **options)
+        execution.add("engines", engine)
+        return engine
+
+    def track(self, execution: Execution, obj: Any) -> Any:
+        """Attach ``obj`` (anything with ``close``, ``aclose`` or ``dispose``) to ``execution``."""
+        if not any(callable(getattr(obj, m, None)) for m in ("close", "dispose", "aclose")):
+            raise TypeError(
+                f"track_connection() needs an object with close(), aclose() or dispose(); "
+                f"got {type(obj).__name__}"
+            )
+        if not callable(getattr(obj, "close", None)):
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:  # closed later on the loop that owns it
+                obj = AsyncResource(obj, loop)
+        stack = "".join(traceback.format_stack()[:-1]) if self.settings.debug else None
+        execution.add_custom(obj, self.attribute(), stack)
+        return obj
+
+    # -- LangGraph run ids ---------------------------------------------------------
+
+    def end_run(self, run_id: uuid.UUID, *, reason: str = "ended") -> None:
+        """A run ended: release its execution if it was a root, and forget its run ids.
+
+        A child run's id stays mapped until its root run ends (a straggler thread of a
+        cancelled run may still look it up), so a node's or tool's end costs no lock.
+        The blocking part of the release runs on a release thread: a callback must
+        not block the thread (or event loop) that runs the graph.
+        """
+        target = self._runs.end_root(run_id)
+        if isinstance(target, Execution):
+            self._releaser.submit(self._detach(target, reason))
+        if self._registry.has_draining():
+            self._schedule_upkeep()
+
+    def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
+        """Remember that the scope of root run ``run_id`` could not be opened."""
+        self._runs.bind_root(run_id, FailedScope(error))
+        self._registry.count("scope_open_failures")
+
+    def link_run(
+        self, run_id: uuid.UUID, parent_run_id: uuid.UUID, *, name: str | None = None
+    ) -> bool:
+        """Map a child run to the execution of its parent, if the parent is known.
+
+        Returns:
+            True if the parent was known (the run is now mapped), False for a new root.
+        """
+        return self._runs.link(run_id, parent_run_id, name)
+
+    def run_name(self, run_id: uuid.UUID | None) -> str | None:
+        """The tool name recorded for ``run_id``, if any."""
+        return self._runs.name(run_id)
+
+    def execution_for_run(self, run_id: uuid.UUID | None) -> Execution | None:
+        """The execution that ``run_id`` belongs to, or ``None``.
+
+        Raises:
+            ScopeUnavailableError: the run's scope failed to open.
+        """
+        if run_id is None:
+            return None
+        target = self._runs.target(run_id)
+        if isinstance(target, FailedScope):
+            error = target.error
+            raise ScopeUnavailableError(
+                f"the execution scope of this run could not be opened "
+                f"({type(error).__name__}: {redact_url(str(error))}); no connection is handed "
+                "out without a scope. Fix the cause above and run again"
+            )
+        return target
+
+    def execution(self, execution_id: str) -> Execution | None:
+        """The open execution with this id, if any."""
+        return self._registry.get(execution_id)
+
+    def active_executions(self) -> list[str]:
+        """Ids of the open executions."""
+        return self._registry.open_ids()
+
+    def tracked_runs(self) -> int:
+        """How many run ids the registry maps right now (for leak checks)."""
+        return self._runs.size()
+
+    # -- reaping -------------------------------------------------------------------
+
+    def reap(
+        self,
+        *,
+        max_age: float | None = None,
+        execution_id: str | None = None,
+        reason: str = "reaped",
+    ) -> list[str]:
+        """Release executions older than ``max_age`` (default ``max_scope_lifetime``) (blocking).
+
+        With ``execution_id``, release that one execution whatever its age.  Live
+        executions younger than the limit are never touched.  Statements still
+        running for a released execution are cancelled on the server first.
+        ``reason`` is what the log says (``"released by request"`` for the cleanup route).
+
+        Returns:
+            The ids that were released.
+        """
+        now = time.monotonic()
+        limit = max_age if max_age is not None else self.settings.max_scope_lifetime
+        released = []
+        for execution in self._registry.expired(limit, execution_id):
+            release = self._registry.force_release(execution, reason)
+            if release is None:
+                continue
+            self._runs.forget_execution(execution)
+            age = now - execution.created
+            if reason == "reaped":
+                logger.warning(
+                    "reaped execution %s after %.1fs (max_scope_lifetime=%s)",
+                    execution.execution_id,
+                    age,
+                    limit,
+                )
+            else:
+                logger.warning("execution %s %s after %.1fs", execution.execution_id, reason, age)
+            self._releaser.run(release)
+            released.append(execution.execution_id)
+        return released
+
+    # -- deadlocks -----------------------------------------------------------------
+
+    def _find_deadlock(self, handle: PoolHandle) -> str | None:
+        """Name the executions that hold all of ``handle``'s connections and wait for one.
+
+        A connection can come back only if a thread still runs the code that checked
+        it out and is not itself waiting, or its execution ends.  When every
+        connection of the pool is held by an execution that has a thread waiting for
+        this pool, and none is being used by a running thread, nobody can go on.
+        """
+        waiting = handle.waiting_executions()
+        if not waiting:
+            return None
+        executions = self._registry.holding()
+        held = [(e, c) for e in executions for c in e.checkouts_of(handle)]
+        if len(held) < handle.size:
+            return None  # some are out of the pool without a record: they may come back
+        frames = sys._current_frames()
+        pool = handle.engine.pool
+        waiting_threads = set(getattr(pool, "waiting", ()))
+        try:
+            for execution, checkout in held:
+                if execution not in waiting:
+                    return None  # its run may end and release it
+                if checkout.thread_id not in waiting_threads and checkout.in_use_elsewhere(
+                    frames, 0
+                ):
+                    return None  # a running thread may return it
+        finally:
+            del frames
+        counts: dict[str, int] = {}
+        for execution, _ in held:
+            counts[execution.execution_id] = counts.get(execution.execution_id, 0) + 1
+        return ", ".join(f"{eid} holds {n} and waits" for eid, n in counts.items())
+
+    # -- stats ---------------------------------------------------------------------
+
+    def describe_holders(self, limit: int = 10) -> str:
+        """A short ``id(n), ...`` list of the executions that hold connections."""
+        rows = sorted(self._registry.holders(), key=lambda r: -r[1])
+        text = ", ".join(f"{eid}({n})" for eid, n in rows[:limit])
+        if len(rows) > limit:
+            text += f", and {len(rows) - limit} more"
+        return text
+
+    def get_stats(self) -> dict[str, Any]:
+        """Stats in the guide's shape, plus pool measures and counters (see the README)."""
+        snapshot = self._registry.snapshot()
+        with self._lock:
+            handles = list(self._handles.values())
+            retired = dict(self._retired_counters)
+        return build_stats(
+            executions=snapshot["executions"],
+            counters=snapshot["counters"],
+            pools=[h.snapshot() for h in handles + snapshot["execution_handles"]],
+            retired=retired,
+            draining=snapshot["draining"],
+            pending_releases=self._releaser.pending(),
+            tracked_runs=self._runs.size(),
+            settings={
+                "strategy": self.settings.strategy,
+                "max_connections": self.settings.max_connections,
+                "max_connections_per_execution": self.settings.max_connections_per_execution,
+            },
+        )
+
+    def _retire_counters(self, handle: PoolHandle) -> None:
+        """Keep a disposed per-execution pool's counters in the totals."""
+        values = handle.counters.snapshot()
+        with self._lock:
+            if handle.retired:
+                return
+            handle.retired = True
+            for name, value in values.items():
+                if name.startswith("peak"):
+                    self._retired_counters[name] = max(self._retired_counters.get(name, 0), value)
+                else:
+                    self._retired_counters[name] = self._retired_counters.get(name, 0) + value
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every execution and dispose every pool this manager owns (blocking).
+
+        Statements still running are cancelled; checked-out connections are closed;
+        idle pooled connections are closed.  The manager cannot be used afterwards.
+        """
+        for execution in self._registry.everything():
+            release = self._registry.force_release(execution, "closed with its manager")
+            self._runs.forget_execution(execution)
+            self._releaser.run(release)
+        self.drain(timeout=30)
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+            self._targets.clear()
+        self._runs.clear()
+        for handle in handles:
+            handle.dispose()
+        self._releaser.shutdown()
+        logger.debug("connection manager closed")
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`: the blocking work runs in a worker thread."""
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> ExecutionConnectionManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ExecutionConnectionManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        url = redact_url(self.settings.database_url) if self.settings.database_url else None
+        return (
+            f"<ExecutionConnectionManager url={url!r} strategy={self.settings.strategy!r} "
+            f"max_connections={self.settings.max_connections} "
+            f"active_executions={len(self._registry)}>"
+        )
+
+
+def require_execution(execution: Execution | None, what: str) -> Execution:
+    """Return ``execution`` or raise :class:`NoActiveScopeError` naming ``what``."""
+    if execution is None:
+        raise NoActiveScopeError(
+            f"{what} was called outside an execution scope; wrap the graph with "
+            "with_scoped_connections(...), pass the node's `config`, or use "
+            "`with ExecutionScope(...):`"
+        )
+    return execution
+
+
+def manager_of(execution: Execution) -> ExecutionConnectionManager:
+    """The manager an execution belongs to."""
+    manager = execution.owner
+    assert isinstance(manager, ExecutionConnectionManager)
+    return manager
+
+
+# -- the process default -------------------------------------------------------------
+
+_default_lock = threading.Lock()
+_default_manager: ExecutionConnectionManager | None = None
+
+
+def get_connection_manager() -> ExecutionConnectionManager:
+    """Return the process-default manager, creating it from ``DATABASE_URL`` on first use."""
+    global _default_manager  # noqa: PLW0603
+    manager = _default_manager
+    if manager is not None:  # the hot path: every callback event looks it up
+        return manager
+    with _default_lock:
+        if _default_manager is None:
+            _default_manager = ExecutionConnectionManager()
+        return _default_manager
+
+
+def swap_default_manager(
+    manager: ExecutionConnectionManager | None,
+) -> ExecutionConnectionManager | None:
+    """Install ``manager`` as the process default without closing the old one; return the old.
+
+    For tests and app factories that manage the managers' lives themselves.
+    """
+    global _default_manager
+    with _default_lock:
+        old, _default_manager = _default_manager, manager
+    return old
+
+
+def configure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+    """Replace the process-default manager, closing the old one, and return the new one.
+
+    The old manager is closed on the calling thread (its live executions are
+    released, running statements cancelled); from async code use :func:`aconfigure`.
+
+    Args:
+        database_url: the default URL; ``None`` falls back to ``DATABASE_URL``.
+        **options: see the README's configuration table.
+
+    Raises:
+        ConfigurationError: an option is unknown or out of range, or the URL is invalid.
+            The old manager is kept in that case.
+
+    Example:
+        >>> configure("postgresql://app@db/app", max_connections=10)  # doctest: +SKIP
+    """
+    new = ExecutionConnectionManager(database_url, **options)
+    old = swap_default_manager(new)
+    if old is not None:
+        old.close()
+    return new
+
+
+async def aconfigure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
+    """Async twin of :func:`configure`: the old manager is closed in a worker thread."""
+    new = ExecutionConnectionManager(database_url, **options)
+    old = swap_default_manager(new)
+    if old is not None:
+        await old.aclose()
+    return new
