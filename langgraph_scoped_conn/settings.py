@@ -12,13 +12,14 @@ import os
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, get_args
+from urllib.parse import unquote_plus
 
 from langgraph_scoped_conn.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-__all__ = ["STRATEGIES", "ScopedConnSettings", "Strategy", "redact_url"]
+__all__ = ["STRATEGIES", "ScopedConnSettings", "Strategy", "redact_url", "safe_url"]
 
 Strategy = Literal["auto", "shared", "per_execution", "pooler"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -27,20 +28,86 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 _POOLER_PORTS = frozenset({6432, 6543})
 _POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
 
-# the scheme is optional: "://user:pw@host" (a mistyped scheme) must be redacted too
-# The password runs to the last "@" of the token: a password with an un-encoded "@" is
+# The scheme is optional: "//user:pw@host" (a mistyped scheme) is redacted too.  The
+# password runs to the last "@" of its line: a password with an un-encoded "@" or space is
 # hidden whole, not cut at its first "@" (which would show the rest).
-_USERINFO = re.compile(r"(?P<scheme>(?:[a-zA-Z][\w+.-]*:)?//)(?P<user>[^:/@\s]*):(?P<pw>\S*)@")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('[^']*'|\S+)")
+_USERINFO = re.compile(r"(?:[a-zA-Z][\w+.-]*:)?//[^:/@\s]*:(?P<pw>[^\n]*)@")
+#: ``key=value`` (keyword DSN, query string) or ``"key": value`` (dict, JSON); the key may
+#: be quoted or percent-encoded
+_PAIR = re.compile(r"(?<![\w%.+-])(?P<q>['\"]?)(?P<key>[\w%.+-]+)(?P=q)[ \t]*(?P<sep>[=:])[ \t]*")
+#: keys whose value is a secret, searched in the percent-decoded, lower-cased key
+#: (``password``, ``PASSWORD``, ``sslpassword``, ``passwd``, ``pwd``, ``secret``, ``token``)
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token")
+#: a text that is one URL or one keyword DSN (nothing else): values may hold spaces then
+_WHOLE = re.compile(r"\s*(?:(?:[a-zA-Z][\w+.-]*:)?//|[\w.-]+\s*=)")
+_QUOTED = {q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.)*(?:(?P<close>{q})|(?=\n)|\Z)") for q in "'\""}
+#: where an unquoted value ends, by (in a query string?, the whole text is one URL/DSN?).
+#: In a query string a value runs to the next ``&name=``, so a raw "&" does not end it.
+_VALUE = {
+    (True, False): re.compile(r"(?:[^\s&]|&(?![\w%.+-]+=))*"),
+    (True, True): re.compile(r"(?:[^\n&]|&(?![\w%.+-]+=))*"),
+    (False, False): re.compile(r"\S*"),
+    (False, True): re.compile(r"(?:\S|[ \t]++(?![\w%.+-]+[ \t]*=))*"),
+}
 
 
 def redact_url(text: str) -> str:
-    """Replace any password in ``text`` (URL userinfo or ``password=`` keyword) with ``***``.
+    """Replace every password in ``text`` with ``***``; the one redaction of the package.
 
-    Works on strings that are not valid URLs too, so it is safe for error messages.
+    Hides the password of URL userinfo (``//user:***@host``), the value of any secret
+    query parameter or keyword, in any case, percent-encoded or not, wherever it stands
+    (``?password=``, ``&PassWord=``, ``?%70assword=``, ``sslpassword=``), of libpq keyword
+    DSNs (``password=***``, ``password = '***'``) and of dict or JSON renderings
+    (``'password': '***'``).  Works on text that is not a valid URL too, so it is safe
+    for error messages.  When ``text`` is one URL or DSN and nothing else, a value may
+    hold spaces: it runs to the next parameter (``&name=`` or `` name=``).  In doubt it
+    hides more, never less: overlapping secrets are hidden as one.
     """
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
+    whole = "\n" not in text and _WHOLE.match(text) is not None
+    spans = [m.span("pw") for m in _USERINFO.finditer(text)]
+    for m in _PAIR.finditer(text):
+        if m["sep"] == ":" and not m["q"]:
+            continue  # "user:pw" or "scheme:": only a quoted key takes a colon
+        if not _SECRET_KEY.search(unquote_plus(m["key"]).lower()):
+            continue
+        start = m.end()
+        in_query = m.start() > 0 and text[m.start() - 1] in "?&"
+        quote = text[start : start + 1]
+        if quote in _QUOTED and not in_query:
+            found = _QUOTED[quote].match(text, start)
+            assert found is not None  # the pattern matches any text from a quote
+            closed = found["close"] is not None
+            spans.append((start + 1, found.end() - 1 if closed else found.end()))
+        else:
+            found = _VALUE[in_query, whole].match(text, start)
+            assert found is not None  # the patterns match the empty string
+            spans.append((start, len(found.group().rstrip(" \t")) + start))
+    out, pos = [], 0
+    for begin, end in _merge(spans):
+        out += [text[pos:begin], "***"]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(s for s in spans if s[1] > s[0]):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
+def safe_url(url: URL) -> str:
+    """``url`` as text to show: no password, no secret query parameter.
+
+    ``render_as_string(hide_password=True)`` hides only the userinfo password; a
+    ``?password=`` or ``?sslpassword=`` in the query would still show.  Use this
+    wherever a parsed URL is logged, shown in stats or in a repr.
+    """
+    return redact_url(url.render_as_string(hide_password=True))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,7 +239,7 @@ def parse_url(url: str | URL) -> URL:
     from sqlalchemy.exc import ArgumentError
 
     if isinstance(url, URL):
-        return url
+        return _password_from_query(url)
     if not isinstance(url, str):
         raise ConfigurationError(
             f"database URL must be a string or a sqlalchemy URL, got {type(url).__name__}"
@@ -190,16 +257,17 @@ def parse_url(url: str | URL) -> URL:
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         reason = "a port that is not a number" if not isinstance(exc, ArgumentError) else "syntax"
         raise ConfigurationError(
-            f"could not parse database URL {_redact_unparsed(url)!r} ({reason}); expected a "
+            f"could not parse database URL {redact_url(url)!r} ({reason}); expected a "
             "SQLAlchemy URL such as postgresql://user:password@host:5432/dbname or "
             "sqlite:///path/to/file.db"
         ) from None
+    parsed = _password_from_query(parsed)
     # Load the dialect now so a missing driver is reported here, naming the URL safely.
     try:
         parsed.get_dialect()
     except Exception as exc:
         raise ConfigurationError(
-            f"no SQLAlchemy dialect/driver for {parsed.render_as_string(hide_password=True)!r} "
+            f"no SQLAlchemy dialect/driver for {safe_url(parsed)!r} "
             f"({type(exc).__name__}: {redact_url(str(exc))}); install the driver or fix the scheme"
         ) from None
     return parsed
@@ -237,14 +305,37 @@ def looks_like_pooler(url: URL) -> bool:
     return url.port in _POOLER_PORTS or host.endswith(_POOLER_HOST_SUFFIXES)
 
 
-def _redact_unparsed(url: str) -> str:
-    """Hide everything between the user name and the last ``@`` of a URL that did not parse."""
-    start = url.find("//") + 2 if "//" in url else 0
-    at = url.rfind("@")
-    if at < start:
-        return redact_url(url)
-    user = url[start:at].split(":", 1)[0]
-    return f"{url[:start]}{user}:***{url[at:]}"
+def _password_from_query(url: URL) -> URL:
+    """Move a PostgreSQL URL's ``?password=`` into its userinfo password.
+
+    The driver gets the same password either way (SQLAlchemy passes the query as
+    keyword arguments, and they win over the userinfo), but SQLAlchemy's own renderings
+    (``str(url)``, ``repr(engine.url)``, ``render_as_string(hide_password=True)``) hide
+    only the userinfo password.
+
+    Raises:
+        ConfigurationError: a ``password`` key in another case (libpq refuses it at
+            connect time: option names are lowercase), or ``password`` given twice.
+    """
+    if not url.get_backend_name().startswith("postgresql"):
+        return url
+    keys = [k for k in url.query if k.lower() == "password"]
+    if not keys:
+        return url
+    odd = [k for k in keys if k != "password"]
+    if odd:
+        raise ConfigurationError(
+            f"the database URL {safe_url(url)!r} has the query parameter {odd[0]!r}, which is "
+            "not a libpq option (option names are lowercase); put the URL-encoded password in "
+            "user:password@host, or write ?password=..."
+        )
+    value = url.query["password"]
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"the database URL {safe_url(url)!r} gives password more than once in its query; "
+            "give it once"
+        )
+    return url.difference_update_query(["password"]).set(password=value)
 
 
 def _is_number(value: object) -> bool:
