@@ -11,8 +11,10 @@ Routes:
   {"connection_stats": {...}, "timestamp": "<ISO-8601>"}}``.
 * ``POST /api/memory/debug/connections/cleanup``: releases the scopes older than
   ``max_scope_lifetime`` (or ``max_age`` seconds), or one execution named by
-  ``execution_id``; never a live execution otherwise.  Requires
-  ``Authorization: Bearer <token>`` when ``SCOPED_CONN_DEBUG_TOKEN`` is set.
+  ``execution_id``; never a live execution otherwise.  Fails closed: it requires
+  ``Authorization: Bearer <token>`` with the token of ``SCOPED_CONN_DEBUG_TOKEN`` (or
+  ``token=``); with no token configured it answers 403, unless the routes were created
+  with ``allow_unauthenticated_cleanup=True``.  An empty token is a configuration error.
 * ``GET /metrics`` and ``GET /api/memory/debug/connections/metrics``: Prometheus
   text, read from the stats at scrape time (needs the ``metrics`` extra).  Under
   ``langgraph dev`` the server's own ``/metrics`` shadows the first one; use the
@@ -43,8 +45,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 
+from langgraph_scoped_conn import ExecutionConnectionManager, get_connection_manager
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from langgraph_scoped_conn.settings import redact_url
 
 __all__ = [
@@ -80,20 +82,63 @@ def _manager_source(manager: ExecutionConnectionManager | None) -> ManagerSource
                 "pass the manager returned by configure(), or None for the process default"
             )
         return lambda: manager
-    from langgraph_scoped_conn.scope import get_connection_manager
-
     return get_connection_manager  # looked up per request: configure() may replace it
 
 
+_EMPTY_TOKEN = (
+    f"{TOKEN_ENV} is set but empty, which would leave the cleanup route unprotected; "
+    "set it to a token (for example the output of "
+    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) or unset it"
+)
+
+
+def _env_token() -> str | None:
+    """The token of ``SCOPED_CONN_DEBUG_TOKEN``, stripped; ``None`` when unset.
+
+    Raises:
+        ConfigurationError: the variable is set but empty or only whitespace.
+    """
+    value = os.environ.get(TOKEN_ENV)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigurationError(_EMPTY_TOKEN)
+    return value.strip()
+
+
 def _token_source(token: str | None) -> Callable[[], str | None]:
+    """Where the cleanup token comes from; checked now, and (the environment) per request.
+
+    Raises:
+        ConfigurationError: ``token`` is empty or not a string, or ``token`` is ``None``
+            and ``SCOPED_CONN_DEBUG_TOKEN`` is set but empty.
+    """
     if token is not None:
         if not isinstance(token, str) or not token.strip():
             raise ConfigurationError(
                 "token must be a non-empty string, or None to read "
                 f"{TOKEN_ENV} from the environment at each request"
             )
-        return lambda: token
-    return lambda: os.environ.get(TOKEN_ENV) or None
+        stripped = token.strip()
+        return lambda: stripped
+    _env_token()  # fail at creation, not at the first request
+    return _env_token  # read per request: the variable may be set after startup
+
+
+def _check_opt_in(allow_unauthenticated_cleanup: object) -> None:
+    if not isinstance(allow_unauthenticated_cleanup, bool):
+        raise ConfigurationError(
+            "allow_unauthenticated_cleanup must be True or False, got "
+            f"{allow_unauthenticated_cleanup!r}"
+        )
+
+
+_NO_TOKEN = (
+    f"the cleanup route is disabled: no token is configured. Set {TOKEN_ENV} (or pass "
+    "token=... to create_app/create_routes/create_router) and send "
+    "'Authorization: Bearer <token>'; or, on a network only trusted callers can reach, "
+    "create the routes with allow_unauthenticated_cleanup=True"
+)
 
 
 def _now() -> str:
@@ -127,21 +172,29 @@ def public_stats(manager: ExecutionConnectionManager) -> dict[str, Any]:
 
 
 def create_routes(
-    manager: ExecutionConnectionManager | None = None, token: str | None = None
+    manager: ExecutionConnectionManager | None = None,
+    token: str | None = None,
+    *,
+    allow_unauthenticated_cleanup: bool = False,
 ) -> list[BaseRoute]:
     """The debug routes, ready to add to a Starlette or FastAPI app's routes.
 
     Args:
         manager: the manager to report on; the process default (looked up at each
             request, so a later ``configure()`` takes effect) when ``None``.
-        token: the bearer token for the cleanup route; ``None`` reads
-            ``SCOPED_CONN_DEBUG_TOKEN`` at each request (no token when unset).
+        token: the bearer token for the cleanup route (surrounding whitespace ignored);
+            ``None`` reads ``SCOPED_CONN_DEBUG_TOKEN`` at each request.
+        allow_unauthenticated_cleanup: with no token configured, let anyone who can
+            reach the route call cleanup.  Without it (the default) cleanup answers 403
+            until a token is configured.  A configured token is required either way.
 
     Returns:
-        Routes for status, cleanup and metrics.
+        Routes for status, cleanup and metrics.  Status and metrics need no token.
 
     Raises:
-        ConfigurationError: ``manager`` or ``token`` is of the wrong kind.
+        ConfigurationError: ``manager`` or ``token`` is of the wrong kind, ``token`` is
+            empty, or ``SCOPED_CONN_DEBUG_TOKEN`` is set but empty.  When it becomes empty
+            after this call, cleanup answers 500 and releases nothing.
 
     Example:
         >>> api = FastAPI()  # doctest: +SKIP
@@ -149,6 +202,7 @@ def create_routes(
     """
     get_manager = _manager_source(manager)
     get_token = _token_source(token)
+    _check_opt_in(allow_unauthenticated_cleanup)
 
     async def status(request: Request) -> Response:
         stats = public_stats(get_manager())
@@ -157,7 +211,13 @@ def create_routes(
         )
 
     async def cleanup(request: Request) -> Response:
-        expected = get_token()
+        try:
+            expected = get_token()
+        except ConfigurationError as exc:  # emptied after startup: refuse, loudly
+            logger.error("debug cleanup route refused: %s", exc)
+            return _error(500, str(exc))
+        if expected is None and not allow_unauthenticated_cleanup:
+            return _error(403, _NO_TOKEN)
         if expected is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -181,7 +241,11 @@ def create_routes(
                 "open ones",
             )
         limit = max_age if max_age is not None else mgr.settings.max_scope_lifetime
-        released = await asyncio.to_thread(mgr.reap, max_age=max_age, execution_id=execution_id)
+        # a release by id is not a reap: the run may be seconds old, and the log must say so
+        reason = "reaped" if execution_id is None else "released by request"
+        released = await asyncio.to_thread(
+            mgr.reap, max_age=max_age, execution_id=execution_id, reason=reason
+        )
         logger.info(
             "debug cleanup route released %d execution(s)%s%s",
             len(released),
@@ -262,14 +326,21 @@ async def _cleanup_arguments(request: Request) -> tuple[str | None, float | None
 
 
 def create_router(
-    manager: ExecutionConnectionManager | None = None, token: str | None = None
+    manager: ExecutionConnectionManager | None = None,
+    token: str | None = None,
+    *,
+    allow_unauthenticated_cleanup: bool = False,
 ) -> Router:
     """A :class:`~starlette.routing.Router` of the debug routes, to ``Mount`` in an app.
 
-    A mounted router's lifespan does not run; add :func:`reaper` to your app's
-    lifespan for the periodic orphan reaper.
+    Arguments as for :func:`create_routes`.  A mounted router's lifespan does not run;
+    add :func:`reaper` to your app's lifespan for the periodic orphan reaper.
     """
-    return Router(routes=create_routes(manager, token))
+    return Router(
+        routes=create_routes(
+            manager, token, allow_unauthenticated_cleanup=allow_unauthenticated_cleanup
+        )
+    )
 
 
 @contextlib.asynccontextmanager
@@ -325,6 +396,7 @@ def create_app(
     token: str | None = None,
     *,
     reap_interval: float | None = None,
+    allow_unauthenticated_cleanup: bool = False,
 ) -> Starlette:
     """A Starlette app serving the debug routes, with the orphan reaper in its lifespan.
 
@@ -332,14 +404,19 @@ def create_app(
         manager: the manager to report on; the process default when ``None``.
         token: the cleanup route's bearer token; ``None`` reads ``SCOPED_CONN_DEBUG_TOKEN``.
         reap_interval: seconds between reaper passes (see :func:`reaper`).
+        allow_unauthenticated_cleanup: see :func:`create_routes`; without a token and
+            without this, cleanup answers 403.
 
     Returns:
         The app.  The lifespan does not close the manager: its owner does.
 
     Raises:
-        ConfigurationError: an argument is of the wrong kind.
+        ConfigurationError: an argument is of the wrong kind, a token is empty, or
+            ``SCOPED_CONN_DEBUG_TOKEN`` is set but empty.
     """
-    routes = create_routes(manager, token)
+    routes = create_routes(
+        manager, token, allow_unauthenticated_cleanup=allow_unauthenticated_cleanup
+    )
     _check_interval(reap_interval)  # fail now, not at startup
 
     @contextlib.asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -19,27 +20,30 @@ from starlette.testclient import TestClient
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import http
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 from tests.conftest import Database, eventually
 
+ExecutionConnectionManager = lsc.ExecutionConnectionManager
 STATUS = "/api/memory/debug/connections/status"
 CLEANUP = "/api/memory/debug/connections/cleanup"
+TOKEN = "t0ken-for-the-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 def client(manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.delenv(http.TOKEN_ENV, raising=False)
-    with TestClient(http.create_app()) as c:
+    """The default app, with the token in the environment and sent on every request."""
+    monkeypatch.setenv(http.TOKEN_ENV, TOKEN)
+    with TestClient(http.create_app(), headers=AUTH) as c:
         yield c
 
 
 def in_use_on_server(pg_db: Database) -> int:
-    return int(
-        pg_db.query(
-            "select count(*) from pg_stat_activity where datname = current_database() "
-            "and application_name like 'langgraph_scoped_conn%' and state <> 'idle'"
-        )[0][0]
-    )
+    count = pg_db.query(
+        "select count(*) from pg_stat_activity where datname = current_database() "
+        "and application_name like 'langgraph_scoped_conn%' and state <> 'idle'"
+    )[0][0]
+    assert isinstance(count, int)
+    return count
 
 
 def age(mgr: ExecutionConnectionManager, execution_id: str, seconds: float) -> None:
@@ -132,7 +136,9 @@ def test_cleanup_of_one_execution_by_id(
         assert manager.active_executions() == ["keep"]
         eventually(lambda: in_use_on_server(pg_db) == 0, "the released backend is gone")
         assert client.post(CLEANUP + "?execution_id=keep").json()["data"]["released"] == ["keep"]
-    assert manager.get_stats()["scopes_reaped"] == 2
+    stats = manager.get_stats()
+    assert stats["scopes_closed"] == 2
+    assert stats["scopes_reaped"] == 0  # released by request: nothing outlived its lifetime
 
 
 def test_cleanup_with_max_age_argument(client: Any, manager: ExecutionConnectionManager) -> None:
@@ -218,6 +224,8 @@ def test_explicit_token_and_manager(
     ("kwargs", "needle"),
     [
         ({"token": ""}, "token must be a non-empty string"),
+        ({"token": " \t"}, "token must be a non-empty string"),
+        ({"allow_unauthenticated_cleanup": "yes"}, "allow_unauthenticated_cleanup must be"),
         ({"manager": "postgresql://x"}, "manager must be an ExecutionConnectionManager"),
         ({"reap_interval": 0}, "reap interval=0 must be a number of seconds above 0"),
     ],
@@ -225,6 +233,132 @@ def test_explicit_token_and_manager(
 def test_create_app_rejects_bad_arguments(kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(lsc.ConfigurationError, match=needle):
         http.create_app(**kwargs)
+
+
+def _factories(**kwargs: Any) -> dict[str, Any]:
+    """The three ways to get the routes, each as an app a test client can drive."""
+    return {
+        "create_app": lambda: http.create_app(**kwargs),
+        "create_routes": lambda: Starlette(routes=http.create_routes(**kwargs)),
+        "create_router": lambda: Starlette(routes=[Mount("", app=http.create_router(**kwargs))]),
+    }
+
+
+@pytest.mark.parametrize("factory", ["create_app", "create_routes", "create_router"])
+def test_cleanup_without_a_token_is_refused(
+    manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch, factory: str
+) -> None:
+    """Reported: with no token set, anyone who could reach the port released live runs."""
+    monkeypatch.delenv(http.TOKEN_ENV, raising=False)
+    with TestClient(_factories()[factory]()) as client, lsc.ExecutionScope("live"):
+        age(manager, "live", 10_000)  # even an expired one: no caller is trusted
+        for kwargs in ({"json": {"execution_id": "live"}}, {}, {"json": {"max_age": 0}}):
+            response = client.post(CLEANUP, **kwargs)
+            assert response.status_code == 403, response.text
+            error = response.json()["error"]
+            assert response.json()["success"] is False
+            assert http.TOKEN_ENV in error and "allow_unauthenticated_cleanup=True" in error
+        assert manager.active_executions() == ["live"]
+        assert client.get(STATUS).status_code == 200  # status needs no token
+
+
+@pytest.mark.parametrize("factory", ["create_app", "create_routes", "create_router"])
+def test_unauthenticated_cleanup_is_an_explicit_opt_in(
+    manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch, factory: str
+) -> None:
+    monkeypatch.delenv(http.TOKEN_ENV, raising=False)
+    app = _factories(allow_unauthenticated_cleanup=True)[factory]()
+    with TestClient(app) as client, lsc.ExecutionScope("stuck"):
+        response = client.post(CLEANUP, json={"execution_id": "stuck"})
+        assert response.status_code == 200, response.text
+        assert response.json()["data"]["released"] == ["stuck"]
+        assert manager.active_executions() == []
+
+
+def test_a_token_still_applies_with_the_opt_in(
+    manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(http.TOKEN_ENV, TOKEN)
+    with (
+        TestClient(http.create_app(allow_unauthenticated_cleanup=True)) as client,
+        lsc.ExecutionScope("guarded"),
+    ):
+        assert client.post(CLEANUP, json={"execution_id": "guarded"}).status_code == 401
+        assert manager.active_executions() == ["guarded"]
+        response = client.post(CLEANUP, json={"execution_id": "guarded"}, headers=AUTH)
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t\n"])
+@pytest.mark.parametrize("factory", ["create_app", "create_routes", "create_router"])
+def test_an_empty_token_in_the_environment_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, value: str, factory: str
+) -> None:
+    """Reported: SCOPED_CONN_DEBUG_TOKEN="" turned authentication off."""
+    monkeypatch.setenv(http.TOKEN_ENV, value)
+    for opt_in in (False, True):
+        with pytest.raises(lsc.ConfigurationError, match=f"{http.TOKEN_ENV} is set but empty"):
+            _factories(allow_unauthenticated_cleanup=opt_in)[factory]()
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_a_token_emptied_after_startup_fails_closed_at_each_request(
+    manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch, opt_in: bool
+) -> None:
+    monkeypatch.setenv(http.TOKEN_ENV, TOKEN)
+    app = http.create_app(allow_unauthenticated_cleanup=opt_in)
+    monkeypatch.setenv(http.TOKEN_ENV, "")
+    with TestClient(app) as client, lsc.ExecutionScope("live"):
+        for headers in ({}, {"Authorization": "Bearer "}, AUTH):
+            response = client.post(CLEANUP, json={"execution_id": "live"}, headers=headers)
+            assert response.status_code == 500, response.text
+            assert f"{http.TOKEN_ENV} is set but empty" in response.json()["error"]
+        assert manager.active_executions() == ["live"]
+        assert client.get(STATUS).status_code == 200
+
+
+def test_surrounding_whitespace_of_the_token_is_ignored(
+    manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token read from a file often ends in a newline; it must not lock everyone out."""
+    monkeypatch.setenv(http.TOKEN_ENV, f" {TOKEN}\n")
+    with TestClient(http.create_app()) as client, lsc.ExecutionScope("x"):
+        response = client.post(CLEANUP, json={"execution_id": "x"}, headers=AUTH)
+        assert response.status_code == 200, response.text
+
+
+def test_a_release_by_request_is_logged_as_such_not_as_reaped(
+    client: Any, manager: ExecutionConnectionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reported: releasing a 0.4 s old run by id was logged as reaped after max_scope_lifetime."""
+    caplog.set_level(logging.DEBUG, logger="langgraph_scoped_conn")
+    with lsc.ExecutionScope("young"):
+        assert client.post(CLEANUP, json={"execution_id": "young"}).status_code == 200
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("langgraph_scoped")]
+    about = [m for m in messages if "young" in m]
+    assert any("young released by request" in m for m in about), messages
+    assert not any("reaped" in m or "max_scope_lifetime" in m for m in about), about
+
+    caplog.clear()
+    with lsc.ExecutionScope("stale"):
+        age(manager, "stale", (manager.settings.max_scope_lifetime or 0) + 10)
+        assert client.post(CLEANUP).json()["data"]["released"] == ["stale"]
+    messages = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert any("reaped execution stale after" in m for m in messages), messages
+    assert not any("by request" in m for m in messages), messages
+
+
+def test_no_cleanup_response_or_log_shows_the_token(
+    client: Any, manager: ExecutionConnectionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with lsc.ExecutionScope("t"):
+        bodies = [
+            client.post(CLEANUP, json={"execution_id": "t"}, headers=h).text
+            for h in ({"Authorization": "Bearer wrong"}, AUTH)
+        ]
+    shown = "\n".join([*bodies, *(r.getMessage() for r in caplog.records)])
+    assert TOKEN not in shown
 
 
 def test_routes_mount_into_a_user_app(client: Any, manager: Any) -> None:
@@ -252,25 +386,21 @@ def test_the_app_uses_lifespan_not_startup_events() -> None:
     assert {r.path for r in http.app.routes} >= {STATUS, CLEANUP, "/metrics"}  # type: ignore[attr-defined]
 
 
-def test_lifespan_reaper_releases_orphans(pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    mgr = lsc.configure(pg_db.url, max_connections=2, max_scope_lifetime=3600)
-    try:
-        orphan = mgr.open_execution("forgotten")
-        mgr.engine_for(orphan).connect().execute(text("select 1"))
-        live = mgr.open_execution("busy")
-        age(mgr, "forgotten", 7200)
-        assert in_use_on_server(pg_db) == 1
-        with TestClient(http.create_app(reap_interval=0.05)):
-            deadline = time.monotonic() + 30
-            while mgr.execution("forgotten") is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        assert mgr.active_executions() == ["busy"]
-        assert mgr.get_stats()["scopes_reaped"] == 1
-        eventually(lambda: in_use_on_server(pg_db) == 0, "the reaped backend is gone")
-        mgr.release_execution(live)
-    finally:
-        mgr.close()
-        lsc.scope._default_manager = None
+def test_lifespan_reaper_releases_orphans(pg_db: Database, configure_default: Any) -> None:
+    mgr = configure_default(max_connections=2, max_scope_lifetime=3600)
+    orphan = mgr.open_execution("forgotten")
+    mgr.engine_for(orphan).connect().execute(text("select 1"))
+    live = mgr.open_execution("busy")
+    age(mgr, "forgotten", 7200)
+    assert in_use_on_server(pg_db) == 1
+    with TestClient(http.create_app(reap_interval=0.05)):
+        deadline = time.monotonic() + 30
+        while mgr.execution("forgotten") is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert mgr.active_executions() == ["busy"]
+    assert mgr.get_stats()["scopes_reaped"] == 1
+    eventually(lambda: in_use_on_server(pg_db) == 0, "the reaped backend is gone")
+    mgr.release_execution(live)
 
 
 def parse_metrics(body: str) -> dict[str, float]:
@@ -295,7 +425,7 @@ def test_metrics_route(client: Any, pg_db: Database) -> None:
 def test_metrics_route_without_prometheus_client_says_what_to_install(
     client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
     monkeypatch.delitem(sys.modules, "langgraph_scoped_conn.metrics", raising=False)
     response = client.get("/metrics")
     assert response.status_code == 501
