@@ -26,12 +26,11 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.errors import ScopeClosedError
+from langgraph_scoped_conn.errors import NoActiveScopeError, ScopeClosedError
 from langgraph_scoped_conn.manager import (
     ExecutionConnectionManager,
     get_connection_manager,
     manager_of,
-    require_execution,
     set_attribution_provider,
 )
 
@@ -151,6 +150,17 @@ def execution_from_config(
             if execution is not None:
                 return execution
     return None
+
+
+def require_execution(execution: Execution | None, what: str) -> Execution:
+    """Return ``execution`` or raise :class:`NoActiveScopeError` naming ``what``."""
+    if execution is None:
+        raise NoActiveScopeError(
+            f"{what} was called outside an execution scope; wrap the graph with "
+            "with_scoped_connections(...), pass the node's `config`, or use "
+            "`with ExecutionScope(...):`"
+        )
+    return execution
 
 
 def find_execution(

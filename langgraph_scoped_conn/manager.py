@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 import time
 import traceback
@@ -25,11 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.errors import (
-    ConfigurationError,
-    NoActiveScopeError,
-    ScopeUnavailableError,
-)
+from langgraph_scoped_conn.errors import ConfigurationError, ScopeUnavailableError
 from langgraph_scoped_conn.execution import Execution, FailedScope, Release
 from langgraph_scoped_conn.registry import Registry
 from langgraph_scoped_conn.release import AsyncResource, Releaser
@@ -415,37 +410,14 @@ class ExecutionConnectionManager:
     # -- deadlocks -----------------------------------------------------------------
 
     def _find_deadlock(self, handle: PoolHandle) -> str | None:
-        """Name the executions that hold all of ``handle``'s connections and wait for one.
-
-        A connection can come back only if a thread still runs the code that checked
-        it out and is not itself waiting, or its execution ends.  When every
-        connection of the pool is held by an execution that has a thread waiting for
-        this pool, and none is being used by a running thread, nobody can go on.
-        """
-        waiting = handle.waiting_executions()
-        if not waiting:
-            return None
-        executions = self._registry.holding()
-        held = [(e, c) for e in executions for c in e.checkouts_of(handle)]
-        if len(held) < handle.size:
-            return None  # some are out of the pool without a record: they may come back
-        frames = sys._current_frames()
+        """Name the executions that hold all of ``handle``'s connections and wait for one."""
         pool = handle.engine.pool
-        waiting_threads = set(getattr(pool, "waiting", ()))
-        try:
-            for execution, checkout in held:
-                if execution not in waiting:
-                    return None  # its run may end and release it
-                if checkout.thread_id not in waiting_threads and checkout.in_use_elsewhere(
-                    frames, 0
-                ):
-                    return None  # a running thread may return it
-        finally:
-            del frames
-        counts: dict[str, int] = {}
-        for execution, _ in held:
-            counts[execution.execution_id] = counts.get(execution.execution_id, 0) + 1
-        return ", ".join(f"{eid} holds {n} and waits" for eid, n in counts.items())
+        return self._registry.find_deadlock(
+            handle,
+            size=handle.size,
+            waiting=handle.waiting_executions(),
+            waiting_threads=set(getattr(pool, "waiting", ())),
+        )
 
     # -- stats ---------------------------------------------------------------------
 
@@ -537,17 +509,6 @@ class ExecutionConnectionManager:
             f"max_connections={self.settings.max_connections} "
             f"active_executions={len(self._registry)}>"
         )
-
-
-def require_execution(execution: Execution | None, what: str) -> Execution:
-    """Return ``execution`` or raise :class:`NoActiveScopeError` naming ``what``."""
-    if execution is None:
-        raise NoActiveScopeError(
-            f"{what} was called outside an execution scope; wrap the graph with "
-            "with_scoped_connections(...), pass the node's `config`, or use "
-            "`with ExecutionScope(...):`"
-        )
-    return execution
 
 
 def manager_of(execution: Execution) -> ExecutionConnectionManager:

@@ -214,6 +214,42 @@ class Registry:
             found += [e for e in self._draining if e.checkouts]
         return found
 
+    def find_deadlock(
+        self, pool: Any, *, size: int, waiting: set[Execution], waiting_threads: set[int]
+    ) -> str | None:
+        """Name the executions that hold all ``size`` connections of ``pool`` and wait for one.
+
+        A connection can come back only if its execution ends, or a thread that still
+        runs the code that checked it out (and is not itself waiting) returns it.  When
+        every connection of the pool is held by an execution with a thread waiting
+        for this pool, and none is in use by a running thread, nobody can go on.
+
+        Args:
+            pool: the pool (checkouts record where they came from).
+            size: how many connections the pool holds at most.
+            waiting: executions with a thread waiting for ``pool`` right now.
+            waiting_threads: the ids of the threads waiting for ``pool``.
+        """
+        if not waiting:
+            return None
+        held = [(e, c) for e in self.holding() for c in e.checkouts_of(pool)]
+        if len(held) < size:
+            return None  # some are out of the pool without a record: they may come back
+        frames = sys._current_frames()
+        try:
+            for execution, checkout in held:
+                if execution not in waiting:
+                    return None  # its run may end and release it
+                running = checkout.thread_id not in waiting_threads
+                if running and checkout.in_use_elsewhere(frames, 0):
+                    return None  # a running thread may return it
+        finally:
+            del frames
+        counts: dict[str, int] = {}
+        for execution, _ in held:
+            counts[execution.execution_id] = counts.get(execution.execution_id, 0) + 1
+        return ", ".join(f"{eid} holds {n} and waits" for eid, n in counts.items())
+
     def holders(self) -> list[tuple[str, int]]:
         """(execution id, connections held) of every execution that holds some."""
         with self._lock:

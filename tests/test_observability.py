@@ -92,6 +92,7 @@ def test_leak_in_a_node_is_reported_once_counted_and_closed_on_the_server(
     graph = leaky_graph()
     caplog.set_level(logging.WARNING, logger=LOGGER)
     assert graph.invoke({"n": 0}, {"run_id": "0c7b5a8e-1d3e-4a55-9d7a-6f1f3c2b9a01"}) == {"n": 1}
+    assert lsc.get_connection_manager().drain()  # the run's end hands release to a thread
 
     records = leak_records(caplog)
     assert len(records) == 1, [r.message for r in records]
@@ -134,6 +135,7 @@ def test_leak_in_a_tool_names_the_tool_node(
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
     out = graph.invoke({"messages": [AIMessage("", tool_calls=[call])]})
+    assert lsc.get_connection_manager().drain()  # the run's end hands release to a thread
 
     assert out["messages"][-1].content == "500"
     records = leak_records(caplog)
@@ -165,6 +167,7 @@ def test_tracked_resource_that_fails_to_close_is_reported_and_counted(
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
     graph.invoke({"n": 0}, {"run_id": "5d1f6c1e-8a51-4f0c-b0a4-1f4c2e0a9b77"})
+    assert lsc.get_connection_manager().drain()  # the run's end hands release to a thread
 
     records = [r for r in caplog.records if "closing tracked resource" in r.getMessage()]
     assert len(records) == 1
@@ -263,6 +266,7 @@ def test_scopes_past_their_lifetime_are_reaped_when_the_next_one_opens(
     time.sleep(0.3)  # past the lifetime (and past the reap interval of lifetime/4)
 
     with lsc.ExecutionScope("next"):
+        assert mgr.drain()  # the open handed the reaping to a release thread
         assert mgr.active_executions() == ["next"]
     stats = mgr.get_stats()
     assert stats["scopes_reaped"] == 1 and stats["leaks_reclaimed"] == 1
