@@ -35,12 +35,18 @@ _USERINFO = re.compile(r"(?:[a-zA-Z][\w+.-]*:)?//[^:/@\s]*:(?P<pw>[^\n]*)@")
 #: ``key=value`` (keyword DSN, query string) or ``"key": value`` (dict, JSON); the key may
 #: be quoted or percent-encoded
 _PAIR = re.compile(r"(?<![\w%.+-])(?P<q>['\"]?)(?P<key>[\w%.+-]+)(?P=q)[ \t]*(?P<sep>[=:])[ \t]*")
-#: keys whose value is a secret, searched in the percent-decoded, lower-cased key
-#: (``password``, ``PASSWORD``, ``sslpassword``, ``passwd``, ``pwd``, ``secret``, ``token``)
-_SECRET_KEY = re.compile(r"pass|pwd|secret|token")
+#: keys whose value is a secret, searched in the percent-decoded, lower-cased key:
+#: ``password``, ``PASSWORD``, ``sslpassword``, ``db_passwd``, ``client_secret``, and
+#: ``pass``, ``pwd`` or ``token`` as a whole word (``access_token``, not ``max_tokens``)
+_SECRET_KEY = re.compile(
+    r"password|passwd|passphrase|secret|(?<![a-z0-9])(?:pass|pwd|token)(?![a-z0-9])"
+)
 #: a text that is one URL or one keyword DSN (nothing else): values may hold spaces then
 _WHOLE = re.compile(r"\s*(?:(?:[a-zA-Z][\w+.-]*:)?//|[\w.-]+\s*=)")
-_QUOTED = {q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.)*(?:(?P<close>{q})|(?=\n)|\Z)") for q in "'\""}
+# a doubled quote does not end the value either (in doubt, hide more)
+_QUOTED = {
+    q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.|{q}{q})*(?:(?P<close>{q})|(?=\n)|\Z)") for q in "'\""
+}
 #: where an unquoted value ends, by (in a query string?, the whole text is one URL/DSN?).
 #: In a query string a value runs to the next ``&name=``, so a raw "&" does not end it.
 _VALUE = {

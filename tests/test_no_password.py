@@ -382,6 +382,10 @@ def test_a_keyword_dsn_error_shows_no_part_of_the_password(dsn: str, password: s
         ("host=h password='it\\'s here' dbname=d", "s here", "dbname=d"),
         ("host=h password='never closed dbname=d", "never closed", "host=h"),
         ("host=h password=a b c dbname=d", "b c", "dbname=d"),
+        ("host=h password='a''zz' dbname=d", "zz", "dbname=d"),
+        # other secret keys, and keys that only look like one
+        ("postgresql://u@h/db?sslpassword=hunter2&access_token=t0k3n", "t0k3n", "sslpassword"),
+        ("failed: max_tokens=4096 bypass=on; client_secret=s3cr3t", "s3cr3t", "max_tokens=4096"),
         # dict and JSON renderings
         ("{'password': 'a b', 'host': 'h'}", "a b", "'host': 'h'"),
         ('{"password": "x \\" y", "host": "h"}', 'x \\" y', '"host": "h"'),
