@@ -29,7 +29,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
 from langgraph_scoped_conn.execution import Checkout, Execution
 from langgraph_scoped_conn.pool import BudgetPool, PoolCounters
-from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy
+from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy, safe_url
 
 __all__ = ["CLEAN_KEY", "PoolHandle", "ScopedEngine", "mark_clean"]
 
@@ -145,10 +145,7 @@ class ScopedEngine(OptionEngine):
         )
 
     def __repr__(self) -> str:
-        return (
-            f"ScopedEngine({self.url.render_as_string(hide_password=True)}, "
-            f"execution={self.execution_id!r})"
-        )
+        return f"ScopedEngine({safe_url(self.url)}, execution={self.execution_id!r})"
 
 
 class PoolHandle:
@@ -183,7 +180,7 @@ class PoolHandle:
         self.settings = settings
         self.retired = False
         self.counters = PoolCounters()
-        self.safe_url = url.render_as_string(hide_password=True)
+        self.safe_url = safe_url(url)
         is_pg = url.get_backend_name() == "postgresql"
         #: SET application_name to name the execution at each checkout (shared PostgreSQL only)
         self.tag_connections = settings.tag_connections and self.strategy == "shared" and is_pg

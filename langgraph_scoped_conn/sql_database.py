@@ -36,6 +36,7 @@ from langgraph_scoped_conn.manager import (
     get_connection_manager,
     manager_of,
 )
+from langgraph_scoped_conn.settings import safe_url
 
 with warnings.catch_warnings():
     warnings.filterwarnings(
@@ -210,7 +211,7 @@ class ScopedSQLDatabase(SQLDatabase):
 
     def __repr__(self) -> str:
         return (
-            f"<ScopedSQLDatabase {self._engine.url.render_as_string(hide_password=True)} "
+            f"<ScopedSQLDatabase {safe_url(self._engine.url)} "
             f"execution={getattr(self._engine, 'execution_id', None)!r} "
             f"read_only={self._lsc_read_only}>"
         )

@@ -438,11 +438,6 @@ def test_a_query_password_libpq_would_refuse_is_refused_now(url: str, needle: st
     assert "hunter" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py still builds PoolHandle.safe_url with render_as_string(hide_password=True), "
-    "which shows query parameters; it must call settings.safe_url (remove this mark then)",
-)
 def test_sslpassword_in_the_query_never_shows_in_stats() -> None:
     url = f"postgresql+psycopg2://u@127.0.0.1:{free_port()}/db?sslpassword=hunter2xyz"
     mgr = lsc.ExecutionConnectionManager(url, max_connections=1)
