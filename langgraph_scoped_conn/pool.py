@@ -144,10 +144,22 @@ class BudgetPool(QueuePool):
         with self._gate:
             self.waiting.add(thread)
             self._line.append(ticket)
-            if self._line[0] is not ticket:  # counted once per request, in line or at the head
+            behind = self._line[0] is not ticket
+            if behind:  # counted once per request, in line or at the head
                 ticket.waited = True
                 with self.counters.lock:
                     self.counters.waits += 1
+        if behind:
+            # the head looked for a deadlock before blocking and will not look again; a
+            # caller joining the line behind it may be the one that closes the cycle
+            cycle = self.find_deadlock()
+            if cycle is not None:
+                with self._gate:
+                    self._line.remove(ticket)
+                    self.waiting.discard(thread)
+                    self._gate.notify_all()
+                raise self._budget_error(cycle)
+        with self._gate:
             while self._line[0] is not ticket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._gate.wait(remaining):
