@@ -32,6 +32,8 @@ _POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
 # password runs to the last "@" of its line: a password with an un-encoded "@" or space is
 # hidden whole, not cut at its first "@" (which would show the rest).
 _USERINFO = re.compile(r"(?:[a-zA-Z][\w+.-]*:)?//[^:/@\s]*:(?P<pw>[^\n]*)@")
+#: a URL with no scheme at all, ``user:pw@host/db`` (a mistyped URL in an error message)
+_BARE_USERINFO = re.compile(r"(?<![\w/:@%.+-])[\w.%+-]+:(?P<pw>[^\s:/@][^\n]*)@")
 #: ``key=value`` (keyword DSN, query string) or ``"key": value`` (dict, JSON); the key may
 #: be quoted or percent-encoded
 _PAIR = re.compile(r"(?<![\w%.+-])(?P<q>['\"]?)(?P<key>[\w%.+-]+)(?P=q)[ \t]*(?P<sep>[=:])[ \t]*")
@@ -71,6 +73,7 @@ def redact_url(text: str) -> str:
     """
     whole = "\n" not in text and _WHOLE.match(text) is not None
     spans = [m.span("pw") for m in _USERINFO.finditer(text)]
+    spans += [m.span("pw") for m in _BARE_USERINFO.finditer(text)]
     for m in _PAIR.finditer(text):
         if m["sep"] == ":" and not m["q"]:
             continue  # "user:pw" or "scheme:": only a quoted key takes a colon
