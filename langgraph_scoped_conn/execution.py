@@ -430,15 +430,26 @@ class Execution:
             self.owner.execution_drained(self)
         return taken
 
-    def take_all(self) -> list[Checkout]:
-        """Every checkout, forgotten here (a forced release of a draining execution)."""
+    def force_drain(self, frames: dict[int, Any]) -> tuple[list[Checkout], list[Checkout]]:
+        """A forced release of a draining execution: (checkouts to close, to cancel).
+
+        Those a running thread still uses stay recorded (marked cancelled) until the
+        release has cancelled their statements and the thread returned them, or until
+        the release closes them.
+        """
         with self._lock:
-            taken = list(self.checkouts.values())
-            self.checkouts.clear()
-            self._stragglers.clear()
-            self.state = "closed"
+            reclaim: list[Checkout] = []
+            cancel: list[Checkout] = []
+            for checkout in list(self.checkouts.values()):
+                if checkout.in_use_elsewhere(frames, 0):
+                    checkout.cancelled = True
+                    cancel.append(checkout)
+                else:
+                    reclaim.append(checkout)
+                    del self.checkouts[id(checkout)]
+                    self._straggler_returned(checkout.thread_id)
             self._wake_waiters()
-            return taken
+            return reclaim, cancel
 
     def is_closed(self) -> bool:
         """True once the execution has ended and holds nothing."""

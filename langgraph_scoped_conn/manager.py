@@ -192,9 +192,11 @@ class ExecutionConnectionManager:
     def _schedule_upkeep(self) -> None:
         """Hand reaping and abandoned-connection closing to a release thread when due."""
         lifetime = self.settings.max_scope_lifetime
-        due = self._registry.has_draining()
+        since = time.monotonic() - self._last_upkeep
+        # abandoned connections of draining executions: looked for at most 20 times a second
+        due = self._registry.has_draining() and since > 0.05
         if lifetime is not None and not due:
-            due = time.monotonic() - self._last_upkeep > min(lifetime / 4, 60.0)
+            due = since > min(lifetime / 4, 60.0)
         if not due or self._upkeep_due:
             return
         self._upkeep_due = True

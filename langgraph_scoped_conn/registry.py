@@ -131,24 +131,14 @@ class Registry:
     def force_release(self, execution: Execution, reason: str) -> Release | None:
         """End ``execution`` whoever holds it, draining or not (reaper, cleanup, close)."""
         if execution.state == "draining":
-            taken = execution.take_all()
-            with self._lock:
-                self._draining.discard(execution)
-                if reason == "reaped":
-                    self.counters["scopes_reaped"] += 1
             frames = sys._current_frames()
-            cancel = [c for c in taken if c.in_use_elsewhere(frames, 0)]
+            reclaim, cancel = execution.force_drain(frames)
             del frames
-            reclaim = [c for c in taken if c not in cancel]
-            for c in cancel:
-                c.cancelled = True
-            return Release(
-                execution,
-                reason,
-                reclaim=reclaim,
-                cancel=cancel,
-                handles=list(execution.handles.values()),
-            )
+            if reason == "reaped":
+                self.count("scopes_reaped")
+            if execution.finish_if_drained():  # the draining set and its pools: as usual
+                self._owner.execution_drained(execution)
+            return Release(execution, reason, reclaim=reclaim, cancel=cancel)
         return self.detach(execution, reason=reason, force=True)
 
     def abandoned(self) -> list[Release]:
