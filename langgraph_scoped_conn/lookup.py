@@ -2,8 +2,10 @@
 
 There is one search, :func:`find_execution`, in this order:
 
-1. what the caller passed: a ``RunnableConfig``, a ``ToolRuntime`` or a LangGraph
-   ``Runtime`` (its config);
+1. what the caller passed: a ``RunnableConfig`` or a ``ToolRuntime`` (its config);
+   a LangGraph ``Runtime`` (``def node(state, runtime: Runtime[Ctx])``, a
+   ``create_agent`` middleware hook) carries no config, so passing one is the same
+   as passing nothing: the search starts at 2;
 2. an :class:`~langgraph_scoped_conn.ExecutionScope` entered inside the running
    node itself;
 3. the config LangGraph has set for the running node or tool;
@@ -109,11 +111,20 @@ def _as_config(config_or_runtime: Any) -> Mapping[str, Any] | None:
     config = getattr(config_or_runtime, "config", None)  # ToolRuntime, Runtime-like
     if isinstance(config, Mapping):
         return config
+    if _is_langgraph_runtime(config_or_runtime):
+        return None  # no config of its own: LangGraph's current config is searched
     raise TypeError(
-        f"expected a RunnableConfig dict or a ToolRuntime, got {type(config_or_runtime).__name__}; "
-        "declare `config: RunnableConfig` (or `runtime: ToolRuntime`) in your node or tool and "
-        "pass it on"
+        "expected a RunnableConfig dict, a ToolRuntime or a LangGraph Runtime, got "
+        f"{type(config_or_runtime).__name__}; declare `config: RunnableConfig` (or "
+        "`runtime: ToolRuntime` / `runtime: Runtime`) in your node or tool and pass it on"
     )
+
+
+def _is_langgraph_runtime(obj: object) -> bool:
+    """True for a ``langgraph.runtime.Runtime`` (loaded whenever one exists)."""
+    module = sys.modules.get("langgraph.runtime")
+    runtime_class = getattr(module, "Runtime", None)
+    return isinstance(runtime_class, type) and isinstance(obj, runtime_class)
 
 
 def _candidate_managers(manager: ExecutionConnectionManager | None) -> list[Any]:
@@ -208,8 +219,8 @@ def get_scoped_engine(
     """This execution's engine: created on first use, the same object for the rest of the run.
 
     Args:
-        config: the node's ``RunnableConfig``, a ``ToolRuntime``, or ``None`` to use
-            LangGraph's current config.
+        config: the node's ``RunnableConfig``, a ``ToolRuntime``, a LangGraph
+            ``Runtime`` or ``None`` (both use LangGraph's current config).
         database_url: another URL than the configured one.
         manager: the manager, when not the process default.
 
@@ -239,8 +250,8 @@ def get_scoped_sql_database(
     run costs microseconds.
 
     Args:
-        config: the node's ``RunnableConfig``, a ``ToolRuntime``, or ``None`` to use
-            LangGraph's current config.
+        config: the node's ``RunnableConfig``, a ``ToolRuntime``, a LangGraph
+            ``Runtime`` or ``None`` (both use LangGraph's current config).
         database_url: another URL than the configured one.
         manager: the manager, when not the process default.
         **options: ``read_only`` (default from the manager), ``statement_timeout``, and
