@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from langgraph_scoped_conn.errors import ConnectionReclaimedError
     from langgraph_scoped_conn.graph import with_scoped_connections
     from langgraph_scoped_conn.handler import ScopedConnectionHandler
+    from langgraph_scoped_conn.proxy import ScopedSQLDatabaseProxy
     from langgraph_scoped_conn.sql_database import ScopedSQLDatabase, invalidate_schema_cache
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "ScopedConnectionHandler",
     "ScopedEngine",
     "ScopedSQLDatabase",
+    "ScopedSQLDatabaseProxy",
     "UnsafeQueryError",
     "__version__",
     "aconfigure",
@@ -95,6 +97,7 @@ _LAZY = {
     "ScopedConnectionHandler": "langgraph_scoped_conn.handler",
     "ScopedEngine": "langgraph_scoped_conn.engine",
     "ScopedSQLDatabase": "langgraph_scoped_conn.sql_database",
+    "ScopedSQLDatabaseProxy": "langgraph_scoped_conn.proxy",
     "invalidate_schema_cache": "langgraph_scoped_conn.sql_database",
 }
 
