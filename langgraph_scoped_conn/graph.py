@@ -5,6 +5,11 @@ The wrapped graph is a copy of the compiled graph (``graph.with_config``) with a
 still a ``Pregel`` of the same class: LangGraph Server and ``langgraph dev`` accept
 it from ``langgraph.json``, and every run path (invoke, ainvoke, stream, astream,
 batch, abatch, astream_events, use as a subgraph) goes through the handler.
+
+The copy's config also carries ``configurable["sql_database"]``: a
+:class:`~langgraph_scoped_conn.ScopedSQLDatabaseProxy`, so a node or tool can take
+the run's SQLDatabase from its config without importing anything.  A value the
+compiled graph's config or the caller's config sets for that key wins.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from langgraph.pregel import Pregel
 from langgraph_scoped_conn.handler import ExecutionIdFactory, ScopedConnectionHandler
 from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
-__all__ = ["with_scoped_connections"]
+__all__ = ["SQL_DATABASE_KEY", "with_scoped_connections"]
+
+#: The ``configurable`` key under which a wrapped graph's runs find their SQLDatabase.
+SQL_DATABASE_KEY = "sql_database"
 
 G = TypeVar("G", bound=Pregel)  # type: ignore[type-arg]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -144,4 +152,12 @@ def _wrap(
     ):
         return graph  # already wrapped: one scope per run, not two
     handler = ScopedConnectionHandler(manager, execution_id=execution_id)
-    return graph.with_config(callbacks=[handler])
+    configurable = (graph.config or {}).get("configurable") or {}
+    if SQL_DATABASE_KEY in configurable:
+        return graph.with_config(callbacks=[handler])  # the user's own choice stays
+    # imported here: it brings langchain-community, which `import graph` should not
+    from langgraph_scoped_conn.proxy import ScopedSQLDatabaseProxy
+
+    # a proxy, not a SQLDatabase: every run that reads it gets its own scoped object
+    proxy = ScopedSQLDatabaseProxy(manager=manager)
+    return graph.with_config(callbacks=[handler], configurable={SQL_DATABASE_KEY: proxy})
