@@ -41,7 +41,6 @@ from common import (
 from sqlalchemy import create_engine
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -52,7 +51,9 @@ FAST = ("unscoped_warm", "unscoped_warm_no_ping", "shared")
 SLOW = ("per_execution_cached", "per_execution")
 
 
-def _scoped_once(manager: ExecutionConnectionManager, parts: dict[str, list[float]] | None) -> None:
+def _scoped_once(
+    manager: lsc.ExecutionConnectionManager, parts: dict[str, list[float]] | None
+) -> None:
     t0 = time.perf_counter_ns()
     with lsc.ExecutionScope(manager=manager):
         t1 = time.perf_counter_ns()
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", DeprecationWarning)
             db_ping = SQLDatabase(engine_ping)
             db_plain = SQLDatabase(engine_plain)
-        shared = ExecutionConnectionManager(url, max_connections=5)
-        per_exec_cached = ExecutionConnectionManager(url, strategy="per_execution")
-        per_exec = ExecutionConnectionManager(url, strategy="per_execution", cache_reflection=False)
+        shared = lsc.ExecutionConnectionManager(url, max_connections=5)
+        per_exec_cached = lsc.ExecutionConnectionManager(url, strategy="per_execution")
+        per_exec = lsc.ExecutionConnectionManager(
+            url, strategy="per_execution", cache_reflection=False
+        )
         managers = {
             "shared": shared,
             "per_execution_cached": per_exec_cached,

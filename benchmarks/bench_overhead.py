@@ -42,7 +42,6 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.graph import END, START, StateGraph
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn.registry import ExecutionConnectionManager
 
 TARGET = 1.10
 VARIANTS = ("bare", "noop_handler", "wrapped")
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print_machine(info)
 
-    manager = ExecutionConnectionManager(UNUSED_URL)
+    manager = lsc.ExecutionConnectionManager(UNUSED_URL)
     graphs = {
         "bare": build(),
         "noop_handler": build().with_config(callbacks=[NoopHandler()]),

@@ -254,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=300, help="checkouts per pool-choice cell")
     parser.add_argument("--quick", action="store_true", help="K=200, ops=100: a smoke run")
     parser.add_argument("--no-sizing", action="store_true", help="skip the sizing scenarios")
+    parser.add_argument("--out", default="pgbouncer", help="results file name (pgbouncer)")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.ops = 200, 100
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_machine(info)
     if pgbouncer_binary() is None:
         console.print("[red]pgbouncer is not installed: apt-get install -y pgbouncer[/red]")
-        write_result("pgbouncer", {"machine": info, "skipped": "pgbouncer binary not installed"})
+        write_result(args.out, {"machine": info, "skipped": "pgbouncer binary not installed"})
         return 2
     info["versions"]["pgbouncer"] = _pgbouncer_version()
     have_saver = _have_checkpointer()
@@ -460,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     print_verdicts(verdicts)
     write_result(
-        "pgbouncer",
+        args.out,
         {
             "machine": info,
             "parameters": {

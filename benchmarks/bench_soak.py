@@ -36,8 +36,8 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import context as lsc_context
-from langgraph_scoped_conn.registry import Execution, ExecutionConnectionManager
+from langgraph_scoped_conn import lookup as lsc_lookup
+from langgraph_scoped_conn.sql_database import schema_cache
 
 RSS_LIMIT_MB = 5.0
 
@@ -46,7 +46,7 @@ class State(TypedDict):
     result: str
 
 
-def build_graph(manager: ExecutionConnectionManager) -> Any:
+def build_graph(manager: lsc.ExecutionConnectionManager) -> Any:
     def query(state: State, config: RunnableConfig) -> dict[str, Any]:
         return {"result": lsc.get_scoped_sql_database(config).run("select 1")}
 
@@ -57,27 +57,34 @@ def build_graph(manager: ExecutionConnectionManager) -> Any:
     return lsc.with_scoped_connections(builder.compile(), manager=manager)
 
 
-def map_sizes(manager: ExecutionConnectionManager) -> dict[str, int]:
-    """Sizes of every per-run or per-execution structure the manager keeps."""
-    pool = manager.pool_for().engine.pool
-    with manager._lock:
-        sizes = {
-            "tracked_runs": len(manager._runs) + len(manager._root_runs),
-            "open_executions": len(manager._executions),
-            "draining": len(manager._draining),
-            "pending_releases": len(manager._pending),
-            "handles": len(manager._handles),
-            "handles_by_text": len(getattr(manager, "_handles_by_text", {})),
-            "reflection_cache": len(manager._reflection),
-        }
-    sizes["tracked_runs_api"] = manager.tracked_runs()
-    sizes["registered_managers"] = len(lsc_context._managers)
-    sizes["checked_out"] = int(pool.checkedout())  # type: ignore[attr-defined]
-    return sizes
+def map_sizes(manager: lsc.ExecutionConnectionManager) -> dict[str, int]:
+    """Sizes of every per-run or per-execution structure the manager keeps.
+
+    Public measures where there are some (``tracked_runs()`` counts every entry of the
+    run index: runs, their children, tool names and root runs; ``get_stats()``); the
+    reflection cache and the lookup's set of managers have no public size.
+    """
+    stats = manager.get_stats()
+    return {
+        "tracked_runs": manager.tracked_runs(),
+        "open_executions": stats["active_executions"],
+        "draining": stats["draining_executions"],
+        "pending_releases": stats["pending_releases"],
+        "pools": len(stats["pools"]),
+        "reflection_cache": len(schema_cache(manager)._templates),
+        "registered_managers": len(lsc_lookup._managers),
+        "checked_out": stats["connections_in_use"],
+    }
 
 
 def live_executions() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, Execution))
+    """Execution objects the garbage collector still sees (by class, wherever it lives)."""
+    return sum(
+        1
+        for o in gc.get_objects()
+        if type(o).__name__ == "Execution"
+        and type(o).__module__.startswith("langgraph_scoped_conn")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

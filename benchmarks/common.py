@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -186,6 +187,7 @@ def machine_info() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "code": code_version(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "ram_gb": ram_gb,
@@ -193,6 +195,29 @@ def machine_info() -> dict[str, Any]:
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions,
     }
+
+
+def code_version() -> str:
+    """The commit of the checkout whose package this process imports (``+dirty`` if edited)."""
+    import langgraph_scoped_conn
+
+    package = Path(langgraph_scoped_conn.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(package), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({package})"
+    return f"{commit}{'+dirty' if dirty else ''} ({package.parent})"
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
@@ -210,7 +235,7 @@ def print_machine(info: dict[str, Any]) -> None:
     v = info["versions"]
     console.print(
         f"[bold]{info['date']}[/bold]  {info['nproc']} CPU ({info['cpu']}), "
-        f"{info['ram_gb']} GB RAM, load {info['load_avg_at_start']}\n"
+        f"{info['ram_gb']} GB RAM, load {info['load_avg_at_start']}, code {info['code']}\n"
         + ", ".join(f"{k} {val}" for k, val in v.items())
     )
 

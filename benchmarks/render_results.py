@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE / "RESULTS.md"
-KNOWN = ("storm", "acquire", "overhead", "soak", "pgbouncer")
+KNOWN = ("storm", "acquire", "overhead", "soak", "pgbouncer", "reset", "compare")
 
 
 def _f(x: Any) -> str:
@@ -174,6 +174,7 @@ def soak(d: dict[str, Any]) -> str:
         "draining",
         "pending_releases",
         "reflection_cache",
+        "registered_managers",
         "checked_out",
         "live_executions",
     ]
@@ -190,7 +191,69 @@ def soak(d: dict[str, Any]) -> str:
     )
 
 
-RENDERERS = {"storm": storm, "acquire": acquire, "soak": soak}
+def reset(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"`{v}`",
+            s["n"],
+            s["median_us"],
+            s["p10_us"],
+            s["p90_us"],
+            s["vs_unscoped_warm"],
+            s.get("round_trips_per_call"),
+            s.get("session_resets_per_call"),
+            ", ".join(f"{k} x{c:g}" for k, c in s.get("statements_per_call", {}).items()),
+        ]
+        for v, s in d["summary"].items()
+    ]
+    cols = ["variant", "n", "median", "p10", "p90", "x unscoped warm", "round trips", "resets"]
+    return "\n".join(
+        [
+            "One `select 1` per checkout (only `run()` timed), interleaved iteration by "
+            f"iteration (n={d['params']['n']}); microseconds. Round trips: statements the app "
+            "role sent per call, from the server's `log_statement=all` log "
+            f"({d['params']['count']} calls per variant, a separate phase).",
+            "",
+            md_table([*cols, "statements per call"], rows),
+            "",
+            f"`write` / `read_only`: {_f(d['write_over_read_only'])}x.",
+        ]
+    )
+
+
+def compare(d: dict[str, Any]) -> str:
+    p = d["params"]
+    out = [
+        f"Old `{p['old']}` against new `{p['new']}`: every benchmark once per side per "
+        f"round, {p['rounds']} rounds, each run in its own process with the same arguments, "
+        "the order flipped every round. Arguments: "
+        + "; ".join(f"{k} `{v}`" for k, v in p["args"].items())
+        + ".",
+    ]
+    for name, metrics in d["summary"].items():
+        first = d["runs"][name][0]
+        out += [
+            "",
+            f"**{name}** (old {first['old']['code']}, new {first['new']['code']}):",
+            "",
+            md_table(
+                ["metric", "old per round", "new per round", "new/old per round", "new/old median"],
+                [
+                    [
+                        m,
+                        " ".join(_f(x) for x in s["old"]),
+                        " ".join(_f(x) for x in s["new"]),
+                        " ".join(_f(x) for x in s["new_over_old_per_round"]),
+                        s["new_over_old_median"],
+                    ]
+                    for m, s in metrics.items()
+                ],
+            ),
+        ]
+    return "\n".join(out)
+
+
+RENDERERS = {"storm": storm, "acquire": acquire, "soak": soak, "reset": reset, "compare": compare}
 
 
 def render() -> Path:
