@@ -152,8 +152,10 @@ class ScopedSQLDatabaseProxy(SQLDatabase):
     @property
     def dialect(self) -> str:
         """The SQLAlchemy dialect name of the URL (``"postgresql"``), read without connecting."""
-        manager = self._lsc_manager or get_connection_manager()
-        return parse_url(manager.settings.resolve_url(self._lsc_url)).get_backend_name()
+        url = self._lsc_url
+        if url is None:  # the manager's URL (its database_url, else DATABASE_URL)
+            url = (self._lsc_manager or get_connection_manager()).settings.resolve_url()
+        return parse_url(url).get_backend_name()
 
     # -- every SQLDatabase method: the run's object --------------------------------------
 
