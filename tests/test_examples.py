@@ -166,3 +166,71 @@ async def test_example_runs_offline_on_the_sqlite_default(
     stats = lsc.get_connection_manager().get_stats()
     assert stats["active_executions"] == 0
     assert stats["pools"][0]["dialect"] == "sqlite"
+
+
+# -- examples/sql_toolkit: the LangChain tutorial with the proxy -------------------------
+
+TOOLKIT_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sql_toolkit" / "graph.py"
+
+
+def load_toolkit_example() -> ModuleType:
+    """Import examples/sql_toolkit/graph.py afresh, as langgraph dev does."""
+    name = f"lsc_toolkit_example_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, TOOLKIT_EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+async def test_toolkit_example_on_postgres(pg_db, manager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_db.url)
+    monkeypatch.delenv("LSC_CHAT_MODEL", raising=False)
+    example = load_toolkit_example()
+    assert isinstance(example.db, lsc.ScopedSQLDatabaseProxy)
+    assert "postgresql query" in example.system_prompt  # the dialect, read without a run
+    assert {t.name for t in example.tools} == {
+        "sql_db_query",
+        "sql_db_schema",
+        "sql_db_list_tables",
+        "sql_db_query_checker",
+    }
+    questions = ["How many sales are there?", "How many stores are there?"] * 4
+    states = await asyncio.gather(
+        *(example.graph.ainvoke({"messages": [("user", q)]}) for q in questions)
+    )
+    assert [s["messages"][-1].content for s in states[:2]] == [
+        COUNT_ANSWER,
+        "Result: [(12,)]\n\nSQL: SELECT COUNT(*) AS count FROM stores",
+    ]
+    stats = manager.get_stats()
+    assert stats["scopes_opened"] == stats["scopes_closed"] == 8
+    assert stats["checkouts"] >= 16  # the toolkit's tools used the scoped pool
+    assert pg_db.backends("%") == pg_db.backends("langgraph_scoped_conn%") <= 5
+    # read_only=True on the proxy: the toolkit's query tool refuses a write
+    state = await example.graph.ainvoke({"messages": [("user", "sql: delete from sales")]})
+    assert "Error:" in state["messages"][-1].content
+    assert pg_db.query("select count(*) from sales") == [(SALES_ROWS,)]
+
+
+async def test_toolkit_example_runs_offline_on_the_sqlite_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_default_manager: None
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("LSC_CHAT_MODEL", raising=False)
+    monkeypatch.setenv("LSC_CACHE_DIR", str(tmp_path))
+    example = load_toolkit_example()
+
+    def no_network(self: socket.socket, address: Any) -> None:
+        raise AssertionError(f"the offline example tried to connect to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    state = await example.graph.ainvoke({"messages": [("user", "How many sales are there?")]})
+    assert state["messages"][-1].content == COUNT_ANSWER
+    stats = lsc.get_connection_manager().get_stats()
+    assert stats["scopes_closed"] == 1 and stats["active_executions"] == 0
+    assert stats["pools"][0]["dialect"] == "sqlite"
