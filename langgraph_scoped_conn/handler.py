@@ -9,7 +9,8 @@ so a callback never blocks the thread or event loop that runs the graph.
 
 Execution id, in order of precedence:
 
-1. the ``execution_id=`` callable, given ``{"run_id", "metadata", "tags", "configurable"}``;
+1. the ``execution_id=`` callable, given ``{"run_id", "configurable", "context", "metadata",
+   "tags"}`` of the run (``configurable`` and ``context`` as passed to ``invoke``/``stream``);
 2. an enclosing :class:`~langgraph_scoped_conn.ExecutionScope` (the run joins it);
 3. ``configurable.run_id`` under LangGraph Server (the same across server retries);
 4. the root run id, which is the caller's ``config["run_id"]`` when given.
@@ -18,12 +19,15 @@ Execution id, in order of precedence:
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from langgraph_scoped_conn.errors import ConfigurationError
 from langgraph_scoped_conn.lookup import current_execution, register_manager
 from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
 from langgraph_scoped_conn.settings import redact_url
@@ -164,15 +168,24 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     ) -> str:
         metadata = metadata or {}
         if self._execution_id is not None:
-            configurable = {k: v for k, v in metadata.items() if not k.startswith("langgraph_")}
-            chosen = self._execution_id(
-                {
-                    "run_id": run_id,
-                    "metadata": dict(metadata),
-                    "tags": list(tags or ()),
-                    "configurable": configurable,
-                }
-            )
+            configurable, context = _run_config()
+            run = {
+                "run_id": run_id,
+                "configurable": configurable,
+                "context": context,
+                "metadata": dict(metadata),
+                "tags": list(tags or ()),
+            }
+            factory = self._execution_id
+            try:
+                chosen = factory(run)
+            except Exception as exc:
+                name = getattr(factory, "__qualname__", None) or repr(factory)
+                raise ConfigurationError(
+                    f"the execution_id callable {name} raised {type(exc).__name__}: {exc}; "
+                    f"it was offered configurable keys {sorted(configurable)}, metadata keys "
+                    f"{sorted(metadata)}, context {type(context).__name__}, tags and run_id"
+                ) from exc
             if not isinstance(chosen, str) or not chosen:
                 raise TypeError(
                     f"the execution_id callable returned {chosen!r}; it must return a "
@@ -245,3 +258,37 @@ class ScopedConnectionHandler(BaseCallbackHandler):
 
     def __repr__(self) -> str:
         return f"<ScopedConnectionHandler manager={self._manager!r}>"
+
+
+def _stream_codes() -> frozenset[Any]:
+    from langgraph.pregel import Pregel
+
+    return frozenset({Pregel.stream.__code__, Pregel.astream.__code__})
+
+
+_STREAM_CODES: frozenset[Any] | None = None
+
+
+def _run_config() -> tuple[dict[str, Any], Any]:
+    """The ``configurable`` and ``context`` of the graph run starting on this thread.
+
+    LangChain gives a callback only the run's metadata and tags, not its config (and
+    ``var_child_runnable_config`` is not set yet when the root run starts), so they are
+    read from the ``Pregel.stream`` / ``astream`` call that is starting the run: it sits
+    a few frames up, with the merged config in its ``config`` and the runtime context in
+    its ``context``.  Empty when the run was not started by a LangGraph graph.
+    """
+    global _STREAM_CODES  # noqa: PLW0603
+    if _STREAM_CODES is None:
+        _STREAM_CODES = _stream_codes()
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(40):  # the stream call is 3-4 frames up; don't walk a deep stack
+        if frame is None:
+            break
+        if frame.f_code in _STREAM_CODES:
+            config = frame.f_locals.get("config") or {}
+            configurable = config.get("configurable") or {}
+            public = {k: v for k, v in configurable.items() if not str(k).startswith("__pregel_")}
+            return public, frame.f_locals.get("context")
+        frame = frame.f_back
+    return {}, None

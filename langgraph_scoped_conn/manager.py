@@ -29,7 +29,13 @@ from langgraph_scoped_conn.execution import Execution, FailedScope, Release
 from langgraph_scoped_conn.registry import Registry
 from langgraph_scoped_conn.release import AsyncResource, Releaser
 from langgraph_scoped_conn.runs import RunIndex
-from langgraph_scoped_conn.settings import ScopedConnSettings, parse_url, redact_url
+from langgraph_scoped_conn.settings import (
+    ScopedConnSettings,
+    call_site,
+    options_with_env,
+    parse_url,
+    redact_url,
+)
 from langgraph_scoped_conn.stats import build_stats
 
 if TYPE_CHECKING:
@@ -241,10 +247,11 @@ class ExecutionConnectionManager:
             self._targets[text] = found
         if created and handle is not None:
             logger.info(
-                "created %s pool for %s with max_connections=%d",
+                "created %s pool for %s with max_connections=%d (driver %s)",
                 handle.strategy,
                 handle.safe_url,
                 self.settings.max_connections,
+                parsed.get_driver_name(),
             )
         return found
 
@@ -524,52 +531,59 @@ def manager_of(execution: Execution) -> ExecutionConnectionManager:
 
 _default_lock = threading.Lock()
 _default_manager: ExecutionConnectionManager | None = None
+_default_site = ""  # where the default was installed, for the replace warning
 
 
 def get_connection_manager() -> ExecutionConnectionManager:
-    """Return the process-default manager, creating it from ``DATABASE_URL`` on first use."""
-    global _default_manager  # noqa: PLW0603
+    """The process-default manager, created on first use from ``SCOPED_CONN_*`` variables."""
+    global _default_manager, _default_site  # noqa: PLW0603
     manager = _default_manager
     if manager is not None:  # the hot path: every callback event looks it up
         return manager
     with _default_lock:
         if _default_manager is None:
-            _default_manager = ExecutionConnectionManager()
+            url, options = options_with_env(None, {})
+            _default_manager = ExecutionConnectionManager(url, **options)
+            _default_site = f"first use at {call_site()}"
         return _default_manager
 
 
 def swap_default_manager(
-    manager: ExecutionConnectionManager | None,
+    manager: ExecutionConnectionManager | None, *, _site: str | None = None
 ) -> ExecutionConnectionManager | None:
     """Install ``manager`` as the process default without closing the old one; return the old.
 
     For tests and app factories that manage the managers' lives themselves.
     """
-    global _default_manager
+    global _default_manager, _default_site
     with _default_lock:
         old, _default_manager = _default_manager, manager
+        old_site, _default_site = _default_site, _site or call_site()
+    live = old.active_executions() if old is not None and _site is not None else []
+    if live:
+        msg = "configure() at %s replaces the manager installed by %s while executions are open"
+        logger.warning(
+            msg + " (%s): they are released now. Configure once, at startup",
+            *(_site, old_site, ", ".join(live[:5])),
+        )
     return old
 
 
 def configure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
     """Replace the process-default manager, closing the old one, and return the new one.
 
-    The old manager is closed on the calling thread (its live executions are
-    released, running statements cancelled); from async code use :func:`aconfigure`.
-
-    Args:
-        database_url: the default URL; ``None`` falls back to ``DATABASE_URL``.
-        **options: see the README's configuration table.
+    ``database_url`` falls back to ``SCOPED_CONN_DATABASE_URL``, then ``DATABASE_URL``;
+    options not passed (see the README) to ``SCOPED_CONN_<OPTION>``, then the defaults.
+    The old manager is closed on the calling thread (live executions released, with a
+    WARNING naming both call sites); from async code use :func:`aconfigure`.
 
     Raises:
         ConfigurationError: an option is unknown or out of range, or the URL is invalid.
             The old manager is kept in that case.
-
-    Example:
-        >>> configure("postgresql://app@db/app", max_connections=10)  # doctest: +SKIP
     """
-    new = ExecutionConnectionManager(database_url, **options)
-    old = swap_default_manager(new)
+    url, options = options_with_env(database_url, options)
+    new = ExecutionConnectionManager(url, **options)
+    old = swap_default_manager(new, _site=call_site())
     if old is not None:
         old.close()
     return new
@@ -577,8 +591,9 @@ def configure(database_url: str | None = None, **options: Any) -> ExecutionConne
 
 async def aconfigure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
     """Async twin of :func:`configure`: the old manager is closed in a worker thread."""
-    new = ExecutionConnectionManager(database_url, **options)
-    old = swap_default_manager(new)
+    url, options = options_with_env(database_url, options)
+    new = ExecutionConnectionManager(url, **options)
+    old = swap_default_manager(new, _site=call_site())
     if old is not None:
         await old.aclose()
     return new

@@ -7,11 +7,18 @@ inside the functions that need them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
+import json
+import logging
 import math
 import os
 import re
+import sys
+import types
+import typing
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 from urllib.parse import unquote_plus
 
 from langgraph_scoped_conn.errors import ConfigurationError
@@ -19,7 +26,18 @@ from langgraph_scoped_conn.errors import ConfigurationError
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-__all__ = ["STRATEGIES", "ScopedConnSettings", "Strategy", "redact_url", "safe_url"]
+__all__ = [
+    "ENV_PREFIX",
+    "STRATEGIES",
+    "ScopedConnSettings",
+    "Strategy",
+    "options_with_env",
+    "redact_url",
+    "safe_url",
+    "shown_url",
+]
+
+logger = logging.getLogger("langgraph_scoped_conn")
 
 Strategy = Literal["auto", "shared", "per_execution", "pooler"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -248,6 +266,10 @@ def parse_url(url: str | URL) -> URL:
     from sqlalchemy.exc import ArgumentError
 
     if isinstance(url, URL):
+        if url.drivername in ("postgresql", "postgres"):
+            chosen = url.set(drivername=f"postgresql+{default_pg_driver()}")
+            _remember_implicit(chosen)
+            return _password_from_query(chosen)
         return _password_from_query(url)
     if not isinstance(url, str):
         raise ConfigurationError(
@@ -255,6 +277,9 @@ def parse_url(url: str | URL) -> URL:
         )
     if url.startswith("postgres://"):
         url = "postgresql://" + url.removeprefix("postgres://")
+    implicit = url.startswith("postgresql://")
+    if implicit:  # SQLAlchemy would pick psycopg 3, which the core does not depend on
+        url = f"postgresql+{default_pg_driver()}://" + url.removeprefix("postgresql://")
     if url.count("@") > 1 and not url.startswith("sqlite"):
         raise ConfigurationError(
             f"the database URL {redact_url(url)!r} has more than one '@', so part of the "
@@ -271,6 +296,8 @@ def parse_url(url: str | URL) -> URL:
             "sqlite:///path/to/file.db"
         ) from None
     parsed = _password_from_query(parsed)
+    if implicit:
+        _remember_implicit(parsed)
     # Load the dialect now so a missing driver is reported here, naming the URL safely.
     try:
         parsed.get_dialect()
@@ -280,6 +307,41 @@ def parse_url(url: str | URL) -> URL:
             f"({type(exc).__name__}: {redact_url(str(exc))}); install the driver or fix the scheme"
         ) from None
     return parsed
+
+
+def default_pg_driver() -> str:
+    """The driver a ``postgresql://`` URL without ``+driver`` gets.
+
+    ``psycopg`` (3) when it is importable, else ``psycopg2`` (a core dependency).
+    SQLAlchemy 2.1 alone would always pick psycopg 3 and fail without it.
+    """
+    try:
+        found = importlib.util.find_spec("psycopg") is not None
+    except (ImportError, ValueError):  # a broken or blocked module
+        found = False
+    return "psycopg" if found else "psycopg2"
+
+
+#: renderings of parsed URLs whose driver parse_url chose (the URL had none); bounded
+_IMPLICIT_DRIVER: set[str] = set()
+_IMPLICIT_LIMIT = 1024
+
+
+def _remember_implicit(url: URL) -> None:
+    if len(_IMPLICIT_DRIVER) >= _IMPLICIT_LIMIT:
+        _IMPLICIT_DRIVER.clear()
+    _IMPLICIT_DRIVER.add(url.render_as_string(hide_password=False))
+
+
+def shown_url(url: URL) -> str:
+    """``url`` as :func:`safe_url`, with the scheme as the user wrote it.
+
+    A driver that :func:`parse_url` chose for a bare ``postgresql://`` is left out
+    (stats show it under ``driver``); an explicit ``+driver`` stays.
+    """
+    if url.render_as_string(hide_password=False) in _IMPLICIT_DRIVER:
+        return safe_url(url.set(drivername=url.get_backend_name()))
+    return safe_url(url)
 
 
 def resolve_strategy(strategy: Strategy, url: URL) -> Literal["shared", "per_execution", "pooler"]:
@@ -345,6 +407,110 @@ def _password_from_query(url: URL) -> URL:
             "give it once"
         )
     return url.difference_update_query(["password"]).set(password=value)
+
+
+# -- options from the environment ---------------------------------------------------------
+
+#: ``SCOPED_CONN_<OPTION>`` sets an option of :func:`~langgraph_scoped_conn.configure`
+ENV_PREFIX = "SCOPED_CONN_"
+#: variables under the prefix that belong to other modules, not to the settings
+_OTHER_ENV = frozenset({"SCOPED_CONN_DEBUG_TOKEN"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def options_with_env(
+    database_url: str | None, options: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """Fill in the options the caller did not pass from ``SCOPED_CONN_<OPTION>`` variables.
+
+    Each value is parsed by the option's type (``none`` turns an optional one off;
+    ``engine_options`` is JSON); blank values are ignored.  Explicit arguments win.  A
+    variable under the prefix that is a near miss of an option's name is logged as a
+    WARNING; other unknown ones (``SCOPED_CONN_DEBUG_TOKEN``, the HTTP module's) are
+    left alone.
+
+    Raises:
+        ConfigurationError: naming the variable and what it expects.
+    """
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(ScopedConnSettings)
+    merged = dict(options)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in _OTHER_ENV:
+            continue
+        option, raw = name.removeprefix(ENV_PREFIX).lower(), env[name]
+        if option not in hints:
+            close = difflib.get_close_matches(option, list(hints), n=1, cutoff=0.8)
+            if close:
+                logger.warning(
+                    "%s is not an option and is ignored; did you mean %s%s?",
+                    name,
+                    ENV_PREFIX,
+                    close[0].upper(),
+                )
+            continue
+        if not raw.strip() or option in merged:
+            continue
+        if option == "database_url":
+            database_url = database_url or raw.strip()
+            continue
+        value = _parse_env(name, raw.strip(), hints[option])
+        try:
+            ScopedConnSettings(**{option: value})
+        except ConfigurationError as exc:
+            raise ConfigurationError(redact_url(f"{name}={raw!r}: {exc}")) from None
+        merged[option] = value
+    return database_url, merged
+
+
+def _parse_env(name: str, text: str, hint: Any) -> Any:
+    args = get_args(hint)
+    optional = get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if text.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    expected: str
+    if get_origin(hint) is Literal:
+        if text in get_args(hint):
+            return text
+        expected = f"one of {', '.join(get_args(hint))}"
+    elif hint is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        expected = "true or false (also 1/0, yes/no, on/off)"
+    elif hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            expected = "a whole number"
+    elif hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            expected = "a number of seconds"
+    elif hint is str:
+        return text
+    else:  # engine_options
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return value
+        expected = 'a JSON object of create_engine() arguments, e.g. {"echo": true}'
+    if optional:
+        expected += ", or none to disable"
+    raise ConfigurationError(redact_url(f"{name}={text!r} must be {expected}"))
+
+
+def call_site(skip: str = __name__.rpartition(".")[0]) -> str:
+    """``file:line`` of the innermost caller outside the package, for messages."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(skip):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 def _is_number(value: object) -> bool:
