@@ -29,7 +29,12 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
 from langgraph_scoped_conn.execution import Checkout, Execution
 from langgraph_scoped_conn.pool import BudgetPool, PoolCounters
-from langgraph_scoped_conn.settings import ScopedConnSettings, resolve_strategy, safe_url
+from langgraph_scoped_conn.settings import (
+    ScopedConnSettings,
+    resolve_strategy,
+    safe_url,
+    shown_url,
+)
 
 __all__ = ["CLEAN_KEY", "PoolHandle", "ScopedEngine", "mark_clean"]
 
@@ -232,10 +237,13 @@ class PoolHandle:
 
     def snapshot(self) -> dict[str, Any]:
         """Plain values for the stats payload."""
+        pool = self.engine.pool
         return {
-            "url": self.safe_url,
+            "url": shown_url(self.url),
             "strategy": self.strategy,
             "dialect": self.dialect_name,
+            "driver": self.url.get_driver_name(),
+            "waiting": pool.requests_waiting() if isinstance(pool, BudgetPool) else 0,
             "execution_id": self.execution_id,
             "max_connections": self.size,
             "in_use": self.in_use(),

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
@@ -34,16 +35,29 @@ class PoolCounters:
         "checkins",
         "checkouts",
         "closed",
+        "connect_errors",
         "lock",
         "opened",
         "peak_in_use",
         "peak_open",
+        "peak_wait_us",
         "resets",
         "timeouts",
+        "wait_us",
         "waits",
     )
 
-    NAMES = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts", "resets")
+    NAMES = (
+        "opened",
+        "closed",
+        "checkouts",
+        "checkins",
+        "waits",
+        "timeouts",
+        "resets",
+        "wait_us",
+        "connect_errors",
+    )
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -54,6 +68,9 @@ class PoolCounters:
         self.waits = 0
         self.timeouts = 0
         self.resets = 0  # session resets (DISCARD ALL) of connections that may be dirty
+        self.wait_us = 0  # microseconds requests spent waiting for the budget, in total
+        self.peak_wait_us = 0  # the longest such wait
+        self.connect_errors = 0  # new server connections that failed to open
         self.peak_open = 0
         self.peak_in_use = 0
 
@@ -75,6 +92,12 @@ class PoolCounters:
         with self.lock:
             self.checkins += 1
 
+    def on_waited(self, seconds: float) -> None:
+        micros = int(seconds * 1_000_000)
+        with self.lock:
+            self.wait_us += micros
+            self.peak_wait_us = max(self.peak_wait_us, micros)
+
     def add(self, name: str) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
@@ -85,6 +108,7 @@ class PoolCounters:
             values = {name: getattr(self, name) for name in self.NAMES}
             values["peak_open"] = self.peak_open
             values["peak_in_use"] = self.peak_in_use
+            values["peak_wait_us"] = self.peak_wait_us
         return values
 
 
@@ -124,6 +148,20 @@ class BudgetPool(QueuePool):
         self._line: collections.deque[object] = collections.deque()
         #: ids of the threads waiting for a connection right now
         self.waiting: set[int] = set()
+        creator = self._invoke_creator
+
+        def invoke_creator(rec: ConnectionPoolEntry) -> DBAPIConnection:
+            # every server connect goes through here (a new slot, or a reconnect of an
+            # invalidated one at checkout): count the failures, as psycopg_pool does
+            try:
+                connection: DBAPIConnection = creator(rec)
+            except Exception:
+                with self.counters.lock:
+                    self.counters.connect_errors += 1
+                raise
+            return connection
+
+        self._invoke_creator = invoke_creator
 
     def recreate(self) -> BudgetPool:
         pool = super().recreate()
@@ -138,8 +176,19 @@ class BudgetPool(QueuePool):
             entry = self._take_idle()
             if entry is not None:
                 return entry
-        deadline = time.monotonic() + self._timeout
+        start = time.monotonic()
         ticket = _Ticket()
+        try:
+            return self._wait_in_line(ticket, start + self._timeout)
+        finally:
+            if ticket.waited:  # psycopg_pool's requests_wait_ms counts requests that queued
+                self.counters.on_waited(time.monotonic() - start)
+
+    def requests_waiting(self) -> int:
+        """Callers waiting for a connection right now (in line, or at its head and blocked)."""
+        return len(self._line)
+
+    def _wait_in_line(self, ticket: _Ticket, deadline: float) -> ConnectionPoolEntry:
         thread = threading.get_ident()
         with self._gate:
             self.waiting.add(thread)
@@ -199,7 +248,8 @@ class BudgetPool(QueuePool):
         if cycle is not None:
             raise self._budget_error(cycle)
         head = self._line[0]  # this caller's ticket
-        if not (isinstance(head, _Ticket) and head.waited):
+        if isinstance(head, _Ticket) and not head.waited:
+            head.waited = True
             with self.counters.lock:
                 self.counters.waits += 1
         try:

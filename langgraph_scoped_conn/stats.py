@@ -13,6 +13,12 @@ from typing import Any
 __all__ = ["build_stats"]
 
 _POOL_COUNTERS = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts", "resets")
+#: counters named as psycopg_pool names them (``connections_errors``, ``requests_wait_ms``)
+_LATER_COUNTERS = ("wait_us", "connect_errors")
+
+
+def _ms(micros: int) -> float:
+    return round(micros / 1000, 3)
 
 
 def build_stats(
@@ -32,21 +38,25 @@ def build_stats(
     live ``per_execution`` executions); ``retired`` holds the summed counters of
     per-execution pools already disposed.
     """
-    totals = {name: retired.get(name, 0) for name in _POOL_COUNTERS}
+    totals = {name: retired.get(name, 0) for name in _POOL_COUNTERS + _LATER_COUNTERS}
     peak_open = retired.get("peak_open", 0)
+    peak_wait = retired.get("peak_wait_us", 0)
     rows = []
-    in_use = idle = 0
+    in_use = idle = waiting = 0
     for pool in pools:
         c = pool["counters"]
-        for name in _POOL_COUNTERS:
+        for name in _POOL_COUNTERS + _LATER_COUNTERS:
             totals[name] += c[name]
         peak_open = max(peak_open, c["peak_open"])
+        peak_wait = max(peak_wait, c["peak_wait_us"])
         in_use += pool["in_use"]
         idle += pool["idle"]
+        waiting += pool["waiting"]
         row = {
             "url": pool["url"],
             "strategy": pool["strategy"],
             "dialect": pool["dialect"],
+            "driver": pool["driver"],
             "max_connections": pool["max_connections"],
             "connections_in_use": pool["in_use"],
             "connections_idle": pool["idle"],
@@ -55,6 +65,10 @@ def build_stats(
             **{
                 f"connections_{k}" if k in ("opened", "closed") else k: c[k] for k in _POOL_COUNTERS
             },
+            "requests_waiting": pool["waiting"],
+            "requests_wait_ms": _ms(c["wait_us"]),
+            "requests_wait_max_ms": _ms(c["peak_wait_us"]),
+            "connections_errors": c["connect_errors"],
         }
         if pool["execution_id"] is not None:
             row["execution_id"] = pool["execution_id"]
@@ -79,6 +93,10 @@ def build_stats(
         "checkins": totals["checkins"],
         "checkout_waits": totals["waits"],
         "checkout_timeouts": totals["timeouts"],
+        "requests_waiting": waiting,
+        "requests_wait_ms": _ms(totals["wait_us"]),
+        "requests_wait_max_ms": _ms(peak_wait),
+        "connections_errors": totals["connect_errors"],
         "session_resets": totals["resets"],
         "peak_connections": peak_open,
         "draining_executions": draining,

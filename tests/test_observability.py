@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, TypedDict
@@ -351,3 +352,130 @@ def test_importing_the_package_imports_neither_starlette_nor_prometheus() -> Non
             [sys.executable, "-c", snippet], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr
+
+
+# -- psycopg_pool-style pool stats, per-pool metrics ----------------------------------------
+
+
+def test_three_threads_on_a_budget_of_one_wait_at_most_twice(configure_default: Any) -> None:
+    mgr = configure_default(max_connections=1, pool_timeout=30)
+    holding = threading.Event()
+    release = threading.Event()
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with (
+                lsc.ExecutionScope("holder"),
+                lsc.create_execution_scoped_engine_sync().connect() as conn,
+            ):
+                conn.execute(text("select 1"))
+                holding.set()
+                release.wait(30)
+        except BaseException as exc:
+            errors.append(exc)
+            holding.set()
+
+    def waiter(i: int) -> None:
+        try:
+            with (
+                lsc.ExecutionScope(f"waiter-{i}"),
+                lsc.create_execution_scoped_engine_sync().connect() as conn,
+            ):
+                conn.execute(text("select 1"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert holding.wait(30)
+    threads += [threading.Thread(target=waiter, args=(i,)) for i in (1, 2)]
+    for t in threads[1:]:
+        t.start()
+    eventually(lambda: mgr.get_stats()["requests_waiting"] == 2, "both waiters are in line")
+    stats = mgr.get_stats()
+    assert stats["pools"][0]["requests_waiting"] == 2
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    stats = mgr.get_stats()
+    assert stats["checkouts"] == 3
+    assert stats["checkout_waits"] <= 2  # one per request that waited, never more
+    assert stats["checkout_waits"] == 2  # both queued behind the holder
+    assert stats["requests_waiting"] == 0
+    assert stats["requests_wait_ms"] > 0
+    assert 0 < stats["requests_wait_max_ms"] <= stats["requests_wait_ms"]
+    (pool,) = stats["pools"]
+    assert pool["requests_wait_ms"] == stats["requests_wait_ms"]
+    assert pool["requests_wait_max_ms"] == stats["requests_wait_max_ms"]
+    assert pool["waits"] == 2
+
+
+def test_a_failed_server_connect_is_counted(configure_default: Any, pg_db: Database) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    missing = make_url(pg_db.url).set(database=f"{pg_db.name}_missing")
+    mgr = configure_default(missing.render_as_string(hide_password=False))
+    with lsc.ExecutionScope("no-such-db"), pytest.raises(OperationalError):
+        lsc.create_execution_scoped_engine_sync().connect()
+    stats = mgr.get_stats()
+    assert stats["connections_errors"] == 1
+    assert stats["pools"][0]["connections_errors"] == 1
+    assert stats["connections_opened"] == 0
+    assert stats["checkout_timeouts"] == 0
+    m = scrape(mgr)
+    assert m["langgraph_scoped_conn_connections_errors_total"] == 1
+
+
+def labelled(manager: ExecutionConnectionManager) -> dict[tuple[str, tuple[Any, ...]], float]:
+    body, _ = render_latest(manager)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_labelled_per_pool_and_count_scope_failures(
+    configure_default: Any, pg_db: Database
+) -> None:
+    mgr = configure_default(max_connections=1, pool_timeout=0.2)
+    other_url = pg_db.url_with("psycopg")
+    with lsc.ExecutionScope("two-pools"):
+        held = lsc.create_execution_scoped_engine_sync().connect()
+        held.execute(text("select 1"))
+        with lsc.ExecutionScope("starved"), pytest.raises(lsc.ConnectionBudgetExceededError):
+            lsc.create_execution_scoped_engine_sync().connect()
+        with lsc.create_execution_scoped_engine_sync(other_url).connect() as conn:
+            conn.execute(text("select 1"))
+        held.close()
+
+    def broken_id(run: Any) -> str:
+        raise RuntimeError("no id")
+
+    builder = StateGraph(State)
+    builder.add_node("noop", lambda state: {"n": state["n"] + 1})
+    builder.add_edge(START, "noop")
+    builder.add_edge("noop", END)
+    lsc.with_scoped_connections(builder.compile(), execution_id=broken_id).invoke({"n": 0})
+    mgr.drain()
+
+    stats = mgr.get_stats()
+    urls = sorted(p["url"] for p in stats["pools"])
+    assert len(urls) == 2 and all("***" not in u or ":***@" in u for u in urls)
+    m = labelled(mgr)
+    for url in urls:
+        labels = (("pool", url), ("strategy", "shared"))
+        assert m["langgraph_scoped_conn_pool_checkouts_total", labels] == 1
+        assert m["langgraph_scoped_conn_pool_connections_in_use", labels] == 0
+        assert m["langgraph_scoped_conn_pool_max_connections", labels] == 1
+        assert m["langgraph_scoped_conn_pool_requests_waiting", labels] == 0
+    first = next(p for p in stats["pools"] if p["driver"] == "psycopg2")
+    labels = (("pool", first["url"]), ("strategy", "shared"))
+    assert m["langgraph_scoped_conn_pool_checkout_timeouts_total", labels] == 1
+    assert m["langgraph_scoped_conn_pool_checkout_wait_seconds_count", labels] == 1
+    assert m["langgraph_scoped_conn_pool_checkout_wait_seconds_sum", labels] > 0
+    assert m["langgraph_scoped_conn_scope_open_failures_total", ()] == 1
+    assert stats["scope_open_failures"] == 1
