@@ -200,20 +200,6 @@ async def _run(args: argparse.Namespace, url: str, console: Any) -> tuple[Any, A
     return scoped, naive
 
 
-_ROWS = (
-    ("executions", "executions"),
-    ("succeeded", "succeeded"),
-    ("failed", "failed"),
-    ("failed with 'too many clients'", "too_many_clients"),
-    ("connections opened", "connections_opened"),
-    ("connections reused", "connections_reused"),
-    ("connections released", "connections_released"),
-    ("leaks reclaimed", "leaks_reclaimed"),
-    ("peak connections", "peak_connections"),
-    ("connections open after the runs", "open_after_runs"),
-)
-
-
 def _print_table(console: Any, scoped: Any, naive: Any, budget: int) -> None:
     from rich.table import Table
 
@@ -222,7 +208,9 @@ def _print_table(console: Any, scoped: Any, naive: Any, budget: int) -> None:
     table.add_column("scoped", justify="right")
     if naive is not None:
         table.add_column("naive (from_uri per call)", justify="right")
-    for label, key in _ROWS:
+    from langgraph_scoped_conn.demo.runner import ROWS
+
+    for label, key in ROWS:
         row = [label, str(getattr(scoped, key))]
         if naive is not None:
             row.append(str(getattr(naive, key)))

@@ -80,7 +80,9 @@ def test_demo_on_the_embedded_sqlite_default(tmp_path: Path) -> None:
     assert stats["scopes_opened"] == stats["scopes_closed"] == 20
     assert stats["active_executions"] == 0
     assert stats["connections_in_use"] == 0
-    assert table_value(out, "connections released") == stats["checkins"] == stats["checkouts"]
+    assert table_value(out, "connections returned to a pool") == stats["checkins"]
+    assert stats["checkins"] == stats["checkouts"]
+    assert table_value(out, "connections closed") == stats["connections_closed"]
     assert table_value(out, "connections reused") == stats["connections_reused"] > 0
 
 

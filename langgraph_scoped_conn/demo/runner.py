@@ -25,7 +25,7 @@ from langgraph_scoped_conn.demo.model import QUERY_TOOL, ScriptedSQLChatModel
 from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.settings import parse_url, redact_url
 
-__all__ = ["QUESTIONS", "RunReport", "is_too_many_clients", "run_naive", "run_scoped"]
+__all__ = ["QUESTIONS", "ROWS", "RunReport", "is_too_many_clients", "run_naive", "run_scoped"]
 
 #: The questions the demo's executions ask, in turn.
 QUESTIONS: tuple[str, ...] = (
@@ -62,7 +62,8 @@ class RunReport:
     connections_refused: int = 0
     connections_opened: int = 0
     connections_reused: int = 0
-    connections_released: int = 0
+    connections_returned: int = 0
+    connections_closed: int = 0
     leaks_reclaimed: int = 0
     peak_connections: int = 0
     open_after_runs: int = 0
@@ -72,6 +73,23 @@ class RunReport:
     def as_dict(self) -> dict[str, Any]:
         """The report as a JSON-safe dict."""
         return dataclasses.asdict(self)
+
+
+#: The demo table's rows: (label, :class:`RunReport` field).  Each label says what the
+#: row counts, the same way in both modes.
+ROWS: tuple[tuple[str, str], ...] = (
+    ("executions", "executions"),
+    ("succeeded", "succeeded"),
+    ("failed", "failed"),
+    ("failed with 'too many clients'", "too_many_clients"),
+    ("connections opened", "connections_opened"),
+    ("connections reused", "connections_reused"),
+    ("connections returned to a pool", "connections_returned"),
+    ("connections closed", "connections_closed"),
+    ("leaks reclaimed", "leaks_reclaimed"),
+    ("peak connections", "peak_connections"),
+    ("connections open after the runs", "open_after_runs"),
+)
 
 
 def is_too_many_clients(error: BaseException) -> bool:
@@ -131,7 +149,8 @@ async def run_scoped(
     report.stats = stats
     report.connections_opened = stats["connections_opened"]
     report.connections_reused = stats["connections_reused"]
-    report.connections_released = stats["checkins"]
+    report.connections_returned = stats["checkins"]
+    report.connections_closed = stats["connections_closed"]
     report.leaks_reclaimed = stats["leaks_reclaimed"]
     report.peak_connections = stats["peak_connections"]
     report.open_after_runs = stats["connections_in_use"] + stats["connections_idle"]
@@ -162,7 +181,8 @@ async def run_naive(
         await _run_all(graph, executions, questions, report, progress)
         report.connections_opened = naive.opened
         report.connections_reused = max(naive.checkouts - naive.opened, 0)
-        report.connections_released = naive.closed
+        report.connections_returned = naive.checkins
+        report.connections_closed = naive.closed
         report.peak_connections = naive.peak
         report.open_after_runs = naive.opened - naive.closed
     finally:
@@ -216,7 +236,7 @@ class _NaiveDatabases:
         self.lock = threading.Lock()
         self.engines: list[Any] = []
         self.leaked: list[Any] = []
-        self.opened = self.closed = self.checkouts = self.peak = self.refused = 0
+        self.opened = self.closed = self.checkouts = self.checkins = self.peak = self.refused = 0
 
     def provide(self, runtime: Any) -> Any:
         from sqlalchemy import event
@@ -234,6 +254,7 @@ class _NaiveDatabases:
         event.listen(engine.pool, "close", lambda *_: self._count(closed=1))
         event.listen(engine.pool, "close_detached", lambda *_: self._count(closed=1))
         event.listen(engine.pool, "checkout", lambda *_: self._count(checkouts=1))
+        event.listen(engine.pool, "checkin", lambda *_: self._count(checkins=1))
         with self.lock:
             self.engines.append(engine)
         try:
@@ -244,11 +265,14 @@ class _NaiveDatabases:
                     self.refused += 1
             raise
 
-    def _count(self, opened: int = 0, closed: int = 0, checkouts: int = 0) -> None:
+    def _count(
+        self, opened: int = 0, closed: int = 0, checkouts: int = 0, checkins: int = 0
+    ) -> None:
         with self.lock:
             self.opened += opened
             self.closed += closed
             self.checkouts += checkouts
+            self.checkins += checkins
             self.peak = max(self.peak, self.opened - self.closed)
 
     def dispose_all(self) -> None:
