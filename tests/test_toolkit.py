@@ -275,10 +275,12 @@ def test_tool_takes_the_run_database_from_its_config(configure_default: Any) -> 
     manager = configure_default(max_connections=3)
 
     @tool
-    def count_orders(config: RunnableConfig) -> str:
+    def count_orders(config: RunnableConfig, runtime: ToolRuntime) -> str:
         """Count the orders."""
         db = config["configurable"]["sql_database"]
+        assert db is runtime.config["configurable"]["sql_database"]
         assert db.resolve() is lsc.get_scoped_sql_database(config)
+        assert db.resolve(runtime) is db.resolve() is PROXY.resolve(runtime)
         return f"{type(db).__name__} {db.run_no_throw('select count(*) from orders')}"
 
     builder = StateGraph(MessagesState)
@@ -411,14 +413,7 @@ async def test_runtime_argument_in_create_agent_middleware(configure_default: An
         if not counts:
             counts.append(lsc.get_scoped_sql_database(runtime).run("select count(*) from orders"))
 
-    @tool
-    def count_with_tool_runtime(runtime: ToolRuntime) -> str:
-        """Count the customers."""
-        return str(PROXY.resolve(runtime).run("select count(*) from customers"))
-
-    graph = lsc.with_scoped_connections(
-        create_agent(MODEL, [*TOOLS, count_with_tool_runtime], middleware=[count_first])
-    )
+    graph = lsc.with_scoped_connections(create_agent(MODEL, TOOLS, middleware=[count_first]))
     state = await graph.ainvoke({"messages": [("user", "How many orders are there?")]})
     assert state["messages"][-1].content == ORDERS_ANSWER
     assert counts == ["[(500,)]"]
