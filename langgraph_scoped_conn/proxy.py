@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["ScopedSQLDatabaseProxy"]
 
 #: Instance attributes of SQLDatabase / ScopedSQLDatabase that code outside the class
-#: reads (``db._engine``, ``db._usable_tables``...): read from the run's object.  Any
-#: other missing attribute is an AttributeError, so ``hasattr(proxy, "model_dump")``
-#: (asked by serialisers, outside any run) is False instead of an error.
+#: reads (``db._engine``, ``db._usable_tables``...): read from the run's object, like
+#: the attributes of the ScopedSQLDatabase class.  Any other missing attribute is an
+#: AttributeError, so ``hasattr(proxy, "model_dump")`` (asked by serialisers, outside
+#: any run) is False instead of an error.
 _FORWARDED = frozenset(
     {
         "_engine",
@@ -142,8 +143,9 @@ class ScopedSQLDatabaseProxy(SQLDatabase):
         )
 
     def __getattr__(self, name: str) -> Any:
-        # only called for attributes the proxy lacks: the SQLDatabase state it never had
-        if name in _FORWARDED:
+        # only called for attributes the proxy lacks: the SQLDatabase state it never had,
+        # and what ScopedSQLDatabase adds (read_only, async methods): the run's object
+        if name in _FORWARDED or (not name.startswith("__") and hasattr(ScopedSQLDatabase, name)):
             return getattr(self.resolve(), name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 

@@ -209,6 +209,8 @@ async def test_each_run_resolves_its_own_scoped_database(configure_default: Any)
         assert behind is lsc.get_scoped_sql_database(config)  # the run's own object
         assert behind is PROXY.resolve()  # and the same one for the whole run
         assert PROXY.run("select count(*) from orders") == "[(500,)]"
+        assert PROXY.read_only is False and READ_ONLY_PROXY.read_only is True
+        assert READ_ONLY_PROXY.resolve() is not behind  # other options, another object
         barrier.wait()  # both runs are live at once
         seen.append((behind, lsc.current_execution(), behind._engine.execution_id))
         return {}
