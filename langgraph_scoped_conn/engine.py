@@ -15,8 +15,10 @@ only thing that ran on it was the guarded read-only path, which leaves nothing b
 from __future__ import annotations
 
 import logging
+import select
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine
 from sqlalchemy.engine.base import OptionEngine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
@@ -46,6 +49,11 @@ CHECKOUT_KEY = "langgraph_scoped_conn.checkout"
 TAGGED_KEY = "langgraph_scoped_conn.tagged"
 #: Key under ``ConnectionPoolEntry.info``: this checkout left no session state behind.
 CLEAN_KEY = "langgraph_scoped_conn.clean"
+#: Key under ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was last checked in.
+CHECKED_IN_KEY = "langgraph_scoped_conn.checked_in"
+#: Seconds a pooled PostgreSQL connection may sit idle before its next checkout pings
+#: the server first (``pool_pre_ping=True``, strategies ``shared`` and ``pooler``).
+PRE_PING_IDLE = 5.0
 
 
 def mark_clean(connection: Connection) -> None:
@@ -195,6 +203,11 @@ class PoolHandle:
         self._prototype: ScopedEngine | None = None
         #: thread id -> the execution it checks a connection out for, while it does
         self.connecting: dict[int, Execution] = {}
+        #: ping at checkout only a connection idle longer than this, or whose socket has
+        #: something to read (the server's goodbye); None: SQLAlchemy's ping every time
+        self.pre_ping_idle: float | None = None
+        if settings.pool_pre_ping and is_pg and self.strategy != "per_execution":
+            self.pre_ping_idle = PRE_PING_IDLE
         self.engine = self._create_engine(per_execution_id)
         pool = self.engine.pool
         if isinstance(pool, BudgetPool):
@@ -203,6 +216,8 @@ class PoolHandle:
                 pool.find_deadlock = lambda: find_deadlock(self)
             pool.counters = self.counters
         self.dialect_name = self.engine.dialect.name
+        if self.pre_ping_idle is not None:
+            self._install_pre_ping()
         self._install_listeners()
 
     @property
@@ -257,7 +272,7 @@ class PoolHandle:
         connect_args: dict[str, Any] = {}
         options: dict[str, Any] = {
             "pool_recycle": s.pool_recycle,
-            "pool_pre_ping": s.pool_pre_ping,
+            "pool_pre_ping": s.pool_pre_ping and self.pre_ping_idle is None,
             "pool_timeout": s.pool_timeout,
         }
         backend = url.get_backend_name()
@@ -300,6 +315,39 @@ class PoolHandle:
             connect_args=connect_args,
             **options,
         )
+
+    def _install_pre_ping(self) -> None:
+        """Ping at checkout only when a connection may have gone stale (0 round trips usually).
+
+        SQLAlchemy's ``pool_pre_ping`` costs a round trip per checkout.  Here a connection
+        is pinged when it sat idle longer than :attr:`pre_ping_idle` (a firewall or NAT
+        may have dropped it silently), or when its socket has something to read: an idle
+        connection is sent nothing unless the server is ending it (a restart, a
+        ``pg_terminate_backend``, ``idle_session_timeout``), so that check costs a
+        ``poll()`` and no round trip.  A failed ping raises ``DisconnectionError``, and
+        SQLAlchemy hands out a new connection instead.
+        """
+        dialect = self.engine.dialect
+
+        def ping_if_stale(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+            checked_in = record.info.get(CHECKED_IN_KEY)
+            limit = self.pre_ping_idle
+            if checked_in is None or limit is None:
+                return  # opened for this checkout
+            if time.monotonic() - checked_in <= limit and not _has_input(dbapi_connection):
+                return
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}") from exc
+
+        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            if dbapi_connection is not None:
+                record.info[CHECKED_IN_KEY] = time.monotonic()
+
+        # before the counting listeners: a failed ping retries the checkout
+        event.listen(self.engine.pool, "checkout", ping_if_stale)
+        event.listen(self.engine.pool, "checkin", on_checkin)
 
     def _install_listeners(self) -> None:
         counters = self.counters
@@ -375,6 +423,19 @@ def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:
             "transaction (PgBouncer rejects it). Remove it and use SET LOCAL inside the "
             "transaction, or use strategy='shared' when connecting to PostgreSQL directly"
         )
+
+
+def _has_input(dbapi_connection: Any) -> bool:
+    """True if an idle connection's socket can be read (or cannot be checked)."""
+    try:
+        fd = dbapi_connection.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fd], [], [], 0)[0])
+    except Exception:
+        return True  # ping rather than hand out a connection nobody checked
 
 
 def _discard_all(dbapi_connection: Any) -> bool:
