@@ -12,6 +12,8 @@ silenced, so the core never depends on it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import threading
 import warnings
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
 from langgraph_scoped_conn.engine import mark_clean
@@ -58,6 +60,8 @@ __all__ = [
     "schema_cache",
 ]
 
+logger = logging.getLogger("langgraph_scoped_conn")
+
 #: Options of new_scoped_sql_database that are not SQLDatabase keyword arguments.
 _SCOPE_OPTIONS = frozenset({"read_only", "statement_timeout", "max_query_length"})
 #: Functions that run SQL text of their own, which the guard cannot see into: a guarded
@@ -68,6 +72,22 @@ _DYNAMIC_SQL = re.compile(r"(?i)(?:query|cursor)_to_xml|dblink")
 #: transaction_read_only).
 _READ_ONLY_SQLSTATES = frozenset({"25006", "25001"})
 _READ_ONLY_DIALECTS = ("postgresql", "sqlite")
+#: One plain statement that is a transaction of its own in autocommit mode, exactly as
+#: between BEGIN and COMMIT: it starts with a query or DML keyword and has no semicolon
+#: but an optional last one (a semicolon anywhere else, even in a string or a comment,
+#: takes the BEGIN/COMMIT path: that errs on the safe side).
+_LONE_STATEMENT = re.compile(
+    r"\s*(?:select|insert|update|delete|with|values|table|merge)\b[^;]*;?\s*",
+    re.IGNORECASE,
+)
+#: Ends a read-only transaction in one round trip, whether the query succeeded or
+#: failed: the rollback works in an aborted transaction too, and the session advisory
+#: locks the query may have taken are dropped after it, in their own transaction.
+_END_READ_ONLY = "ROLLBACK; SELECT pg_advisory_unlock_all()"
+_UNCHANGED = object()
+#: Managers that have already logged the "run() on the event loop" warning.
+_warned_on_loop: weakref.WeakSet[ExecutionConnectionManager] = weakref.WeakSet()
+_warned_lock = threading.Lock()
 
 
 class ScopedSQLDatabase(SQLDatabase):
@@ -128,6 +148,19 @@ class ScopedSQLDatabase(SQLDatabase):
             command = check_read_only_sql(
                 command, max_length=self._lsc_max_query_length, dialect=dialect
             )
+        if (
+            dialect == "postgresql"
+            and isinstance(command, str)
+            and (
+                self._lsc_read_only
+                or (
+                    self._schema is None
+                    and not execution_options
+                    and _LONE_STATEMENT.fullmatch(command) is not None
+                )
+            )
+        ):
+            return self._execute_autocommit(command, fetch, parameters, execution_options)
         if isinstance(command, str):
             command = text(command)
         elif not isinstance(command, Executable):
@@ -139,28 +172,11 @@ class ScopedSQLDatabase(SQLDatabase):
                 cursor = connection.execute(
                     command, parameters or {}, execution_options=execution_options or {}
                 )
-                result: Any = []
-                if cursor.returns_rows:
-                    if fetch == "all":
-                        result = [x._asdict() for x in cursor.fetchall()]
-                    elif fetch == "one":
-                        first = cursor.fetchone()
-                        result = [] if first is None else [first._asdict()]
-                    elif fetch == "cursor":
-                        result = cursor.freeze()
-                    else:
-                        raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
+                result = _fetch(cursor, fetch)
             except DBAPIError as exc:
                 transaction.rollback()
-                code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-                if self._lsc_read_only and (
-                    code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig)
-                ):
-                    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else code
-                    raise ReadOnlyViolationError(
-                        f"the database refused this statement in read-only mode ({reason}); "
-                        "only queries that read may run here"
-                    ) from exc
+                if self._lsc_read_only:
+                    _raise_if_read_only_refusal(exc)
                 raise
             except BaseException:
                 transaction.rollback()
@@ -170,8 +186,6 @@ class ScopedSQLDatabase(SQLDatabase):
                     if connection.in_transaction():
                         transaction.rollback()
                     connection.exec_driver_sql("PRAGMA query_only = OFF")
-            if self._lsc_read_only and dialect == "postgresql":
-                _end_read_only(connection, transaction, command)
             if connection.in_transaction():
                 # the connection's current transaction: after the SQLite PRAGMA above it is
                 # a new, autobegun one, and ``transaction`` is already rolled back
@@ -181,15 +195,72 @@ class ScopedSQLDatabase(SQLDatabase):
                     connection.commit()
             return result
 
+    def _execute_autocommit(
+        self,
+        command: str,
+        fetch: Literal["all", "one", "cursor"],
+        parameters: dict[str, Any] | None,
+        execution_options: dict[str, Any] | None,
+    ) -> Any:
+        """PostgreSQL with the connection in autocommit mode, to save round trips.
+
+        A guarded read-only statement costs three: ``BEGIN READ ONLY; SET LOCAL
+        statement_timeout = N`` in one, the query, and ``ROLLBACK; SELECT
+        pg_advisory_unlock_all()`` in one (the driver would send BEGIN, SET TRANSACTION,
+        SET LOCAL, the unlock and ROLLBACK one by one).  A lone plain statement
+        (:data:`_LONE_STATEMENT`) is a transaction of its own, exactly as between the
+        driver's BEGIN and COMMIT, and costs one.  The connection leaves autocommit mode
+        before it goes back to the pool; one whose transaction could not be ended is
+        invalidated, never handed out again.
+        """
+        read_only = self._lsc_read_only
+        with self._engine.connect() as connection:
+            raw: Any = connection.connection.dbapi_connection
+            raw.autocommit = True
+            in_transaction = False
+            threshold = _UNCHANGED
+            if read_only and hasattr(raw, "prepare_threshold"):
+                # psycopg 3 prepares a statement on its 5th run and forgets every prepared
+                # statement when it sees the ROLLBACK below (then DEALLOCATE ALL): a
+                # statement that is rolled back right after gains nothing from it
+                threshold, raw.prepare_threshold = raw.prepare_threshold, None
+            try:
+                if read_only:
+                    in_transaction = True  # from here on only the end may leave it
+                    _simple_query(raw, self._begin_read_only())
+                    if self._schema is not None:
+                        connection.exec_driver_sql(
+                            "SELECT set_config('search_path', %(schema)s, true)",
+                            {"schema": self._schema},
+                        )
+                cursor = connection.execute(
+                    text(command), parameters or {}, execution_options=execution_options or {}
+                )
+                result = _fetch(cursor, fetch)
+            except DBAPIError as exc:
+                if read_only:
+                    _raise_if_read_only_refusal(exc)
+                raise
+            finally:
+                ended = _end_autocommit(connection, raw, in_transaction)
+                if threshold is not _UNCHANGED:
+                    raw.prepare_threshold = threshold
+            if ended and read_only and not _DYNAMIC_SQL.search(command):
+                # the rollback undid everything the statement could change, the unlock
+                # the session advisory locks; a statement that runs SQL text of its own
+                # (query_to_xml('...')) is not marked, and the pool resets that session
+                mark_clean(connection)
+            return result
+
+    def _begin_read_only(self) -> str:
+        timeout = self._lsc_statement_timeout
+        if timeout is None:
+            return "BEGIN READ ONLY"
+        return f"BEGIN READ ONLY; SET LOCAL statement_timeout = {max(int(timeout * 1000), 1)}"
+
     def _prepare_transaction(self, connection: Any, dialect: str) -> None:
         if dialect == "postgresql":
-            if self._lsc_read_only:
-                connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-            timeout = self._lsc_statement_timeout
-            if timeout is not None and self._lsc_read_only:
-                connection.exec_driver_sql(
-                    f"SET LOCAL statement_timeout = {max(int(timeout * 1000), 1)}"
-                )
+            # read-only PostgreSQL statements take _execute_autocommit
             if self._schema is not None:
                 connection.exec_driver_sql(
                     "SELECT set_config('search_path', %(schema)s, true)", {"schema": self._schema}
@@ -198,6 +269,47 @@ class ScopedSQLDatabase(SQLDatabase):
             # query_only lasts for the connection; _execute turns it off in its finally
             connection.exec_driver_sql("PRAGMA query_only = ON")
             connection.info["langgraph_scoped_conn.query_only"] = True
+
+    def run(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
+        """Like ``SQLDatabase.run``; in ``async def`` code, use :meth:`arun` instead.
+
+        Called on a thread that runs an event loop, it blocks every task of that loop
+        until the database answers, and logs one WARNING per manager saying so.
+        """
+        if asyncio._get_running_loop() is not None:
+            self._warn_on_loop()
+        return super().run(command, *args, **kwargs)
+
+    async def arun(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
+        """``run()`` in a worker thread, so the event loop keeps running meanwhile.
+
+        Same arguments and result as ``run()``; it draws from the same budget, and
+        raises ``ScopeClosedError`` once the execution has ended, as ``run()`` does.
+        """
+        return await asyncio.to_thread(super().run, command, *args, **kwargs)
+
+    async def arun_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
+        """``run_no_throw()`` in a worker thread: errors come back as ``"Error: ..."`` text."""
+        return await asyncio.to_thread(self.run_no_throw, command, *args, **kwargs)
+
+    async def aget_table_info(self, table_names: list[str] | None = None, **kwargs: Any) -> str:
+        """``get_table_info()`` in a worker thread (it may query sample rows)."""
+        return await asyncio.to_thread(self.get_table_info, table_names, **kwargs)
+
+    def _warn_on_loop(self) -> None:
+        execution = getattr(self._engine, "_lsc_execution", None)
+        manager = manager_of(execution) if execution is not None else None
+        if manager is None:
+            return
+        with _warned_lock:
+            if manager in _warned_on_loop:
+                return
+            _warned_on_loop.add(manager)
+        logger.warning(
+            "ScopedSQLDatabase.run() was called on the event loop thread; it blocks every run "
+            "of this loop until the database answers. Use `await db.arun(...)` (or "
+            "`await db.arun_no_throw(...)`) in async tools. Logged once per manager"
+        )
 
     def run_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """Like ``SQLDatabase.run_no_throw``: errors come back as ``"Error: ..."`` text.
@@ -217,24 +329,65 @@ class ScopedSQLDatabase(SQLDatabase):
         )
 
 
-def _end_read_only(connection: Any, transaction: Any, command: Any) -> None:
-    """End a guarded read-only statement so that it leaves no session state behind.
+def _fetch(cursor: Any, fetch: str) -> Any:
+    if not cursor.returns_rows:
+        return []
+    if fetch == "all":
+        return [x._asdict() for x in cursor.fetchall()]
+    if fetch == "one":
+        first = cursor.fetchone()
+        return [] if first is None else [first._asdict()]
+    if fetch == "cursor":
+        return cursor.freeze()
+    raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
 
-    Everything a read-only transaction can change is undone by its rollback, except
-    session-level advisory locks (``pg_advisory_lock(1)`` is allowed read-only), which
-    are dropped in the same transaction before it ends.  The connection is then marked
-    clean, so the pool does not reset it; a statement that runs SQL text of its own
-    (``query_to_xml('...')``) is not, and the pool resets that session.
+
+def _raise_if_read_only_refusal(exc: DBAPIError) -> None:
+    """Raise ReadOnlyViolationError if the database refused ``exc``'s statement as a write."""
+    code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+    if code in _READ_ONLY_SQLSTATES or "readonly database" in str(exc.orig):
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else code
+        raise ReadOnlyViolationError(
+            f"the database refused this statement in read-only mode ({reason}); "
+            "only queries that read may run here"
+        ) from exc
+
+
+def _simple_query(dbapi_connection: Any, sql: str) -> None:
+    """Send ``sql`` (several statements allowed) as one simple-protocol query."""
+    cursor = dbapi_connection.cursor()
+    try:
+        if hasattr(dbapi_connection, "prepare_threshold"):
+            # psycopg 3: never as a prepared statement, which holds one statement only
+            cursor.execute(sql, prepare=False)
+        else:
+            cursor.execute(sql)
+    finally:
+        cursor.close()
+
+
+def _end_autocommit(connection: Any, dbapi_connection: Any, in_transaction: bool) -> bool:
+    """End :meth:`ScopedSQLDatabase._execute_autocommit`'s transaction, leave autocommit.
+
+    True when the session is back to where it was, with nothing left behind; otherwise
+    the connection is invalidated (closed, never handed out again) and False returned.
     """
     if connection.invalidated:
-        return  # the session is gone, and its state with it
+        return False  # the session is gone, and its state with it
     try:
-        connection.exec_driver_sql("SELECT pg_advisory_unlock_all()")
-        transaction.rollback()
-    except SQLAlchemyError:
-        return  # a broken connection: the pool resets or discards it
-    if not _DYNAMIC_SQL.search(str(command)):
-        mark_clean(connection)
+        if in_transaction:
+            _simple_query(dbapi_connection, _END_READ_ONLY)
+        if connection.in_transaction():
+            # SQLAlchemy's bookkeeping only: the server has no transaction open, so
+            # neither driver sends anything
+            connection.rollback()
+        dbapi_connection.autocommit = False
+    except Exception as exc:
+        logger.debug("could not end a statement's transaction: %s", type(exc).__name__)
+        if not connection.invalidated:
+            connection.invalidate()
+        return False
+    return True
 
 
 class SchemaCache:
