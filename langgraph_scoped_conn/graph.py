@@ -79,15 +79,17 @@ def with_scoped_connections(
         @with_scoped_connections           # on a graph factory, as langgraph dev accepts
         def make_graph(config): ...
 
-        @with_scoped_connections(execution_id=lambda run: run["configurable"]["thread_id"])
+        @with_scoped_connections(
+            execution_id=lambda run: run["configurable"].get("thread_id") or str(run["run_id"])
+        )
         def make_graph(config): ...
 
     Args:
         graph: a compiled graph, a function returning one (sync or async), or nothing
             to get a decorator.
         manager: the manager; the process default (looked up per run) when ``None``.
-        execution_id: a callable returning the execution id from
-            ``{"run_id", "metadata", "tags", "configurable"}``.
+        execution_id: a callable returning the execution id from the run's
+            ``{"run_id", "configurable", "context", "metadata", "tags"}``.
 
     Returns:
         A compiled graph of the same class (still ``isinstance(x, Pregel)``), or a
