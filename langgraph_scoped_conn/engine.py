@@ -299,14 +299,11 @@ class PoolHandle:
         if self.strategy == "pooler":
             _check_no_session_state(url, connect_args)
         if per_execution_id is not None:
-            # the guide's settings for an engine of one execution
+            # the guide's settings for an engine of one execution; engine_options may
+            # still choose the reset on return
+            options.setdefault("pool_reset_on_return", "commit")
             return create_engine(
-                url,
-                pool_size=2,
-                max_overflow=3,
-                pool_reset_on_return="commit",
-                connect_args=connect_args,
-                **options,
+                url, pool_size=2, max_overflow=3, connect_args=connect_args, **options
             )
         return create_engine(
             url,

@@ -307,3 +307,16 @@ def test_budget_exhausted_raises_a_clear_error_not_a_server_error() -> None:
             f"and application_name = '{APP}'"
         )
         assert count == "0"
+
+
+def test_per_execution_takes_the_reset_on_return_from_engine_options(
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    """engine_options may set pool_reset_on_return; it used to collide with the guide's value."""
+    configure_default(strategy="per_execution", engine_options={"pool_reset_on_return": None})
+    with lsc.ExecutionScope("no-reset"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+        pool = engine.pool
+        assert pool._reset_on_return is not reset_commit  # type: ignore[attr-defined]
