@@ -45,9 +45,8 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 #: Key under ``ConnectionPoolEntry.info`` that links a checked-out entry to its checkout record.
 CHECKOUT_KEY = "langgraph_scoped_conn.checkout"
-#: Key under ``ConnectionPoolEntry.info`` set while a connection carries an execution's name.
-TAGGED_KEY = "langgraph_scoped_conn.tagged"
-#: Key under ``ConnectionPoolEntry.info``: this checkout left no session state behind.
+#: Key under ``ConnectionPoolEntry.info``: this checkout left no session state behind (a
+#: scoped engine's checkout records that on its :class:`Checkout` instead).
 CLEAN_KEY = "langgraph_scoped_conn.clean"
 #: Key under ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was last checked in.
 CHECKED_IN_KEY = "langgraph_scoped_conn.checked_in"
@@ -58,7 +57,11 @@ PRE_PING_IDLE = 5.0
 
 def mark_clean(connection: Connection) -> None:
     """Say that nothing run on ``connection`` in this checkout left session state behind."""
-    connection.info[CLEAN_KEY] = True
+    checkout: Checkout | None = connection.info.get(CHECKOUT_KEY)
+    if checkout is not None:
+        checkout.clean = True
+    else:
+        connection.info[CLEAN_KEY] = True
 
 
 class ScopedConnection(Connection):
@@ -133,7 +136,7 @@ class ScopedEngine(OptionEngine):
         checkout = execution.record(fairy, frame, handle)
         fairy.info[CHECKOUT_KEY] = checkout
         if handle.tag_connections:
-            _tag_connection(fairy, handle, self.execution_id)
+            checkout.tagged = _tag_connection(fairy, handle, self.execution_id)
         return fairy
 
     def connect(self) -> Connection:
@@ -216,8 +219,6 @@ class PoolHandle:
                 pool.find_deadlock = lambda: find_deadlock(self)
             pool.counters = self.counters
         self.dialect_name = self.engine.dialect.name
-        if self.pre_ping_idle is not None:
-            self._install_pre_ping()
         self._install_listeners()
 
     @property
@@ -270,12 +271,13 @@ class PoolHandle:
         s = self.settings
         url = self.url.difference_update_query(["pgbouncer"])
         connect_args: dict[str, Any] = {}
+        backend = url.get_backend_name()
         options: dict[str, Any] = {
             "pool_recycle": s.pool_recycle,
-            "pool_pre_ping": s.pool_pre_ping and self.pre_ping_idle is None,
+            # a connection to an SQLite file cannot go stale: a ping would only cost a query
+            "pool_pre_ping": s.pool_pre_ping and self.pre_ping_idle is None and backend != "sqlite",
             "pool_timeout": s.pool_timeout,
         }
-        backend = url.get_backend_name()
         driver = url.get_driver_name()
         if backend == "postgresql":
             app = s.application_name
@@ -313,7 +315,7 @@ class PoolHandle:
             **options,
         )
 
-    def _install_pre_ping(self) -> None:
+    def _pre_ping_listeners(self) -> tuple[Callable[..., None], Callable[..., None]]:
         """Ping at checkout only when a connection may have gone stale (0 round trips usually).
 
         SQLAlchemy's ``pool_pre_ping`` costs a round trip per checkout.  Here a connection
@@ -342,14 +344,18 @@ class PoolHandle:
             if dbapi_connection is not None:
                 record.info[CHECKED_IN_KEY] = time.monotonic()
 
-        # before the counting listeners: a failed ping retries the checkout
-        event.listen(self.engine.pool, "checkout", ping_if_stale)
-        event.listen(self.engine.pool, "checkin", on_checkin)
+        return ping_if_stale, on_checkin
 
     def _install_listeners(self) -> None:
+        """Count connections and clean them: one listener per pool event.
+
+        With the idle pre-ping, the ping runs first in the checkout listener (a failed
+        ping raises, and SQLAlchemy retries the checkout before anything is counted).
+        """
         counters = self.counters
         pool = self.engine.pool
         resets = self.resets_sessions
+        ping, stamp = self._pre_ping_listeners() if self.pre_ping_idle is not None else (None, None)
 
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_open()
@@ -358,24 +364,28 @@ class PoolHandle:
             counters.on_close()
 
         def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+            if ping is not None:
+                ping(dbapi_connection, record, proxy)
             counters.on_checkout()
 
         def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            if stamp is not None:
+                stamp(dbapi_connection, record)
             counters.on_checkin()
             info = record.info
             checkout: Checkout | None = info.pop(CHECKOUT_KEY, None)
-            clean = info.pop(CLEAN_KEY, False)
-            tagged = info.pop(TAGGED_KEY, False)
-            if dbapi_connection is not None and checkout is not None:
-                if resets and (not clean or checkout.cancelled):
+            if checkout is None:  # not a scoped engine's checkout (reflection, a plain use)
+                info.pop(CLEAN_KEY, None)
+                return
+            if dbapi_connection is not None:
+                if resets and (not checkout.clean or checkout.cancelled):
                     if _discard_all(dbapi_connection):
                         counters.add("resets")
                     else:  # a broken session: close it rather than hand it out
                         record.invalidate()
-                elif tagged:
+                elif checkout.tagged:
                     _set_application_name(dbapi_connection, self.settings.application_name)
-            if checkout is not None:
-                checkout.returned()
+            checkout.returned()
 
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "close", on_close)
@@ -460,11 +470,14 @@ def _discard_all(dbapi_connection: Any) -> bool:
     return True
 
 
-def _tag_connection(fairy: PoolProxiedConnection, handle: PoolHandle, execution_id: str) -> None:
-    """Name the execution in the connection's application_name (``tag_connections=True``)."""
+def _tag_connection(fairy: PoolProxiedConnection, handle: PoolHandle, execution_id: str) -> bool:
+    """Name the execution in the connection's application_name (``tag_connections=True``).
+
+    Returns:
+        True if it was set (the checkin sets it back).
+    """
     name = f"{handle.settings.application_name}:{execution_id}"[:63]
-    if _set_application_name(fairy.dbapi_connection, name):
-        fairy.info[TAGGED_KEY] = True
+    return _set_application_name(fairy.dbapi_connection, name)
 
 
 def _set_application_name(dbapi_connection: Any, name: str) -> bool:
@@ -485,9 +498,20 @@ def _set_application_name(dbapi_connection: Any, name: str) -> bool:
 _INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.engine")
 
 
+#: code objects of SQLAlchemy and the engine plumbing seen so far (a bounded set: only
+#: those modules' functions are added), so the walk checks a module name once per function
+_internal_code: set[Any] = set()
+
+
 def _caller_frame() -> Any:
     """The innermost frame outside SQLAlchemy and this package's plumbing."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_PREFIXES):
+    internal = _internal_code
+    while frame is not None:
+        code = frame.f_code
+        if code not in internal:
+            if not frame.f_globals.get("__name__", "").startswith(_INTERNAL_PREFIXES):
+                return frame
+            internal.add(code)
         frame = frame.f_back  # type: ignore[assignment]
     return frame

@@ -49,6 +49,7 @@ class Checkout:
 
     __slots__ = (
         "cancelled",
+        "clean",
         "connection",
         "execution",
         "fairy",
@@ -57,6 +58,7 @@ class Checkout:
         "pool",
         "stack",
         "started",
+        "tagged",
         "thread_id",
     )
 
@@ -69,6 +71,8 @@ class Checkout:
         self.thread_id = threading.get_ident()
         self.started = time.monotonic()
         self.cancelled = False  # its statement was cancelled when the execution was released
+        self.clean = False  # nothing run on it in this checkout left session state behind
+        self.tagged = False  # its application_name names the execution (set back at checkin)
         owner = execution.owner
         self.node = owner.attribute()
         self.stack = "".join(traceback.format_stack(frame)) if owner.settings.debug else None
@@ -178,7 +182,8 @@ class Execution:
         self.reserved = 0  # checkouts in flight (counted against the cap, not yet recorded)
         self.run_ids: list[uuid.UUID] = []  # the root runs mapped to this execution
         self._cond = cond
-        self._lock = cond  # a Condition is a context manager over its lock
+        #: the condition's own lock (a C lock: cheaper to take than the Condition object)
+        self._lock: Any = getattr(cond, "_lock", cond)
         self._waiters = 0  # threads waiting on the per-execution cap
         #: threads that held connections (or were checking one out) when the execution
         #: ended -> how many they hold now; they may go on until they hold none
@@ -200,10 +205,12 @@ class Execution:
         cap = settings.max_connections_per_execution
         thread = threading.get_ident()
         with self._lock:
-            self._check_usable()
+            if self.state != "open":
+                self._check_usable()
+            inflight = self._inflight
             if len(self.checkouts) + self.reserved < cap:
                 self.reserved += 1
-                self._inflight[thread] = self._inflight.get(thread, 0) + 1
+                inflight[thread] = inflight.get(thread, 0) + 1
                 return
             self._inflight[thread] = self._inflight.get(thread, 0) + 1
             try:
@@ -231,10 +238,14 @@ class Execution:
     def record(self, fairy: Any, frame: Any, pool: Any = None) -> Checkout:
         """Record the connection a reserved checkout obtained (from ``pool``)."""
         checkout = Checkout(self, fairy, frame, pool)
+        thread = checkout.thread_id
         with self._lock:
             self.reserved -= 1
             self.checkouts[id(checkout)] = checkout
-            self._landed(checkout.thread_id, recorded=True)
+            if self._inflight.get(thread) == 1 and not self._stragglers:
+                del self._inflight[thread]  # the usual case, as _landed does it
+            else:
+                self._landed(thread, recorded=True)
         return checkout
 
     def _landed(self, thread: int, *, recorded: bool) -> None:
@@ -257,9 +268,11 @@ class Execution:
                 return
             checkout.frame = None
             checkout.fairy = None
-            self._straggler_returned(checkout.thread_id)
-            self._wake_waiters()
-            drained = self._drained()
+            if self._stragglers:
+                self._straggler_returned(checkout.thread_id)
+            if self._waiters:
+                self._cond.notify_all()
+            drained = self.state == "draining" and self._drained()
         if drained:
             self.owner.execution_drained(self)
 

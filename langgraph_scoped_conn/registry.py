@@ -7,6 +7,7 @@ returns a :class:`~langgraph_scoped_conn.execution.Release` for the blocking sid
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -24,6 +25,28 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 #: How many locks the executions of one registry share (see Execution).
 _STRIPES = 64
+
+
+class _Ids:
+    """Made-up execution ids: a random per-process prefix and a counter (no syscall per id).
+
+    As unique as ``uuid4().hex`` across processes (the prefix is drawn again in a forked
+    child) and never repeated within one; 32 hex digits, like before.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def new(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_ids = _Ids()
 
 _COUNTERS = (
     "scopes_opened",
@@ -66,7 +89,7 @@ class Registry:
         ``bind`` runs under the lock with the execution (to map a root run to it).
         """
         if execution_id is None:
-            execution_id = os.urandom(16).hex()  # as unique as uuid4().hex, 4x cheaper
+            execution_id = _ids.new()
         elif not isinstance(execution_id, str) or not execution_id:
             raise ConfigurationError(
                 f"execution_id={execution_id!r} must be a non-empty string, or None to make one up"

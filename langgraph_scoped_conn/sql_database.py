@@ -135,7 +135,13 @@ class ScopedSQLDatabase(SQLDatabase):
         execution_options: dict[str, Any] | None = None,
     ) -> Any:
         dialect = self._engine.dialect.name
-        if not self._lsc_read_only and dialect not in ("postgresql", "sqlite"):
+        if not self._lsc_read_only and (
+            dialect not in ("postgresql", "sqlite") or (dialect == "sqlite" and fetch != "cursor")
+        ):
+            # SQLite in write mode needs nothing of its own (no session state to guard, no
+            # round trips to save): SQLDatabase's own transaction is the cheapest path.  A
+            # "cursor" fetch takes the path below, which returns it frozen (the connection
+            # is closed by then)
             return super()._execute(
                 command, fetch, parameters=parameters, execution_options=execution_options
             )
@@ -395,13 +401,21 @@ class SchemaCache:
 
     Reflection runs once per key (26 statements against PostgreSQL), through the
     shared pool; with strategy ``per_execution``, through the asking execution's own
-    pool, which is disposed with it, so no connection outlives the executions.
+    pool, which is disposed with it, so no connection outlives the executions.  A
+    caller that asks while the key's reflection is in flight (a burst at start-up, or
+    the eager one of ``warm_schema=True``) waits for that one instead of starting
+    another.
     """
 
     def __init__(self, manager: ExecutionConnectionManager) -> None:
         self._manager = manager
         self._lock = threading.Lock()
         self._templates: dict[Any, SQLDatabase] = {}
+        #: key -> the template's attributes a per-execution copy starts from
+        self._states: dict[Any, dict[str, Any]] = {}
+        #: key -> set when its reflection in flight ends (succeeded or failed)
+        self._inflight: dict[Any, threading.Event] = {}
+        self._generation = 0  # bumped by clear(): a reflection begun before it is not kept
 
     @staticmethod
     def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -411,16 +425,37 @@ class SchemaCache:
         return tuple(sorted((k, _freeze(v)) for k, v in options.items()))
 
     def key(self, database_url: str | URL | None, options: Mapping[str, Any]) -> Any:
-        """The cache key of a URL and its SQLDatabase options (scope options left out)."""
-        parsed, _ = self._manager.resolve_target(database_url)
+        """The cache key of a URL and its SQLDatabase options (scope options left out).
+
+        The URL is keyed by its text as given (a ``URL`` object by its rendering), so the
+        hot path parses and renders nothing.
+        """
+        raw = self._manager.settings.resolve_url(database_url)
+        url_text = raw if isinstance(raw, str) else raw.render_as_string(hide_password=False)
+        if not options:
+            return (url_text, ())
         sql_options = {k: v for k, v in options.items() if k not in _SCOPE_OPTIONS}
-        return (parsed.render_as_string(hide_password=False), self.options_key(sql_options))
+        return (url_text, self.options_key(sql_options))
 
     def needs_reflection(self, database_url: str | URL | None, options: Mapping[str, Any]) -> bool:
         """True if a new SQLDatabase for these arguments would reflect the schema (blocking I/O)."""
         if not self._manager.settings.cache_reflection:
             return True
         return self.key(database_url, options) not in self._templates
+
+    def state(
+        self, engine: Engine, database_url: str | URL | None, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The template's attributes for a new copy (no engine, no inspector)."""
+        if self._manager.settings.cache_reflection:
+            state = self._states.get(self.key(database_url, options))
+            if state is not None:
+                return state
+        template = self.template(engine, database_url, options)
+        state = dict(template.__dict__)
+        state.pop("_inspector", None)
+        state.pop("_engine", None)
+        return state
 
     def template(
         self, engine: Engine, database_url: str | URL | None, options: dict[str, Any]
@@ -434,20 +469,53 @@ class SchemaCache:
         if not self._manager.settings.cache_reflection:
             return _reflect(engine, options)
         key = self.key(database_url, options)
-        template = self._templates.get(key)
-        if template is None:
+        while True:
+            template = self._templates.get(key)
+            if template is not None:
+                return template
             with self._lock:
                 template = self._templates.get(key)
-                if template is None:
-                    _, handle = self._manager.resolve_target(database_url)
-                    template = _reflect(handle.engine if handle is not None else engine, options)
-                    template._engine = None  # type: ignore[assignment]  # copies get their own
-                    self._templates[key] = template
-        return template
+                if template is not None:
+                    return template
+                waiting = self._inflight.get(key)
+                if waiting is None:
+                    done = self._inflight[key] = threading.Event()
+                    generation = self._generation
+            if waiting is not None:
+                waiting.wait()  # the reflection in flight; a failed one: try again
+                continue
+            try:
+                _, handle = self._manager.resolve_target(database_url)
+                template = _reflect(handle.engine if handle is not None else engine, options)
+                template._engine = None  # type: ignore[assignment]  # copies get their own
+                state = dict(template.__dict__)
+                state.pop("_inspector", None)
+                state.pop("_engine", None)
+                with self._lock:
+                    if generation == self._generation:
+                        self._templates[key] = template
+                        self._states[key] = state
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                done.set()
+            return template
+
+    def warm(self, database_url: str | URL | None = None, **options: Any) -> None:
+        """Reflect ``database_url`` with ``options`` now, unless it is cached or in flight.
+
+        Runs through the shared pool (blocking I/O); used by ``warm_schema=True`` on a
+        release thread.  Strategy ``per_execution`` has no shared pool: nothing to do.
+        """
+        _, handle = self._manager.resolve_target(database_url)
+        if handle is not None and self._manager.settings.cache_reflection:
+            self.template(handle.engine, database_url, options)
 
     def clear(self) -> None:
         with self._lock:
             self._templates.clear()
+            self._states.clear()
+            self._generation += 1
 
 
 _caches: weakref.WeakKeyDictionary[ExecutionConnectionManager, SchemaCache] = (
@@ -495,16 +563,15 @@ def new_scoped_sql_database(
             f"read-only transaction; {engine.dialect.name} cannot. Connect with a database "
             "role that may only SELECT and pass read_only=False"
         )
-    template = schema_cache(manager).template(engine, database_url, options)
+    state = schema_cache(manager).state(engine, database_url, options)
     db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
-    state = dict(template.__dict__)
-    state.pop("_inspector", None)
-    db.__dict__.update(state)
-    db._engine = engine
-    db._lsc_inspector = None
-    db._lsc_read_only = read_only
-    db._lsc_statement_timeout = statement_timeout
-    db._lsc_max_query_length = max_query_length
+    attributes = state.copy()
+    attributes["_engine"] = engine
+    attributes["_lsc_inspector"] = None
+    attributes["_lsc_read_only"] = read_only
+    attributes["_lsc_statement_timeout"] = statement_timeout
+    attributes["_lsc_max_query_length"] = max_query_length
+    db.__dict__ = attributes
     execution.add("databases", db)
     return db
 
