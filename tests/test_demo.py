@@ -87,9 +87,12 @@ def test_demo_on_the_embedded_sqlite_default(tmp_path: Path) -> None:
 
 
 def test_demo_on_postgres_holds_nothing_afterwards(tmp_path: Path, pg_db) -> None:
-    # every 5th run's query tool forgets a connection: 4 leaks the scopes must reclaim
+    # every 5th run's query tool forgets a connection: 4 leaks the scopes must reclaim.
+    # The budget is above the number of leaks: a leaky run may need another connection
+    # before it ends, and with 3 slots three leaky runs could hold them all and wait on
+    # each other (under CPU load they did, failing runs after pool_timeout)
     proc = run_demo(
-        "-n", "20", "--max-connections", "3", "--leak-every", "5",
+        "-n", "20", "--max-connections", "5", "--leak-every", "5",
         "--database-url", pg_db.url, cache=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -98,12 +101,12 @@ def test_demo_on_postgres_holds_nothing_afterwards(tmp_path: Path, pg_db) -> Non
     assert "postgres:***@" in out
     assert table_value(out, "succeeded") == 20
     assert table_value(out, "failed") == 0
-    assert table_value(out, "peak connections") <= 3
+    assert table_value(out, "peak connections") <= 5
     assert table_value(out, "leaks reclaimed") == 4
     assert proc.stderr.count("closing it so the server slot is freed") == 4
     stats = stats_json(out)
     assert stats["leaks_reclaimed"] == 4
-    assert stats["max_connections"] == 3
+    assert stats["max_connections"] == 5
     assert stats["pools"][0]["dialect"] == "postgresql"
     assert stats["scopes_closed"] == 20
     # the sample data was loaded into the database, once
