@@ -22,6 +22,7 @@ LangChain is imported here only when it is already loaded (a graph is running).
 from __future__ import annotations
 
 import contextvars
+import logging
 import sys
 import uuid
 import weakref
@@ -29,12 +30,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from langgraph_scoped_conn.errors import NoActiveScopeError, ScopeClosedError
+from langgraph_scoped_conn.hooks import set_schema_warmer
 from langgraph_scoped_conn.manager import (
     ExecutionConnectionManager,
     get_connection_manager,
     manager_of,
     set_attribution_provider,
 )
+from langgraph_scoped_conn.settings import redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -53,6 +56,8 @@ __all__ = [
     "leave_scope",
     "register_manager",
 ]
+
+logger = logging.getLogger("langgraph_scoped_conn")
 
 #: The innermost ExecutionScope's execution, and the LangGraph config it was entered in.
 _current: contextvars.ContextVar[tuple[Execution, object] | None] = contextvars.ContextVar(
@@ -266,15 +271,34 @@ def get_scoped_sql_database(
         ... def run_query(query: str, config: RunnableConfig) -> str:
         ...     return get_scoped_sql_database(config, read_only=True).run(query)
     """
-    from langgraph_scoped_conn.sql_database import SchemaCache, new_scoped_sql_database
-
     execution = find_execution(config, manager, what="get_scoped_sql_database()")
-    key = ("sql_database", _url_key(database_url), SchemaCache.options_key(options))
+    module = _sql_database_module()
+    if database_url is None and not options:
+        key: tuple[Any, ...] = _DEFAULT_SQL_DATABASE  # the usual call: no key to build
+    else:
+        key = ("sql_database", _url_key(database_url), module.SchemaCache.options_key(options))
     cached = execution.cached.get(key)
     if cached is None:
-        db = new_scoped_sql_database(execution, database_url, **options)
+        db = module.new_scoped_sql_database(execution, database_url, **options)
         cached = execution.cached.setdefault(key, db)
     return cached  # type: ignore[no-any-return]
+
+
+_DEFAULT_SQL_DATABASE = ("sql_database", None, ())
+
+
+def _sql_database_module() -> Any:
+    """:mod:`langgraph_scoped_conn.sql_database`, imported on first use (it loads LangChain).
+
+    A function-level ``import`` statement costs a trip through the import machinery on
+    every call; after the first, this is one dictionary lookup.
+    """
+    module = sys.modules.get("langgraph_scoped_conn.sql_database")
+    if module is None:
+        from langgraph_scoped_conn.sql_database import schema_cache
+
+        module = sys.modules[schema_cache.__module__]
+    return module
 
 
 def _url_key(database_url: str | URL | None) -> str | None:
@@ -297,4 +321,22 @@ def _current_node(manager: ExecutionConnectionManager) -> str | None:
     return f"node {node!r}" if node else None
 
 
+def _warm_schema(manager: ExecutionConnectionManager) -> None:
+    """``warm_schema=True``: reflect the configured URL now, on a release thread.
+
+    The first ``get_scoped_sql_database()`` with no options (the same cache key) then
+    finds it ready, or waits for this one reflection instead of starting its own.
+    """
+    try:
+        _sql_database_module().schema_cache(manager).warm()
+    except Exception as exc:  # the first SQLDatabase reflects (and raises) instead
+        logger.warning(
+            "warm_schema: reflecting the schema ahead of the first run failed (%s: %s); "
+            "the first SQLDatabase will reflect it",
+            type(exc).__name__,
+            redact_url(str(exc)),
+        )
+
+
 set_attribution_provider(_current_node)
+set_schema_warmer(_warm_schema)

@@ -21,11 +21,11 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from langgraph_scoped_conn.errors import ConfigurationError, ScopeUnavailableError
 from langgraph_scoped_conn.execution import Execution, FailedScope, Release
+from langgraph_scoped_conn.hooks import attribute, schema_warmer, set_attribution_provider
 from langgraph_scoped_conn.registry import Registry
 from langgraph_scoped_conn.release import AsyncResource, Releaser
 from langgraph_scoped_conn.runs import RunIndex
@@ -54,18 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("langgraph_scoped_conn")
-
-#: Names the graph node / tool running in the current context, for leak reports; it is
-#: given the manager, which knows the names of the tool runs it has seen.  Installed by
-#: the LangGraph layer (:mod:`langgraph_scoped_conn.lookup`).
-AttributionProvider = Callable[["ExecutionConnectionManager"], "str | None"]
-_attribution_provider: AttributionProvider | None = None
-
-
-def set_attribution_provider(provider: AttributionProvider | None) -> None:
-    """Install the function that names the running node (set by the LangGraph layer)."""
-    global _attribution_provider  # noqa: PLW0603
-    _attribution_provider = provider
 
 
 class ExecutionConnectionManager:
@@ -99,6 +87,9 @@ class ExecutionConnectionManager:
         self._retired_counters: dict[str, int] = {}
         self._last_upkeep = time.monotonic()
         self._upkeep_due = False
+        warmer = schema_warmer() if self.settings.warm_schema else None
+        if warmer is not None:  # reflect on a release thread; the first run waits for it
+            self._releaser.call(warmer, self)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -157,7 +148,7 @@ class ExecutionConnectionManager:
 
     def attribute(self) -> str | None:
         """The graph node (and tool) running in this context, for leak reports."""
-        return _attribution_provider(self) if _attribution_provider is not None else None
+        return attribute(self)
 
     def execution_drained(self, execution: Execution) -> None:
         """An ended execution's last connection came back: dispose its own pools."""

@@ -158,6 +158,7 @@ class ScopedConnSettings:
     application_name: str = "langgraph_scoped_conn"
     tag_connections: bool = False
     cache_reflection: bool = True
+    warm_schema: bool = False
     debug: bool = False
     engine_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
