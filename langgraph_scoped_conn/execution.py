@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 import traceback
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
@@ -180,7 +179,7 @@ class Execution:
         self.handles: dict[str, Any] = {}
         self.checkouts: dict[int, Checkout] = {}
         self.reserved = 0  # checkouts in flight (counted against the cap, not yet recorded)
-        self.run_ids: list[uuid.UUID] = []  # the root runs mapped to this execution
+        self.run_ids: list[Any] = []  # the root runs mapped to this execution (runs._key)
         self._cond = cond
         #: the condition's own lock (a C lock: cheaper to take than the Condition object)
         self._lock: Any = getattr(cond, "_lock", cond)
@@ -390,6 +389,14 @@ class Execution:
         returns it at once).  Every other checked-out connection is to be closed.
         """
         with self._lock:
+            if not (self.checkouts or self.reserved or self._inflight or self.custom):
+                # the usual end: nothing out, nothing tracked
+                self.state = "closed"
+                if self._waiters:
+                    self._cond.notify_all()
+                handles = list(self.handles.values()) if self.handles else []
+                self.cached.clear()
+                return Release(self, reason, handles=handles)
             reclaim: list[Checkout] = []
             cancel: list[Checkout] = []
             for checkout in list(self.checkouts.values()):

@@ -140,7 +140,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         *,
         name: str | None = None,
     ) -> None:
-        manager = self.manager
+        manager = self._manager if self._manager is not None else self.manager
         if parent_run_id is not None and manager.link_run(run_id, parent_run_id, name=name):
             return
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
@@ -253,7 +253,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         self._end(run_id, "ended")
 
     def _end(self, run_id: uuid.UUID, reason: str) -> None:
-        manager = self.manager
+        manager = self._manager if self._manager is not None else self.manager
         manager.end_run(run_id, reason=reason)
 
     def __repr__(self) -> str:
