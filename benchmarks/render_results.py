@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE / "RESULTS.md"
-KNOWN = ("storm", "acquire", "overhead", "soak", "pgbouncer", "reset", "compare")
+KNOWN = ("storm", "acquire", "cpu", "overhead", "soak", "pgbouncer", "reset", "compare")
 
 
 def _f(x: Any) -> str:
@@ -164,6 +164,29 @@ def acquire(d: dict[str, Any]) -> str:
     )
 
 
+def cpu(d: dict[str, Any]) -> str:
+    base = d["cpu_us"]["global_warm"]["median"]
+    rows = [
+        [f"`{v}`", s["median"], s["p10"], s["p90"], s["wall_median"], round(s["median"] / base, 3)]
+        for v, s in d["cpu_us"].items()
+    ]
+    per_round = "; ".join(
+        f"`{v}` {min(r):.3f}-{max(r):.3f}" for v, r in d["ratios_per_round"].items()
+    )
+    p = d["params"]
+    return "\n".join(
+        [
+            f"CPU time (`time.thread_time_ns`) per call on {p['database']}, `{p['query']}`; "
+            f"{p['rounds']} interleaved rounds x {p['per_round']} calls, medians of the "
+            "per-round medians; microseconds.",
+            "",
+            md_table(["variant", "CPU median", "p10", "p90", "wall median", "x global warm"], rows),
+            "",
+            f"Per-round ratios to `global_warm`, lowest-highest: {per_round}.",
+        ]
+    )
+
+
 def soak(d: dict[str, Any]) -> str:
     cps = d["checkpoints"]
     cols = [
@@ -253,7 +276,14 @@ def compare(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"storm": storm, "acquire": acquire, "soak": soak, "reset": reset, "compare": compare}
+RENDERERS = {
+    "storm": storm,
+    "acquire": acquire,
+    "cpu": cpu,
+    "soak": soak,
+    "reset": reset,
+    "compare": compare,
+}
 
 
 def render() -> Path:
