@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from langgraph_sdk import get_client
 from sqlalchemy.engine import make_url
 
 from tests.conftest import Database
+from tests.devserver import langgraph_dev
 from tests.pgcluster import free_port
 
 pytestmark = [pytest.mark.studio, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -96,33 +96,9 @@ def dev_server(pg_db: Database, tmp_path: Path) -> Iterator[DevServer]:
         "--n-jobs-per-worker",
         "4",
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = DevServer(f"http://127.0.0.1:{port}", log, proc)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"langgraph dev exited with {proc.returncode}:\n{server.log_text()}")
-            try:
-                if httpx.get(server.url + "/ok", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"langgraph dev did not answer /ok:\n{server.log_text()[-5000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    url = f"http://127.0.0.1:{port}"
+    with langgraph_dev(cmd, cwd=tmp_path, env=env, log=log, url=url) as proc:
+        yield DevServer(url, log, proc)
 
 
 def held_backends(pg_db: Database) -> list[tuple[object, ...]]:

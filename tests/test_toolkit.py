@@ -19,10 +19,7 @@ import json
 import operator
 import os
 import pickle
-import signal
-import subprocess
 import threading
-import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -50,6 +47,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import NoActiveScopeError, ScopedSQLDatabaseProxy
 from langgraph_scoped_conn.demo import ScriptedSQLChatModel
 from tests.conftest import BackendSampler, Database, assert_clean, eventually
+from tests.devserver import langgraph_dev
 from tests.pgcluster import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -467,33 +465,9 @@ def toolkit_dev_server(pg_db: Database, tmp_path: Path) -> Iterator[ToolkitServe
         "--config",
         str(tmp_path / "langgraph.json"),
     ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = ToolkitServer(f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"langgraph dev exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(server.url + "/ok", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"langgraph dev did not answer /ok:\n{log.read_text()[-5000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    url = f"http://127.0.0.1:{port}"
+    with langgraph_dev(cmd, cwd=tmp_path, env=env, log=log, url=url):
+        yield ToolkitServer(url, log)
 
 
 @pytest.mark.studio
