@@ -29,8 +29,6 @@ commits too (no ``session_resets`` there): ``compare_commits.py`` uses that.
 from __future__ import annotations
 
 import argparse
-import collections
-import re
 import sys
 import time
 import warnings
@@ -40,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    APP_USER,
+    ServerStatementLog,
     bench_server,
     console,
     machine_info,
@@ -60,9 +58,6 @@ with warnings.catch_warnings():
 
 QUERY = "select 1"
 VARIANTS = ("unscoped_warm", "read_only", "write")
-#: log_line_prefix with the user name, so the app role's statements can be picked out
-PREFIX = "%m [%p] user=%u "
-_STATEMENT = re.compile(r"user=(\S+) LOG:  statement: (.*)")
 
 
 class Runner:
@@ -104,27 +99,18 @@ class Runner:
 
 
 def count_statements(
-    server: Any, runner: Runner, variant: str, n: int
+    log: ServerStatementLog, runner: Runner, variant: str, n: int
 ) -> tuple[float, dict[str, float], int | None]:
     """Run ``variant`` ``n`` times; (statements per call, per-statement counts, resets)."""
-    log = server.cluster.logfile
-    start = log.stat().st_size
     resets0 = runner.resets()
-    for _ in range(n):
-        runner.once(variant)
+    with log:
+        for _ in range(n):
+            runner.once(variant)
     resets1 = runner.resets()
-    time.sleep(0.3)  # the server writes its log lines before answering; be generous anyway
-    with log.open("rb") as f:
-        f.seek(start)
-        text = f.read().decode("utf-8", "replace")
-    seen: collections.Counter[str] = collections.Counter()
-    for line in text.splitlines():
-        m = _STATEMENT.search(line)
-        if m and m.group(1) == APP_USER:
-            seen[" ".join(m.group(2).split())] += 1
-    per_call = {k: round(v / n, 2) for k, v in sorted(seen.items(), key=lambda kv: -kv[1])}
+    seen = log.counts()
+    per_call = {k: round(v / n, 2) for k, v in seen.most_common()}
     resets = None if resets0 is None or resets1 is None else resets1 - resets0
-    return sum(seen.values()) / n, per_call, resets
+    return log.total() / n, per_call, resets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,51 +125,46 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     paired: dict[str, list[float]] = {"read_only": [], "write": []}  # per-iteration ratios
     counted: dict[str, dict[str, Any]] = {}
-    with bench_server(max_connections=100, log_line_prefix=f"'{PREFIX}'") as server:
+    with bench_server(max_connections=100) as server:
         url = server.url()
-        admin = server.admin()
+        log = ServerStatementLog(server)
+        # counting phase: new sessions of the app role log every statement
+        log.enable()
+        runner = Runner(url)
         try:
-            # counting phase: new sessions of the app role log every statement
-            with admin.cursor() as cur:
-                cur.execute(f"alter role {APP_USER} set log_statement = 'all'")
-            runner = Runner(url)
-            try:
-                for _ in range(20):
-                    for v in VARIANTS:
-                        runner.once(v)
+            for _ in range(20):
                 for v in VARIANTS:
-                    per_call, statements, resets = count_statements(server, runner, v, args.count)
-                    counted[v] = {
-                        "round_trips_per_call": round(per_call, 2),
-                        "statements_per_call": statements,
-                        "session_resets_per_call": None
-                        if resets is None
-                        else round(resets / args.count, 2),
-                    }
-            finally:
-                runner.close()
-            with admin.cursor() as cur:
-                cur.execute(f"alter role {APP_USER} reset log_statement")
-            server.wait_app_backends(0)
-            # timing phase: fresh sessions, no statement logging
-            runner = Runner(url)
-            try:
-                for _ in range(args.warmup):
-                    for v in VARIANTS:
-                        runner.once(v)
-                resets0 = runner.resets()
-                for i in range(args.n):
-                    order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
-                    this = {v: runner.once(v) for v in order}
-                    for v, us in this.items():
-                        samples[v].append(us)
-                    for v, ratios in paired.items():
-                        ratios.append(this[v] / this["unscoped_warm"])
-                resets1 = runner.resets()
-            finally:
-                runner.close()
+                    runner.once(v)
+            for v in VARIANTS:
+                per_call, statements, resets = count_statements(log, runner, v, args.count)
+                counted[v] = {
+                    "round_trips_per_call": round(per_call, 2),
+                    "statements_per_call": statements,
+                    "session_resets_per_call": None
+                    if resets is None
+                    else round(resets / args.count, 2),
+                }
         finally:
-            admin.close()
+            runner.close()
+        log.disable()
+        server.wait_app_backends(0)
+        # timing phase: fresh sessions, no statement logging
+        runner = Runner(url)
+        try:
+            for _ in range(args.warmup):
+                for v in VARIANTS:
+                    runner.once(v)
+            resets0 = runner.resets()
+            for i in range(args.n):
+                order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
+                this = {v: runner.once(v) for v in order}
+                for v, us in this.items():
+                    samples[v].append(us)
+                for v, ratios in paired.items():
+                    ratios.append(this[v] / this["unscoped_warm"])
+            resets1 = runner.resets()
+        finally:
+            runner.close()
         server_version = server.server_version()
     info["postgresql"] = server_version
     base = median(samples["unscoped_warm"])

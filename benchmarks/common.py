@@ -20,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -40,6 +42,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 APP_USER = "app"
 APP_PASSWORD = "bench-App-pw-9f3c"  # a throwaway cluster's password; never printed
 BENCH_DB = "bench"
+#: every benchmark server's log_line_prefix: names the user, so ServerStatementLog can
+#: pick out the app role's statements
+LOG_LINE_PREFIX = "%m [%p] user=%u "
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -104,11 +109,142 @@ _COUNT_SQL = (
 @contextlib.contextmanager
 def bench_server(max_connections: int = 100, **extra_conf: str) -> Iterator[BenchServer]:
     """Start a throwaway cluster with the sample schema and an ``app`` role; destroy it after."""
+    extra_conf.setdefault("log_line_prefix", f"'{LOG_LINE_PREFIX}'")
     with PostgresCluster.running(max_connections=max_connections, extra_conf=extra_conf) as c:
         c.psql(f"create role {APP_USER} login password '{APP_PASSWORD}'")
         c.psql(f"create database {BENCH_DB} owner {APP_USER}")
         c.psql(f"set role {APP_USER}; {SAMPLE_SQL}", database=BENCH_DB)
         yield BenchServer(c)
+
+
+#: a log entry starts with log_line_prefix's timestamp; the lines after it until the next
+#: one are the rest of a multi-line statement
+_LOG_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.MULTILINE)
+#: a simple query ("statement: ...") or an extended one's execute ("execute <unnamed>: ...",
+#: psycopg 3), each one statement the client sent and waited for
+_STATEMENT = re.compile(r"user=(\S*) LOG:  (?:statement|execute [^:]*): (.*)", re.DOTALL)
+
+
+class ServerStatementLog:
+    """Counts the statements (= round trips for psycopg2's simple queries) the app role sends,
+    read from the server log.
+
+    ``enable()`` makes the app role's *new* sessions log every statement
+    (``log_statement = 'all'``): create the engines, managers or pools to be counted after
+    it.  Each ``with log:`` block counts what the app role sent between its entry and its
+    exit.  There is no sleeping on timing: the exit sends a marker statement
+    (``select 'lsc-marker-<uuid>'``) on a new app-role connection and reads the log until
+    the marker's line is there.  A backend writes a statement's log line before it runs
+    it, so every statement answered before the exit is logged before the marker; only
+    work still running on other threads at the exit may land after it.  The marker's
+    connection is one more app backend for a moment, after the measured block.
+
+    psycopg2 sends every statement, ``BEGIN`` and ``COMMIT`` included, as one simple query,
+    so its statements are its round trips; psycopg 3's extended-protocol statements are
+    logged as ``execute`` lines and counted the same way.
+    """
+
+    def __init__(self, server: BenchServer, timeout: float = 30.0) -> None:
+        self.server = server
+        self.timeout = timeout
+        self._start = 0
+        self._counts: Counter[str] = Counter()
+
+    # -- logging on and off for the app role's new sessions
+
+    def enable(self) -> None:
+        """``ALTER ROLE app SET log_statement = 'all'`` (new sessions only)."""
+        self._alter("set log_statement = 'all'")
+
+    def disable(self) -> None:
+        """``ALTER ROLE app RESET log_statement``."""
+        self._alter("reset log_statement")
+
+    def _alter(self, what: str) -> None:
+        conn = self.server.admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("show log_line_prefix")
+                prefix = cur.fetchone()[0]
+                if "user=%u " not in prefix:
+                    raise RuntimeError(
+                        f"log_line_prefix {prefix!r} does not name the user as 'user=%u ': "
+                        "start the server with common.bench_server()"
+                    )
+                cur.execute(f"alter role {APP_USER} {what}")
+        finally:
+            conn.close()
+
+    # -- one counted block
+
+    def __enter__(self) -> ServerStatementLog:
+        self._counts = Counter()
+        self._start = self.server.cluster.logfile.stat().st_size
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        marker = f"lsc-marker-{uuid.uuid4().hex}"
+        self._send_marker(marker)
+        text = self._read_until(marker)
+        counts: Counter[str] = Counter()
+        for entry in _entries(text):
+            m = _STATEMENT.search(entry)
+            if m and m.group(1) == APP_USER:
+                counts[" ".join(m.group(2).split())] += 1
+        self._counts = counts
+
+    def _send_marker(self, marker: str) -> None:
+        c = self.server.cluster
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=c.port,
+            user=APP_USER,
+            password=APP_PASSWORD,
+            dbname=BENCH_DB,
+            application_name="lsc-bench-marker",
+        )
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"select '{marker}'")
+                cur.fetchall()
+        finally:
+            conn.close()
+
+    def _read_until(self, marker: str) -> str:
+        """The log from the entry position up to (not including) the marker's entry."""
+        needle = f"select '{marker}'".encode()
+        deadline = time.monotonic() + self.timeout
+        with self.server.cluster.logfile.open("rb") as f:
+            f.seek(self._start)
+            data = b""
+            while True:
+                data += f.read()
+                at = data.find(needle)
+                if at >= 0:
+                    line_start = data.rfind(b"\n", 0, at) + 1
+                    return data[:line_start].decode("utf-8", "replace")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the marker statement did not reach the server log "
+                        f"{self.server.cluster.logfile} within {self.timeout:g} s "
+                        "(was enable() called before the marker's session?)"
+                    )
+                time.sleep(0.01)
+
+    def counts(self) -> Counter[str]:
+        """Normalised statement text -> times the app role sent it in the last block."""
+        return Counter(self._counts)
+
+    def total(self) -> int:
+        """All statements the app role sent in the last block."""
+        return sum(self._counts.values())
+
+
+def _entries(text: str) -> list[str]:
+    """Split log text into entries (a line with the prefix and its continuation lines)."""
+    starts = [m.start() for m in _LOG_ENTRY.finditer(text)]
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
 class BackendSampler:
