@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class BenchServer:
     @property
     def safe_url(self) -> str:
         return self.cluster.url(BENCH_DB, user=APP_USER, password="***")
+
+    def conninfo(self, application_name: str = "lsc-bench") -> str:
+        """The app role's libpq conninfo, for psycopg 2 or 3 (contains the password)."""
+        return (
+            f"host=127.0.0.1 port={self.cluster.port} user={APP_USER} "
+            f"password={APP_PASSWORD} dbname={BENCH_DB} application_name={application_name}"
+        )
 
     def admin(self) -> Any:
         conn = psycopg2.connect(
@@ -194,15 +202,7 @@ class ServerStatementLog:
         self._counts = counts
 
     def _send_marker(self, marker: str) -> None:
-        c = self.server.cluster
-        conn = psycopg2.connect(
-            host="127.0.0.1",
-            port=c.port,
-            user=APP_USER,
-            password=APP_PASSWORD,
-            dbname=BENCH_DB,
-            application_name="lsc-bench-marker",
-        )
+        conn = psycopg2.connect(self.server.conninfo("lsc-bench-marker"))
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -290,6 +290,39 @@ class BackendSampler:
 
     def close(self) -> None:
         self._conn.close()
+
+
+# -- the unscoped anchors ---------------------------------------------------------------
+
+#: the package's pool settings on a PostgreSQL engine, for the unscoped global anchors
+PACKAGE_POOL_SETTINGS: dict[str, Any] = {
+    "pool_size": 5,
+    "pool_pre_ping": True,
+    "pool_recycle": 1800,
+}
+
+
+def sql_database_class() -> Any:
+    """langchain_community's ``SQLDatabase``, its import-time sunset notice silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from langchain_community.utilities.sql_database import SQLDatabase
+    return SQLDatabase
+
+
+def global_sql_database(url: str, **engine_kwargs: Any) -> tuple[Any, Any]:
+    """(engine, SQLDatabase over it): the unscoped global database the package replaces.
+
+    ``engine_kwargs`` go to ``create_engine`` (``**PACKAGE_POOL_SETTINGS`` for the
+    package's pool settings; none for SQLAlchemy's defaults).
+    """
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url, **engine_kwargs)
+    cls = sql_database_class()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return engine, cls(engine)
 
 
 # -- machine, versions, output -----------------------------------------------------------
@@ -410,6 +443,17 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
+
+
+def summarize_us(values: Sequence[float]) -> dict[str, Any]:
+    """n, median, p10, p90 and p99 of microsecond samples, rounded to 0.1 us."""
+    return {
+        "n": len(values),
+        "median_us": round(median(values), 1),
+        "p10_us": round(percentile(values, 10), 1),
+        "p90_us": round(percentile(values, 90), 1),
+        "p99_us": round(percentile(values, 99), 1),
+    }
 
 
 _BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
