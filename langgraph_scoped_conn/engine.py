@@ -31,7 +31,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
 from langgraph_scoped_conn.execution import Checkout, Execution
-from langgraph_scoped_conn.pool import BudgetPool, PoolCounters
+from langgraph_scoped_conn.pool import BudgetPool, CountingPool, PoolCounters
 from langgraph_scoped_conn.settings import (
     ScopedConnSettings,
     resolve_strategy,
@@ -217,7 +217,6 @@ class PoolHandle:
             pool.describe_holders = describe_holders
             if find_deadlock is not None:
                 pool.find_deadlock = lambda: find_deadlock(self)
-            pool.counters = self.counters
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
 
@@ -305,7 +304,12 @@ class PoolHandle:
             # still choose the reset on return
             options.setdefault("pool_reset_on_return", "commit")
             return create_engine(
-                url, pool_size=2, max_overflow=3, connect_args=connect_args, **options
+                url,
+                poolclass=CountingPool,
+                pool_size=2,
+                max_overflow=3,
+                connect_args=connect_args,
+                **options,
             )
         return create_engine(
             url,
@@ -347,13 +351,16 @@ class PoolHandle:
         return ping_if_stale, on_checkin
 
     def _install_listeners(self) -> None:
-        """Count connections and clean them: one listener per pool event.
+        """Count connections and clean them as they come back.
 
-        With the idle pre-ping, the ping runs first in the checkout listener (a failed
-        ping raises, and SQLAlchemy retries the checkout before anything is counted).
+        Opening and closing (rare) are pool events; checkout and check-in counting and the
+        clean-up of a returned connection are the :class:`CountingPool`'s own hooks, which
+        cost less than an event per checkout.  With the idle pre-ping, the ping is the one
+        checkout listener (a failed ping raises, and SQLAlchemy retries the checkout).
         """
         counters = self.counters
         pool = self.engine.pool
+        assert isinstance(pool, CountingPool), type(pool)
         resets = self.resets_sessions
         ping, stamp = self._pre_ping_listeners() if self.pre_ping_idle is not None else (None, None)
 
@@ -363,15 +370,10 @@ class PoolHandle:
         def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_close()
 
-        def on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-            if ping is not None:
-                ping(dbapi_connection, record, proxy)
-            counters.on_checkout()
-
-        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        def on_return(record: ConnectionPoolEntry) -> None:
+            dbapi_connection = record.dbapi_connection
             if stamp is not None:
                 stamp(dbapi_connection, record)
-            counters.on_checkin()
             info = record.info
             checkout: Checkout | None = info.pop(CHECKOUT_KEY, None)
             if checkout is None:  # not a scoped engine's checkout (reflection, a plain use)
@@ -390,8 +392,10 @@ class PoolHandle:
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "close", on_close)
         event.listen(pool, "close_detached", on_close)
-        event.listen(pool, "checkout", on_checkout)
-        event.listen(pool, "checkin", on_checkin)
+        if ping is not None:
+            event.listen(pool, "checkout", ping)
+        pool.counters = counters
+        pool.on_return = on_return
 
     def scoped_engine(self, execution: Execution, **options: Any) -> ScopedEngine:
         """A new :class:`ScopedEngine` of this pool for ``execution``."""
