@@ -358,6 +358,13 @@ class Execution:
             self._check_usable()
             getattr(self, kind).append(obj)
 
+    def add_engine_and_database(self, engine: Any, database: Any) -> None:
+        """Record a new SQLDatabase and its engine (one lock instead of two)."""
+        with self._lock:
+            self._check_usable()
+            self.engines.append(engine)
+            self.databases.append(database)
+
     def add_custom(self, obj: Any, node: str | None, stack: str | None) -> None:
         """Record a resource to close when the execution ends."""
         with self._lock:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
@@ -47,9 +47,9 @@ with warnings.catch_warnings():
     from langchain_community.utilities.sql_database import SQLDatabase
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import URL
     from sqlalchemy.engine.reflection import Inspector
 
+    from langgraph_scoped_conn.engine import PoolHandle
     from langgraph_scoped_conn.execution import Execution
 
 __all__ = [
@@ -415,6 +415,9 @@ class SchemaCache:
         self._states: dict[Any, dict[str, Any]] = {}
         #: key -> set when its reflection in flight ends (succeeded or failed)
         self._inflight: dict[Any, threading.Event] = {}
+        #: URL text -> (a new copy's attributes but its engine, the shared pool): what a
+        #: SQLDatabase with no options needs, so making one skips every lookup above
+        self._ready: dict[str, tuple[dict[str, Any], PoolHandle]] = {}
         self._generation = 0  # bumped by clear(): a reflection begun before it is not kept
 
     @staticmethod
@@ -511,10 +514,27 @@ class SchemaCache:
         if handle is not None and self._manager.settings.cache_reflection:
             self.template(handle.engine, database_url, options)
 
+    def ready(self, database_url: str | None) -> tuple[dict[str, Any], PoolHandle] | None:
+        """What a SQLDatabase with no options for ``database_url`` starts from, once known."""
+        url = self._manager.settings.resolve_url(database_url)
+        return self._ready.get(url) if isinstance(url, str) else None
+
+    def remember_ready(
+        self, database_url: str | None, attributes: dict[str, Any], handle: PoolHandle
+    ) -> None:
+        """Keep ``attributes`` (no engine) for later :meth:`ready` calls, if still current."""
+        url = self._manager.settings.resolve_url(database_url)
+        if not isinstance(url, str) or not self._manager.settings.cache_reflection:
+            return
+        with self._lock:
+            if self._states.get((url, ())) is not None:
+                self._ready[url] = (attributes, handle)
+
     def clear(self) -> None:
         with self._lock:
             self._templates.clear()
             self._states.clear()
+            self._ready.clear()
             self._generation += 1
 
 
@@ -552,6 +572,18 @@ def new_scoped_sql_database(
 ) -> ScopedSQLDatabase:
     """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
     manager = manager_of(execution)
+    cache = schema_cache(manager)
+    plain = not options and not isinstance(database_url, URL)  # the defaults of the manager
+    if plain and not isinstance(database_url, URL):  # (isinstance again: for mypy)
+        ready = cache.ready(database_url)
+        if ready is not None:  # the usual call, after the first: copy and bind
+            attributes, handle = ready
+            engine = handle.scoped_engine(execution)
+            db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
+            db.__dict__ = attributes.copy()
+            db._engine = engine
+            execution.add_engine_and_database(engine, db)
+            return db
     settings = manager.settings
     read_only = bool(options.pop("read_only", settings.read_only))
     statement_timeout = options.pop("statement_timeout", settings.statement_timeout)
@@ -563,14 +595,16 @@ def new_scoped_sql_database(
             f"read-only transaction; {engine.dialect.name} cannot. Connect with a database "
             "role that may only SELECT and pass read_only=False"
         )
-    state = schema_cache(manager).state(engine, database_url, options)
-    db: ScopedSQLDatabase = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
+    state = cache.state(engine, database_url, options)
+    db = ScopedSQLDatabase.__new__(ScopedSQLDatabase)
     attributes = state.copy()
-    attributes["_engine"] = engine
     attributes["_lsc_inspector"] = None
     attributes["_lsc_read_only"] = read_only
     attributes["_lsc_statement_timeout"] = statement_timeout
     attributes["_lsc_max_query_length"] = max_query_length
+    if plain and engine._lsc_handle.strategy != "per_execution":
+        cache.remember_ready(database_url, attributes.copy(), engine._lsc_handle)  # type: ignore[arg-type]
+    attributes["_engine"] = engine
     db.__dict__ = attributes
     execution.add("databases", db)
     return db

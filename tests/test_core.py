@@ -387,6 +387,36 @@ def test_sql_database_reflection_is_cached_per_url_and_options(
     assert lsc.get_connection_stats()["executions"] == {}
 
 
+def test_options_of_one_sql_database_never_become_the_default(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    # the defaults (no options) are kept ready after the first one; a first call with
+    # options must not be what later plain calls get
+    with lsc.ExecutionScope("guarded"):
+        guarded = lsc.get_scoped_sql_database(read_only=True, statement_timeout=1.0)
+        assert guarded.read_only
+        with pytest.raises(lsc.UnsafeQueryError):
+            guarded.run("delete from orders")
+    for i in range(3):  # the first plain one builds the defaults, the others reuse them
+        with lsc.ExecutionScope(f"plain{i}"):
+            db = lsc.get_scoped_sql_database()
+            assert not db.read_only
+            assert db._engine.execution_id == f"plain{i}"
+            db.run(f"insert into customers (id, name, city) values ({1000 + i}, 'x', 'y')")
+    assert pg_db.query("select count(*) from customers where id >= 1000") == [(3,)]
+    with lsc.ExecutionScope("subset"):
+        subset = lsc.get_scoped_sql_database(include_tables=["customers"])
+        assert subset.get_usable_table_names() == ["customers"]
+        assert sorted(lsc.get_scoped_sql_database().get_usable_table_names()) == [
+            "customers",
+            "orders",
+        ]
+    pg_db.query("create table products (id int primary key)")
+    invalidate_schema_cache(manager)
+    with lsc.ExecutionScope("migrated"):
+        assert "products" in lsc.get_scoped_sql_database().get_usable_table_names()
+
+
 # -- reaping and closing ------------------------------------------------------------
 
 
