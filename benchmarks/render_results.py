@@ -32,7 +32,7 @@ ORDER = ("storm", "storm_executor20", "storm_cold")
 #: ``<name>.run<i>.json``: run i of ``run_all.py --repeat N``
 RUN_FILE = re.compile(r"^(?P<name>.+)\.run(?P<i>[0-9]+)$")
 #: result files not rendered (scratch and development runs)
-SKIPPED = ("_dev", "_prof", "_scratch")
+SKIPPED = re.compile(r"_(dev|prof|scratch)[0-9]*$")
 #: ``run_all.py``'s log of every run it made (exit code, seconds), by result file
 RUN_LOG = "run_all.json"
 
@@ -327,7 +327,7 @@ def load_results(
     for path in sorted(results.glob("*.json")):
         m = RUN_FILE.match(path.stem)
         name = m["name"] if m else path.stem
-        if name.endswith(SKIPPED) or name == RUN_LOG.removesuffix(".json"):
+        if SKIPPED.search(name) or name == RUN_LOG.removesuffix(".json"):
             continue
         if m:
             runs.setdefault(name, {})[int(m["i"])] = path
@@ -628,12 +628,13 @@ def summary(results: Path | None = None) -> str:
             sets[n] = [load_json(p)]
     sets = dict(sorted(sets.items(), key=lambda x: _order(x[0])))
     width = max((len(d) for d in sets.values()), default=0)
-    rows, missed, machines = [], [], []
+    rows, missed, machines, counts = [], [], [], []
     for name, datas in sets.items():
         ts = targets(name, datas)
         if not ts:
             continue
         machines += [d["machine"] for d in datas if d and isinstance(d.get("machine"), dict)]
+        counts.append(len(datas))
         label = (
             name if len(datas) == width else f"{name} ({len(datas)} run{'s' * (len(datas) > 1)})"
         )
@@ -649,7 +650,7 @@ def summary(results: Path | None = None) -> str:
             missed.append(f"- {name} ({names}): " + _missed_line(name, kind, datas, results))
     if not rows:
         return "No results with targets yet: run `python benchmarks/run_all.py --repeat 3`."
-    out = [_machines_line(machines, width), ""]
+    out = [_machines_line(machines, counts), ""]
     out.append(
         text_table(
             [
@@ -668,7 +669,7 @@ def summary(results: Path | None = None) -> str:
     return "\n".join(out)
 
 
-def _machines_line(machines: list[dict[str, Any]], width: int) -> str:
+def _machines_line(machines: list[dict[str, Any]], counts: list[int]) -> str:
     dates = sorted(str(m["date"]) for m in machines if m.get("date"))
     span = f"{_date(dates[0])} to {_date(dates[-1])} UTC" if dates else "date unknown"
     kinds = sorted({_machine_short(m) for m in machines})
@@ -678,8 +679,10 @@ def _machines_line(machines: list[dict[str, Any]], width: int) -> str:
     loads = [float(x) for m in machines for x in (m.get("load_avg_at_start") or [])[:1]]
     load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "?"
     return (
-        f"*{_runs_word(width) if width > 1 else 'One run'} of each benchmark, interleaved (run 1 "
-        f"of every benchmark, then run 2, ...), each in its own process; {span}; "
+        f"*{_runs_word(max(counts))} of each benchmark"
+        + ("" if len(set(counts)) == 1 else " (fewer where the label says)")
+        + (", interleaved (run 1 of every benchmark, then run 2, ...)" if max(counts) > 1 else "")
+        + f", each in its own process; {span}; "
         f"{'; '.join(kinds)} RAM; Python {', '.join(py)}"
         + (f", PostgreSQL {', '.join(pg)}" if pg else "")
         + f"; 1-minute load average at each start {load}"
@@ -690,7 +693,11 @@ def _machines_line(machines: list[dict[str, Any]], width: int) -> str:
 
 def readme_table(results: Path | None = None) -> str:
     """The summary table (dates, machine, every target across runs) for the README."""
-    return summary(results)
+    return (
+        summary(results)
+        + "\n\nEvery table, each run's machine and load, and what bound each storm: "
+        "`benchmarks/RESULTS.md` (`python benchmarks/run_all.py --repeat 3 --markdown`)."
+    )
 
 
 def _kept(text: str) -> dict[str, str]:
