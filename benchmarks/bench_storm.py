@@ -10,11 +10,33 @@ interleaved round by round in one process against one server:
 * ``per_execution``: the guide's design, ``strategy="per_execution"`` with a fresh
   engine and schema reflection per execution (``cache_reflection=False``);
 * ``shared``: this package's default, one budget pool for every execution;
+* ``shared_async``: ``shared`` with an ``async def`` tool that awaits
+  ``db.arun(...)`` three times (the ecosystem issue's async tool), run next to
+  ``shared`` in every round and reported as ``shared_async / shared`` per round;
 * ``cpu`` / ``cpu_scoped``: the same graph with a tool that does no I/O, bare and
   wrapped: the CPU ceiling, measured in the same run.
 
+Compared modes run back to back in every round, their order flipped every round
+(ABBA); ratios are taken per round and their median reported.  The run names what
+binds it: the budget (budget / (3 x 10 ms)), the executor (sync tools, and ``arun``,
+wait in asyncio's default executor: min(budget, threads) / (3 x 10 ms)) or the CPU
+(the ``cpu`` mode's rate).  The throughput target of ``shared`` against ``global`` is
+0.97x when the executor has at least as many threads as the budget (the budget binds,
+not the executor), else 0.95x; its CPU per execution must stay within 1.03x.
+
+``--cold``: the cold storm.  The process runs no warm-up round and no storm before
+round 0; ``global`` is a SQLDatabase built (so reflected) before timing and kept as
+built; every ``shared`` round is cold: a brand-new manager is created at the start of
+its timed window, with the package's defaults (so nothing is reflected and no
+connection is open), and closed after the round.  ``shared_warm_schema`` is the same
+with ``warm_schema=True``.  A fresh process is approximated, not reproduced: the
+imports are done before timing, and rounds after a process's first find process-wide
+state warm (modules imported lazily on first use, LangGraph's and SQLAlchemy's
+process-level caches, the allocator); the manager, its pool, its engine's compiled
+cache and its schema cache are new each round.  Target: ``shared`` >= 0.95x ``global``.
+
 Run: ``python benchmarks/bench_storm.py`` (``--k``, ``--rounds``, ``--budget``,
-``--executor-threads``, ``--modes``, ``--profile MODE``).
+``--executor-threads``, ``--modes``, ``--cold``, ``--profile MODE``).
 """
 
 from __future__ import annotations
@@ -27,6 +49,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +87,28 @@ with warnings.catch_warnings():
 SLEEP_SQL = "select pg_sleep(0.01)"
 QUERIES_PER_TOOL = 3
 QUERY_SECONDS = 0.010
-MODES = ("cpu", "cpu_scoped", "naive", "global", "per_execution", "shared")
+MODES = ("cpu", "cpu_scoped", "naive", "global", "per_execution", "shared", "shared_async")
+#: ``--cold``: a global SQLDatabase built before timing against managers made in the timed
+#: window, with the package's defaults and with ``warm_schema=True``; ``cpu`` (run last in
+#: every round, so no storm precedes round 0's compared modes) says whether the CPU binds
+COLD_MODES = ("global", "shared", "shared_warm_schema", "cpu")
 SERVER_MAX_CONNECTIONS = 30
 SLOW_MODES = ("naive", "per_execution")
+#: scoped modes whose graph is wrapped and whose manager must hold nothing afterwards
+SCOPED_MODES = ("shared", "shared_async", "shared_warm_schema")
+#: compared modes, run back to back in every round, the order flipped every round (ABBA)
+GROUPS = (("cpu", "cpu_scoped"), ("global", "shared", "shared_async", "shared_warm_schema"))
+#: ``shared`` over ``global``: CPU per execution at most this (the budget-bound storm)
+CPU_TARGET = 1.03
+#: ``--cold``: ``shared`` (a manager made in the timed window) over ``global`` (built before)
+COLD_TARGET = 0.95
+COLD_NOTE = (
+    "fresh process approximated in-process: no warm-up round, and every shared round makes "
+    "a brand-new manager inside its timed window (nothing reflected, no pool, no connection), "
+    "closed after it; global's SQLDatabase is built (reflected) before timing and kept as "
+    "built. Imports are done before timing, and rounds after the process's first find "
+    "process-wide state (lazily imported modules, library-level caches) warm"
+)
 #: Wall time of each tool call inside its executor thread (global and scoped modes).
 TOOL_SECONDS: list[float] = []
 
@@ -120,6 +162,18 @@ def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
             TOOL_SECONDS.append(time.perf_counter() - t0)
             return "ok"
 
+    elif mode == "shared_async":
+
+        @tool
+        async def run_sql(config: RunnableConfig) -> str:
+            """Run the queries through this execution's scoped SQLDatabase, awaiting arun()."""
+            t0 = time.perf_counter()
+            db = lsc.get_scoped_sql_database(config)
+            for _ in range(QUERIES_PER_TOOL):
+                await db.arun(SLEEP_SQL)
+            TOOL_SECONDS.append(time.perf_counter() - t0)
+            return "ok"
+
     else:
 
         @tool
@@ -135,7 +189,10 @@ def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
     return run_sql
 
 
-async def _storm(graph: Any, k: int, executor_threads: int | None) -> dict[str, Any]:
+async def _storm(
+    make_graph: Callable[[], Any], k: int, executor_threads: int | None
+) -> dict[str, Any]:
+    """K concurrent ``ainvoke``; the wall clock starts before ``make_graph()`` is called."""
     if executor_threads:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(
@@ -158,9 +215,101 @@ async def _storm(graph: Any, k: int, executor_threads: int | None) -> dict[str, 
         latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
+    graph = make_graph()  # cold modes: the manager is made here, inside the timing
     await asyncio.gather(*(one() for _ in range(k)))
     wall = time.perf_counter() - t0
     return {"wall": wall, "latencies": latencies, "errors": errors}
+
+
+class ModeSetup:
+    """One mode's graph, and its manager or global engine, made the way the timed run wants.
+
+    Warm runs (the default) make everything before timing: a scoped ``shared`` manager
+    reflects the schema first, as ``global`` builds its SQLDatabase before timing, and
+    both pools are emptied so every mode opens its connections in the timed window.
+    With ``cold``, a scoped mode's manager is made by :meth:`make_graph`, which the
+    storm calls inside its timed window, and ``global`` keeps its SQLDatabase as built.
+    """
+
+    def __init__(self, mode: str, url: str, budget: int, cold: bool = False) -> None:
+        self.mode = mode
+        self.url = url
+        self.budget = budget
+        self.cold = cold
+        self.manager: lsc.ExecutionConnectionManager | None = None
+        self.global_engine: Any = None
+        self.scoped = mode in ("per_execution", "cpu_scoped", *SCOPED_MODES)
+        global_db = None
+        if mode == "global":
+            self.global_engine = create_engine(
+                url,
+                pool_size=budget,
+                max_overflow=0,
+                pool_timeout=60,
+                pool_recycle=1800,
+                pool_pre_ping=True,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                global_db = SQLDatabase(self.global_engine)
+            if not cold:
+                self.global_engine.dispose()  # start cold on connections, like the others
+        self.graph = build_graph(make_tool(mode, url, global_db))
+        if self.scoped and not cold:
+            self.manager = self._configure()
+            if mode in SCOPED_MODES:
+                # reflect the schema once before timing, as `global` builds its
+                # SQLDatabase before timing; then start cold on connections
+                with lsc.ExecutionScope(manager=self.manager):
+                    lsc.get_scoped_sql_database(manager=self.manager)
+                self.manager.pool_for().dispose()
+            self.graph = lsc.with_scoped_connections(self.graph, manager=self.manager)
+
+    @property
+    def idle_backends(self) -> int:
+        """App backends this mode holds before its run (cold ``global``: its reflection's)."""
+        return 1 if self.cold and self.mode == "global" else 0
+
+    def _configure(self) -> lsc.ExecutionConnectionManager:
+        if self.cold:  # the package's defaults, but for the budget (and warm_schema)
+            options: dict[str, Any] = {"max_connections": self.budget}
+            if self.mode == "shared_warm_schema":
+                options["warm_schema"] = True
+            return lsc.configure(self.url, **options)
+        return lsc.configure(
+            self.url,
+            strategy="per_execution" if self.mode == "per_execution" else "shared",
+            max_connections=self.budget,
+            pool_timeout=60,
+            cache_reflection=self.mode != "per_execution",
+        )
+
+    def make_graph(self) -> Any:
+        """The graph to run; a cold scoped mode makes its brand-new manager here."""
+        if self.scoped and self.manager is None:
+            self.manager = self._configure()
+            return lsc.with_scoped_connections(self.graph, manager=self.manager)
+        return self.graph
+
+    def settle(self) -> tuple[int | None, int | None]:
+        """Wait for releases to finish; (connections in use, open scopes) after the run."""
+        if self.manager is not None:
+            self.manager.drain(timeout=30)
+            stats = self.manager.get_stats()
+            return (
+                int(stats["connections_in_use"]),
+                int(stats["active_executions"]) + int(stats["draining_executions"]),
+            )
+        if self.global_engine is not None:
+            return int(self.global_engine.pool.checkedout()), None
+        return None, None
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+        if self.global_engine is not None:
+            self.global_engine.dispose()
+        full_gc()  # naive: collect the engines nobody disposed
 
 
 def run_mode(
@@ -171,43 +320,11 @@ def run_mode(
     budget: int,
     executor_threads: int | None,
     profile: bool = False,
+    cold: bool = False,
 ) -> dict[str, Any]:
     """Run K concurrent executions in ``mode`` and measure it from the server side."""
-    url = server.url()
-    manager = None
-    global_engine = None
-    global_db = None
-    if mode in ("per_execution", "shared", "cpu_scoped"):
-        manager = lsc.configure(
-            url,
-            strategy="per_execution" if mode == "per_execution" else "shared",
-            max_connections=budget,
-            pool_timeout=60,
-            cache_reflection=mode != "per_execution",
-        )
-        if mode == "shared":
-            # reflect the schema once before timing, as `global` builds its SQLDatabase
-            # before timing; then start cold on connections like the other modes
-            with lsc.ExecutionScope(manager=manager):
-                lsc.get_scoped_sql_database(manager=manager)
-            manager.pool_for().dispose()
-    if mode == "global":
-        global_engine = create_engine(
-            url,
-            pool_size=budget,
-            max_overflow=0,
-            pool_timeout=60,
-            pool_recycle=1800,
-            pool_pre_ping=True,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            global_db = SQLDatabase(global_engine)
-        global_engine.dispose()  # start cold, like the other modes
-    graph = build_graph(make_tool(mode, url, global_db))
-    if manager is not None:
-        graph = lsc.with_scoped_connections(graph, manager=manager)
-    server.wait_app_backends(0)
+    setup = ModeSetup(mode, server.url(), budget, cold)
+    server.wait_app_backends(setup.idle_backends)
     profiler = None
     if profile:
         from pyinstrument import Profiler
@@ -217,28 +334,16 @@ def run_mode(
     TOOL_SECONDS.clear()
     cpu0 = time.process_time()
     with sampler:
-        result = asyncio.run(_storm(graph, k, executor_threads))
+        result = asyncio.run(_storm(setup.make_graph, k, executor_threads))
     cpu_s = time.process_time() - cpu0 - sampler.cpu_seconds
     if profiler is not None:
         profiler.stop()
         out = Path(__file__).resolve().parent / "results" / f"storm_profile_{mode}.txt"
         out.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
         console.print(f"[dim]profile written to {out}[/dim]")
-    in_use_after: int | None = None
-    open_scopes_after: int | None = None
-    if manager is not None:
-        manager.drain(timeout=30)
-        stats = manager.get_stats()
-        in_use_after = int(stats["connections_in_use"])
-        open_scopes_after = int(stats["active_executions"]) + int(stats["draining_executions"])
-    elif global_engine is not None:
-        in_use_after = int(global_engine.pool.checkedout())  # type: ignore[attr-defined]
+    in_use_after, open_scopes_after = setup.settle()
     backends_after = server.app_backends()
-    if manager is not None:
-        manager.close()
-    if global_engine is not None:
-        global_engine.dispose()
-    full_gc()  # naive: collect the engines nobody disposed
+    setup.close()
     backends_after_cleanup = server.wait_app_backends(0, timeout=10)
     lat = result["latencies"]
     errors: collections.Counter[str] = result["errors"]
@@ -264,24 +369,31 @@ def run_mode(
     }
 
 
-def round_order(modes: list[str], rnd: int, slow_rounds: int) -> list[str]:
-    """This round's modes: compared pairs adjacent, their order alternating (ABBA)."""
+def round_order(modes: list[str], rnd: int, slow_rounds: int, cold: bool = False) -> list[str]:
+    """This round's modes: compared ones adjacent, their order alternating (ABBA).
+
+    ``shared_async`` and ``shared_warm_schema`` sit next to ``shared`` either way round.
+    With ``cold``, the ``cpu`` group comes last, so nothing runs before round 0's
+    compared modes.
+    """
     order: list[str] = []
-    for pair in (("cpu", "cpu_scoped"), ("global", "shared")):
-        present = [m for m in pair if m in modes]
+    for group in GROUPS[::-1] if cold else GROUPS:
+        present = [m for m in group if m in modes]
         order += present if rnd % 2 == 0 else present[::-1]
     if rnd < slow_rounds:
         order += [m for m in ("naive", "per_execution") if m in modes]
     return order
 
 
-def paired_ratio(runs: list[dict[str, Any]], a: str, b: str) -> list[float]:
-    """Per round, exec/s of ``a`` over ``b`` (both run back to back in that round)."""
+def paired_ratio(
+    runs: list[dict[str, Any]], a: str, b: str, key: str = "exec_per_s"
+) -> list[float]:
+    """Per round, ``key`` (exec/s) of ``a`` over ``b`` (both run back to back in that round)."""
     out = []
     for rnd in sorted({r["round"] for r in runs}):
         by = {r["mode"]: r for r in runs if r["round"] == rnd}
-        if a in by and b in by and by[b]["exec_per_s"]:
-            out.append(round(by[a]["exec_per_s"] / by[b]["exec_per_s"], 3))
+        if a in by and b in by and by[b][key]:
+            out.append(round(by[a][key] / by[b][key], 3))
     return out
 
 
@@ -290,6 +402,8 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[st
     out: dict[str, dict[str, Any]] = {}
     for mode in modes:
         rs = [r for r in runs if r["mode"] == mode]
+        if not rs:
+            continue
         errors: collections.Counter[str] = collections.Counter()
         for r in rs:
             errors.update(r["errors"])
@@ -336,34 +450,56 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="size of asyncio's default executor (0: asyncio's default, min(32, nproc+4))",
     )
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help=f"comma-separated modes (default: all; {', '.join(MODES)}; "
+        f"with --cold: {', '.join(COLD_MODES)})",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="the cold storm: global built before timing against a new manager made inside "
+        "every shared round's timing (no warm-up, no reflection ahead)",
+    )
     parser.add_argument("--profile", default="", help="profile one mode with pyinstrument")
-    parser.add_argument("--out", default="storm", help="results file name (storm)")
+    parser.add_argument("--out", default="", help="results file name (storm; storm_cold)")
     args = parser.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - set(MODES)
+    allowed = COLD_MODES if args.cold else MODES
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] or list(allowed)
+    unknown = set(modes) - set(allowed)
     if unknown:
-        parser.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+        parser.error(
+            f"unknown mode(s) {sorted(unknown)}{' with --cold' if args.cold else ''}; "
+            f"choose from {', '.join(allowed)}"
+        )
     if args.budget > SERVER_MAX_CONNECTIONS - 4:
         parser.error(
             f"--budget {args.budget} leaves no room on a server with max_connections="
             f"{SERVER_MAX_CONNECTIONS} (3 superuser-reserved slots and the sampler's)"
         )
+    out_name = args.out or ("storm_cold" if args.cold else "storm")
     info = machine_info()
     print_machine(info)
     default_threads = min(32, (os.cpu_count() or 1) + 4)
     threads = args.executor_threads or default_threads
+    # the budget binds rather than the executor when every connection can have a thread
+    throughput_target = COLD_TARGET if args.cold else (0.97 if threads >= args.budget else 0.95)
+    slow = [m for m in modes if m in SLOW_MODES]
     console.print(
-        f"storm: K={args.k} (naive, per_execution: {min(args.slow_k, args.k)}), "
-        f"{args.rounds} round(s), budget={args.budget} of "
+        f"storm{' --cold' if args.cold else ''}: K={args.k}"
+        + (f" ({', '.join(slow)}: {min(args.slow_k, args.k)})" if slow else "")
+        + f", {args.rounds} round(s), budget={args.budget} of "
         f"max_connections={SERVER_MAX_CONNECTIONS}, executor threads={threads}"
     )
+    if args.cold:
+        console.print(f"[dim]{COLD_NOTE}[/dim]")
     runs: list[dict[str, Any]] = []
     with bench_server(max_connections=SERVER_MAX_CONNECTIONS) as server:
         sampler = BackendSampler(server)
         try:
             for rnd in range(args.rounds):
-                for mode in round_order(modes, rnd, args.slow_rounds):
+                for mode in round_order(modes, rnd, args.slow_rounds, args.cold):
                     r = run_mode(
                         mode,
                         server,
@@ -372,11 +508,12 @@ def main(argv: list[str] | None = None) -> int:
                         args.budget,
                         args.executor_threads or None,
                         profile=args.profile == mode and rnd == args.rounds - 1,
+                        cold=args.cold,
                     )
                     r["round"] = rnd
                     runs.append(r)
                     console.print(
-                        f"  round {rnd} {mode:>13}: {r['succeeded']}/{r['k']} ok, "
+                        f"  round {rnd} {mode:>18}: {r['succeeded']}/{r['k']} ok, "
                         f"{r['exec_per_s']:.1f} exec/s, peak {r['peak_backends']} backends, "
                         f"tool p50 {r['tool_p50_ms']} ms, CPU {r['cpu_ms_per_exec']} ms/exec"
                     )
@@ -385,29 +522,58 @@ def main(argv: list[str] | None = None) -> int:
             server_version = server.server_version()
     info["postgresql"] = server_version
     summary = summarize(runs, modes)
-    server_ceiling = args.budget / (QUERIES_PER_TOOL * QUERY_SECONDS)
+    modes = [m for m in modes if m in summary]
+    budget_ceiling = args.budget / (QUERIES_PER_TOOL * QUERY_SECONDS)
     executor_ceiling = min(args.budget, threads) / (QUERIES_PER_TOOL * QUERY_SECONDS)
     cpu_ceiling = summary.get("cpu", {}).get("exec_per_s") or None
-    ceilings = {"server": server_ceiling, "executor": executor_ceiling}
+    ceilings: dict[str, Any] = {"budget": budget_ceiling, "executor": executor_ceiling}
     if cpu_ceiling:
         ceilings["cpu"] = cpu_ceiling
     binding = min(ceilings, key=lambda c: ceilings[c])
+    binding_text = binding + ("" if cpu_ceiling else " (of budget and executor; CPU not measured)")
     global_rate = summary.get("global", {}).get("exec_per_s")
     global_cpu = summary.get("global", {}).get("cpu_ms_per_exec")
     for s in summary.values():
-        s["of_server_ceiling"] = round(s["exec_per_s"] / server_ceiling, 3)
+        s["of_budget_ceiling"] = round(s["exec_per_s"] / budget_ceiling, 3)
         s["of_executor_ceiling"] = round(s["exec_per_s"] / executor_ceiling, 3)
         s["of_cpu_ceiling"] = round(s["exec_per_s"] / cpu_ceiling, 3) if cpu_ceiling else None
         s["vs_global"] = round(s["exec_per_s"] / global_rate, 3) if global_rate else None
         s["cpu_vs_global"] = round(s["cpu_ms_per_exec"] / global_cpu, 3) if global_cpu else None
-    # the compared pairs ran back to back in every round: the median of their per-round
+    # the compared modes ran back to back in every round: the median of their per-round
     # ratios cancels most of the noise of a shared machine
-    per_round_ratio = paired_ratio(runs, "shared", "global")
-    handler_ratio = paired_ratio(runs, "cpu_scoped", "cpu")
+    ratios = {
+        "shared_vs_global_per_round": paired_ratio(runs, "shared", "global"),
+        "shared_vs_global_cpu_per_round": paired_ratio(runs, "shared", "global", "cpu_ms_per_exec"),
+        "shared_async_vs_shared_per_round": paired_ratio(runs, "shared_async", "shared"),
+        "shared_async_vs_shared_cpu_per_round": paired_ratio(
+            runs, "shared_async", "shared", "cpu_ms_per_exec"
+        ),
+        "shared_warm_schema_vs_global_per_round": paired_ratio(
+            runs, "shared_warm_schema", "global"
+        ),
+        "cpu_scoped_vs_cpu_per_round": paired_ratio(runs, "cpu_scoped", "cpu"),
+    }
+    per_round_ratio = ratios["shared_vs_global_per_round"]
+    per_round_cpu = ratios["shared_vs_global_cpu_per_round"]
+    async_ratio = ratios["shared_async_vs_shared_per_round"]
+    warm_schema_ratio = ratios["shared_warm_schema_vs_global_per_round"]
     if per_round_ratio:
         summary["shared"]["vs_global"] = median(per_round_ratio)
-    if handler_ratio:
-        summary["cpu_scoped"]["of_cpu_ceiling"] = median(handler_ratio)
+    if per_round_cpu:
+        summary["shared"]["cpu_vs_global"] = median(per_round_cpu)
+    if warm_schema_ratio:
+        summary["shared_warm_schema"]["vs_global"] = median(warm_schema_ratio)
+    if async_ratio:
+        summary["shared_async"]["vs_shared"] = median(async_ratio)
+    if ratios["shared_async_vs_shared_cpu_per_round"]:
+        summary["shared_async"]["cpu_vs_shared"] = median(
+            ratios["shared_async_vs_shared_cpu_per_round"]
+        )
+    if ratios["cpu_scoped_vs_cpu_per_round"]:
+        summary["cpu_scoped"]["of_cpu_ceiling"] = median(ratios["cpu_scoped_vs_cpu_per_round"])
+
+    def cell(x: Any) -> Any:
+        return "-" if x is None else x
 
     rows = []
     for mode in modes:
@@ -418,25 +584,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['succeeded']}/{s['k'] * s['rounds']}",
                 s["failed"],
                 s["peak_backends"],
-                "-" if s["in_use_after"] is None else s["in_use_after"],
+                cell(s["in_use_after"]),
                 s["backends_after"],
                 s["backends_after_cleanup"],
                 s["exec_per_s"],
                 s["p50_ms"],
                 s["p99_ms"],
-                s["of_server_ceiling"],
+                s["of_budget_ceiling"],
                 s["of_executor_ceiling"],
-                s["of_cpu_ceiling"] if s["of_cpu_ceiling"] is not None else "-",
-                s["vs_global"] if s["vs_global"] is not None else "-",
+                cell(s["of_cpu_ceiling"]),
+                cell(s["vs_global"]),
                 s["cpu_ms_per_exec"],
-                s["cpu_vs_global"] if s["cpu_vs_global"] is not None else "-",
+                cell(s["cpu_vs_global"]),
             )
         )
     console.print(
         table(
-            f"storm: K={args.k} concurrent ainvoke x {args.rounds} rounds, budget {args.budget}, "
-            f"server max_connections={SERVER_MAX_CONNECTIONS} (medians of rounds; "
-            "x global of shared and x CPU ceil of cpu_scoped: median of paired per-round ratios)",
+            f"storm{' --cold' if args.cold else ''}: K={args.k} concurrent ainvoke x "
+            f"{args.rounds} rounds, budget {args.budget}, server max_connections="
+            f"{SERVER_MAX_CONNECTIONS} (medians of rounds; x global and CPU x global of shared, "
+            "x CPU ceil of cpu_scoped: medians of paired per-round ratios)",
             [
                 "mode",
                 "ok",
@@ -448,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                 "exec/s",
                 "p50 ms",
                 "p99 ms",
-                "x server ceil",
+                "x budget ceil",
                 "x executor ceil",
                 "x CPU ceil",
                 "x global",
@@ -461,56 +628,89 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         for text, n in summary[mode]["errors"].items():
             console.print(f"  [red]{mode}[/red] failed {n}x: {text}")
+    for name, values in ratios.items():
+        if values:
+            console.print(f"  {name}: {values} (median {median(values):.3f})")
     console.print(
         table(
             "ceilings (exec/s)",
             ["ceiling", "exec/s", "how"],
             [
-                ("server", server_ceiling, f"budget {args.budget} / (3 x 10 ms)"),
+                ("budget", budget_ceiling, f"budget {args.budget} / (3 x 10 ms)"),
                 (
                     "executor",
                     executor_ceiling,
                     f"min(budget, {threads} executor threads) / (3 x 10 ms): sync tools "
-                    "under ainvoke run in asyncio's default executor",
+                    "and arun() under ainvoke run in asyncio's default executor",
                 ),
                 ("cpu", cpu_ceiling or "-", "same graph, no-I/O tool, measured in this run"),
             ],
         )
     )
-    console.print(f"binding ceiling: [bold]{binding}[/bold]")
+    console.print(f"binding ceiling: [bold]{binding_text}[/bold]")
     verdicts: list[Verdict] = []
-    if "shared" in summary:
-        s = summary["shared"]
+    label = "cold " if args.cold else ""
+    for mode in SCOPED_MODES:
+        if mode not in summary:
+            continue
+        s = summary[mode]
         verdicts += [
-            Verdict("shared: no failures", "0 failed", f"{s['failed']} failed", s["failed"] == 0),
             Verdict(
-                "shared: peak <= budget",
+                f"{label}{mode}: no failures", "0 failed", f"{s['failed']} failed", s["failed"] == 0
+            ),
+            Verdict(
+                f"{label}{mode}: peak <= budget",
                 f"<= {args.budget}",
                 str(s["peak_backends"]),
                 s["peak_backends"] <= args.budget,
             ),
             Verdict(
-                "shared: nothing held after",
+                f"{label}{mode}: nothing held after",
                 "0 in use, 0 open scopes, 0 backends after close",
                 f"{s['in_use_after']} in use, {s['backends_after_cleanup']} backends after close "
                 f"({s['backends_after']} idle pooled before close)",
                 s["in_use_after"] == 0
                 and s["backends_after_cleanup"] == 0
-                and all(r["open_scopes_after"] == 0 for r in runs if r["mode"] == "shared"),
+                and all(r["open_scopes_after"] == 0 for r in runs if r["mode"] == mode),
             ),
         ]
-        if s["vs_global"] is not None:
+    why = f"{threads} executor threads {'>=' if threads >= args.budget else '<'} budget"
+    if args.cold:
+        cold_ratios = (("shared", per_round_ratio), ("shared_warm_schema", warm_schema_ratio))
+        for mode, values in cold_ratios:
+            if values:
+                verdicts.append(
+                    Verdict(
+                        f"cold {mode}: throughput vs global built before timing",
+                        f">= {COLD_TARGET}x",
+                        f"{median(values):.3f}x (per round {values})",
+                        median(values) >= COLD_TARGET,
+                        note=f"binding: {binding_text}",
+                    )
+                )
+    else:
+        if per_round_ratio:
             verdicts.append(
                 Verdict(
                     "shared: throughput vs global",
-                    ">= 0.95x",
-                    f"{s['vs_global']:.3f}x (per round {per_round_ratio})",
-                    s["vs_global"] >= 0.95,
+                    f">= {throughput_target}x ({why})",
+                    f"{median(per_round_ratio):.3f}x (per round {per_round_ratio})",
+                    median(per_round_ratio) >= throughput_target,
+                    note=f"binding: {binding_text}",
+                )
+            )
+        if per_round_cpu:
+            verdicts.append(
+                Verdict(
+                    "shared: CPU ms per execution vs global",
+                    f"<= {CPU_TARGET}x",
+                    f"{median(per_round_cpu):.3f}x (per round {per_round_cpu})",
+                    median(per_round_cpu) <= CPU_TARGET,
                 )
             )
     print_verdicts(verdicts)
     write_result(
-        args.out,
+        out_name,
         {
             "benchmark": "storm",
             "machine": info,
@@ -525,11 +725,16 @@ def main(argv: list[str] | None = None) -> int:
                 "executor_threads": threads,
                 "queries_per_tool": QUERIES_PER_TOOL,
                 "query": SLEEP_SQL,
+                "modes": modes,
+                "cold": args.cold,
+                "cold_note": COLD_NOTE if args.cold else None,
+                "throughput_target": throughput_target,
+                "cpu_target": None if args.cold else CPU_TARGET,
             },
             "ceilings": {**ceilings, "binding": binding},
+            "binding": binding_text,
             "summary": summary,
-            "shared_vs_global_per_round": per_round_ratio,
-            "cpu_scoped_vs_cpu_per_round": handler_ratio,
+            **ratios,
             "runs": runs,
             "verdicts": [v.as_dict() for v in verdicts],
         },
