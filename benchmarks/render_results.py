@@ -543,7 +543,12 @@ def runs_section(
     for i, (run, path) in zip(range(n), files.items(), strict=True):
         d = datas[i] or {}
         m = d.get("machine") if isinstance(d.get("machine"), dict) else {}
-        seconds = (log.get(path.stem) or {}).get("seconds")
+        entry = log.get(path.stem) or {}
+        if str(entry.get("started", "")) > str(m.get("date", "~")):
+            entry = {}  # the log is of a later run that did not write this file
+        seconds: Any = entry.get("seconds")
+        if seconds is not None and entry.get("quick"):
+            seconds = f"{_f(float(seconds))} (--quick)"
         rows.append(
             [
                 f"run {run}",
