@@ -24,6 +24,13 @@ wait in asyncio's default executor: min(budget, threads) / (3 x 10 ms)) or the C
 0.97x when the executor has at least as many threads as the budget (the budget binds,
 not the executor), else 0.95x; its CPU per execution must stay within 1.03x.
 
+Round trips per execution come from a counting phase after the timed rounds (so
+logging never slows them): the app role's new sessions log every statement
+(``common.ServerStatementLog``), each I/O mode runs ``--count-k`` executions on fresh
+engines and managers to open its pool, and the next ``--count-k`` are counted from the
+server log (``--count-slow-k`` for ``naive`` and ``per_execution``).  psycopg2 sends
+each statement as one simple query, so statements = round trips.
+
 ``--cold``: the cold storm.  The process runs no warm-up round and no storm before
 round 0; ``global`` is a SQLDatabase built (so reflected) before timing and kept as
 built; every ``shared`` round is cold: a brand-new manager is created at the start of
@@ -36,7 +43,8 @@ process-level caches, the allocator); the manager, its pool, its engine's compil
 cache and its schema cache are new each round.  Target: ``shared`` >= 0.95x ``global``.
 
 Run: ``python benchmarks/bench_storm.py`` (``--k``, ``--rounds``, ``--budget``,
-``--executor-threads``, ``--modes``, ``--cold``, ``--profile MODE``).
+``--executor-threads``, ``--modes``, ``--cold``, ``--count-k``, ``--count-slow-k``,
+``--profile MODE``).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     BackendSampler,
     BenchServer,
+    ServerStatementLog,
     Verdict,
     bench_server,
     console,
@@ -427,6 +436,63 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[st
     return out
 
 
+def count_round_trips(
+    server: BenchServer,
+    modes: list[str],
+    k: int,
+    slow_k: int,
+    budget: int,
+    executor_threads: int | None,
+) -> dict[str, dict[str, Any]]:
+    """Round trips per execution of each I/O mode, from the server's statement log.
+
+    A phase of its own, after the timed rounds: the app role's new sessions log every
+    statement, so every engine and manager here is made after ``enable()``.  Each mode
+    runs one storm of K first (its pool opens its connections, its first-connect
+    queries run) and the next K are counted: the steady state, which is what a long
+    storm's executions see.  psycopg2 sends each statement as one simple query, so
+    statements = round trips.
+    """
+    log = ServerStatementLog(server)
+    out: dict[str, dict[str, Any]] = {}
+    log.enable()
+    try:
+        for mode in modes:
+            n = slow_k if mode in SLOW_MODES else k
+            if mode in ("cpu", "cpu_scoped") or n <= 0:
+                continue
+            setup = ModeSetup(mode, server.url(), budget)
+            try:
+                asyncio.run(_storm(setup.make_graph, n, executor_threads))
+                setup.settle()
+                with log:
+                    result = asyncio.run(_storm(setup.make_graph, n, executor_threads))
+                    setup.settle()
+            finally:
+                setup.close()
+            server.wait_app_backends(0, timeout=10)
+            ok = len(result["latencies"])
+            counts: collections.Counter[str] = collections.Counter()
+            for text, c in log.counts().items():  # reflection's queries are long: cut them
+                counts[text if len(text) <= 60 else text[:57] + "..."] += c
+            out[mode] = {
+                "k": n,
+                "succeeded": ok,
+                "round_trips": log.total(),
+                "per_exec": round(log.total() / ok, 2) if ok else None,
+                "statements_per_exec": {text: round(c / ok, 2) for text, c in counts.most_common(8)}
+                if ok
+                else {},
+            }
+            console.print(
+                f"  count {mode:>13}: {out[mode]['per_exec']} round trips/exec "
+                f"({log.total()} statements, {ok}/{n} ok)"
+            )
+    finally:
+        log.disable()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=1000, help="concurrent runs per mode (1000)")
@@ -462,6 +528,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the cold storm: global built before timing against a new manager made inside "
         "every shared round's timing (no warm-up, no reflection ahead)",
     )
+    parser.add_argument(
+        "--count-k",
+        type=int,
+        default=50,
+        help="K per mode of the round-trip counting phase, after the timed rounds (50; 0: off)",
+    )
+    parser.add_argument(
+        "--count-slow-k",
+        type=int,
+        default=10,
+        help="K of naive and per_execution in the counting phase (10; 0: not counted)",
+    )
     parser.add_argument("--profile", default="", help="profile one mode with pyinstrument")
     parser.add_argument("--out", default="", help="results file name (storm; storm_cold)")
     args = parser.parse_args(argv)
@@ -495,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cold:
         console.print(f"[dim]{COLD_NOTE}[/dim]")
     runs: list[dict[str, Any]] = []
+    round_trips: dict[str, dict[str, Any]] = {}
     with bench_server(max_connections=SERVER_MAX_CONNECTIONS) as server:
         sampler = BackendSampler(server)
         try:
@@ -517,6 +596,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['exec_per_s']:.1f} exec/s, peak {r['peak_backends']} backends, "
                         f"tool p50 {r['tool_p50_ms']} ms, CPU {r['cpu_ms_per_exec']} ms/exec"
                     )
+            if args.count_k > 0 and not args.cold:
+                # after the timed rounds, so logging never touches them
+                round_trips = count_round_trips(
+                    server,
+                    modes,
+                    min(args.count_k, args.k),
+                    min(args.count_slow_k, args.count_k),
+                    args.budget,
+                    args.executor_threads or None,
+                )
         finally:
             sampler.close()
             server_version = server.server_version()
@@ -533,12 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     binding_text = binding + ("" if cpu_ceiling else " (of budget and executor; CPU not measured)")
     global_rate = summary.get("global", {}).get("exec_per_s")
     global_cpu = summary.get("global", {}).get("cpu_ms_per_exec")
-    for s in summary.values():
+    for mode, s in summary.items():
         s["of_budget_ceiling"] = round(s["exec_per_s"] / budget_ceiling, 3)
         s["of_executor_ceiling"] = round(s["exec_per_s"] / executor_ceiling, 3)
         s["of_cpu_ceiling"] = round(s["exec_per_s"] / cpu_ceiling, 3) if cpu_ceiling else None
         s["vs_global"] = round(s["exec_per_s"] / global_rate, 3) if global_rate else None
         s["cpu_vs_global"] = round(s["cpu_ms_per_exec"] / global_cpu, 3) if global_cpu else None
+        s["round_trips_per_exec"] = round_trips.get(mode, {}).get("per_exec")
     # the compared modes ran back to back in every round: the median of their per-round
     # ratios cancels most of the noise of a shared machine
     ratios = {
@@ -596,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell(s["vs_global"]),
                 s["cpu_ms_per_exec"],
                 cell(s["cpu_vs_global"]),
+                cell(s["round_trips_per_exec"]),
             )
         )
     console.print(
@@ -603,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             f"storm{' --cold' if args.cold else ''}: K={args.k} concurrent ainvoke x "
             f"{args.rounds} rounds, budget {args.budget}, server max_connections="
             f"{SERVER_MAX_CONNECTIONS} (medians of rounds; x global and CPU x global of shared, "
-            "x CPU ceil of cpu_scoped: medians of paired per-round ratios)",
+            "x CPU ceil of cpu_scoped: medians of paired per-round ratios; round trips: "
+            + ("not counted with --cold)" if args.cold else "a separate counting phase)"),
             [
                 "mode",
                 "ok",
@@ -621,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                 "x global",
                 "CPU ms/exec",
                 "CPU x global",
+                "round trips/exec",
             ],
             rows,
         )
@@ -631,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in ratios.items():
         if values:
             console.print(f"  {name}: {values} (median {median(values):.3f})")
+    for mode, rt in round_trips.items():
+        console.print(
+            f"  round trips/exec {mode}: {rt['per_exec']} = "
+            + ", ".join(f"{text!r} x{c:g}" for text, c in rt["statements_per_exec"].items())
+        )
     console.print(
         table(
             "ceilings (exec/s)",
@@ -730,11 +828,14 @@ def main(argv: list[str] | None = None) -> int:
                 "cold_note": COLD_NOTE if args.cold else None,
                 "throughput_target": throughput_target,
                 "cpu_target": None if args.cold else CPU_TARGET,
+                "count_k": 0 if args.cold else min(args.count_k, args.k),
+                "count_slow_k": 0 if args.cold else min(args.count_slow_k, args.count_k),
             },
             "ceilings": {**ceilings, "binding": binding},
             "binding": binding_text,
             "summary": summary,
             **ratios,
+            "round_trips": round_trips,
             "runs": runs,
             "verdicts": [v.as_dict() for v in verdicts],
         },
