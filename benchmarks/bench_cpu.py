@@ -35,6 +35,7 @@ from common import (
     RESULTS_DIR,
     Verdict,
     console,
+    global_sql_database,
     machine_info,
     median,
     percentile,
@@ -62,15 +63,7 @@ def make_db(path: Path) -> str:
 
 def make_runners(url: str) -> dict[str, Callable[[], tuple[int, int]]]:
     """One callable per variant: runs it once, returns (cpu ns, wall ns)."""
-    import warnings
-
-    from sqlalchemy import create_engine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from langchain_community.utilities.sql_database import SQLDatabase
-
-        global_db = SQLDatabase(create_engine(url))
+    _, global_db = global_sql_database(url)  # SQLAlchemy's defaults, as a plain app has
     expected = global_db.run(QUERY)
     cpu, wall = time.thread_time_ns, time.perf_counter_ns
 
