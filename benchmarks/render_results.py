@@ -154,6 +154,8 @@ def storm(d: dict[str, Any]) -> str:
 
 
 def acquire(d: dict[str, Any]) -> str:
+    summary = d["summary"]
+    shared_us = summary["shared"]["median_us"]
     rows = [
         [
             f"`{v}`",
@@ -161,24 +163,91 @@ def acquire(d: dict[str, Any]) -> str:
             s["median_us"],
             s["p10_us"],
             s["p90_us"],
+            s.get("p99_us"),
             s["vs_unscoped_warm"],
-            round(s["median_us"] / d["summary"]["shared"]["median_us"], 2),
+            round(s["median_us"] / shared_us, 2),
+            s.get("round_trips"),
         ]
-        for v, s in d["summary"].items()
+        for v, s in summary.items()
     ]
-    parts = d.get("shared_breakdown_us", {})
-    return "\n".join(
-        [
-            "New execution -> SQLDatabase -> first `select 1`, interleaved iteration by "
-            f"iteration (n={d['params']['n']}); microseconds.",
+    p = d["params"]
+    out = [
+        "New execution -> SQLDatabase -> first `select 1`, interleaved iteration by "
+        f"iteration (n={p['n']}); microseconds. Round trips: statements the app role sent "
+        "per execution, from the server's `log_statement=all` log (a separate phase, "
+        f"{p.get('count', '?')} executions per variant, {p.get('count_slow', '?')} of the "
+        "`per_execution` ones; connection set-up is not a statement and not counted).",
+        "",
+        md_table(
+            [
+                "variant",
+                "n",
+                "median",
+                "p10",
+                "p90",
+                "p99",
+                "x unscoped warm",
+                "x shared",
+                "round trips",
+            ],
+            rows,
+        ),
+    ]
+    anchors = d.get("anchors", {})
+    if anchors:
+        out += [
             "",
-            md_table(["variant", "n", "median", "p10", "p90", "x unscoped warm", "x shared"], rows),
+            "`shared` against each anchor, same run (ratio of medians, and the median of the "
+            "per-iteration ratios):",
             "",
-            "`shared`, median by part: "
-            + ", ".join(f"{k} {_f(v)} us" for k, v in parts.items())
-            + ".",
+            md_table(
+                [
+                    "anchor",
+                    "anchor us",
+                    "shared us",
+                    "shared / anchor",
+                    "paired",
+                    "anchor round trips",
+                    "shared round trips",
+                ],
+                [
+                    [
+                        f"`{a}`",
+                        x["anchor_median_us"],
+                        x["shared_median_us"],
+                        x["shared_over_anchor"],
+                        x["shared_over_anchor_paired"],
+                        x["anchor_round_trips"],
+                        x["shared_round_trips"],
+                    ]
+                    for a, x in anchors.items()
+                ],
+            ),
         ]
-    )
+    statements = [
+        f"- `{v}`: "
+        + ", ".join(
+            f"`{k if len(k) <= 60 else k[:57] + '...'}` x{_f(c)}"
+            for k, c in list(s["statements_per_iteration"].items())[:6]
+        )
+        + (
+            f" (+{len(s['statements_per_iteration']) - 6} more)"
+            if len(s["statements_per_iteration"]) > 6
+            else ""
+        )
+        for v, s in summary.items()
+        if s.get("statements_per_iteration")
+    ]
+    if statements:
+        out += ["", "Statements per execution:", "", *statements]
+    parts = d.get("shared_breakdown_us", {})
+    out += [
+        "",
+        "`shared`, median by part: " + ", ".join(f"{k} {_f(v)} us" for k, v in parts.items()) + ".",
+    ]
+    if "per_execution_over_shared" in d:
+        out[-1] += f" `per_execution` / `shared`: {_f(d['per_execution_over_shared'])}x."
+    return "\n".join(out)
 
 
 def cpu(d: dict[str, Any]) -> str:
@@ -240,25 +309,77 @@ def reset(d: dict[str, Any]) -> str:
             s["p10_us"],
             s["p90_us"],
             s["vs_unscoped_warm"],
+            s.get("median_paired_vs_unscoped_warm"),
             s.get("round_trips_per_call"),
+            s.get("server_resets_per_call"),
             s.get("session_resets_per_call"),
             ", ".join(f"{k} x{c:g}" for k, c in s.get("statements_per_call", {}).items()),
         ]
         for v, s in d["summary"].items()
     ]
-    cols = ["variant", "n", "median", "p10", "p90", "x unscoped warm", "round trips", "resets"]
-    return "\n".join(
-        [
-            "One `select 1` per checkout (only `run()` timed), interleaved iteration by "
-            f"iteration (n={d['params']['n']}); microseconds. Round trips: statements the app "
-            "role sent per call, from the server's `log_statement=all` log "
-            f"({d['params']['count']} calls per variant, a separate phase).",
+    cols = [
+        "variant",
+        "n",
+        "median",
+        "p10",
+        "p90",
+        "x unscoped warm",
+        "paired",
+        "round trips",
+        "DISCARD ALL (server)",
+        "resets (stats)",
+        "statements per call",
+    ]
+    p = d["params"]
+    out = [
+        "One call per checkout (only `run()` timed; `discard_all`: `DISCARD ALL` alone on a "
+        f"raw connection made dirty untimed first), interleaved iteration by iteration "
+        f"(n={p['n']}); microseconds. `dirty` runs `{p.get('dirty_query', '-')}`. Round "
+        "trips: statements the app role sent per call, from the server's `log_statement=all` "
+        f"log ({p['count']} calls per variant, a separate phase); DISCARD ALL (server): its "
+        "lines there per call; resets (stats): the manager's `session_resets` per call.",
+        "",
+        md_table(cols, rows),
+        "",
+        f"`write` / `read_only`: {_f(d['write_over_read_only'])}x.",
+    ]
+    cost = d.get("reset_cost")
+    if cost:
+        out += [
             "",
-            md_table([*cols, "statements per call"], rows),
+            "The reset's cost on a dirty connection:",
             "",
-            f"`write` / `read_only`: {_f(d['write_over_read_only'])}x.",
+            md_table(
+                ["measure", "value"],
+                [
+                    ["`DISCARD ALL` alone, median us", cost["discard_all_us"]],
+                    ["share of a `dirty` call, ratio of medians", cost["share_of_dirty"]],
+                    [
+                        "share of a `dirty` call, median per iteration",
+                        cost["share_of_dirty_paired"],
+                    ],
+                    ["share of a `write` call, ratio of medians", cost["share_of_write"]],
+                    [
+                        "share of a `write` call, median per iteration",
+                        cost["share_of_write_paired"],
+                    ],
+                    ["`write` - `read_only`, us", cost["write_minus_read_only_us"]],
+                    ["(`write` - `read_only`) / `write`", cost["write_minus_read_only_of_write"]],
+                    ["`dirty` - `write`, us", cost["dirty_minus_write_us"]],
+                ],
+            ),
         ]
-    )
+    check = d.get("dirty_check")
+    if check:
+        out += [
+            "",
+            f"Dirty check: `work_mem` defaults to {check['default']}; one execution set it to "
+            f"{check['set_to']}, the next execution on a one-connection manager (same backend: "
+            f"{_f(check['same_backend'])}) saw {check['seen_by_next_execution']}; a plain "
+            f"engine's next checkout (same backend: {_f(check['plain_engine_same_backend'])}) "
+            f"saw {check['plain_engine_seen_next']}.",
+        ]
+    return "\n".join(out)
 
 
 def compare(d: dict[str, Any]) -> str:
