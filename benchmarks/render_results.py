@@ -81,8 +81,12 @@ def verdicts(data: dict[str, Any]) -> str:
 
 
 def storm(d: dict[str, Any]) -> str:
+    from statistics import median
+
     p = d["params"]
     c = d["ceilings"]
+    cold = bool(p.get("cold"))
+    counted = d.get("round_trips") or {}
     rows = []
     for mode, s in d["summary"].items():
         rows.append(
@@ -97,26 +101,49 @@ def storm(d: dict[str, Any]) -> str:
                 s["exec_per_s"],
                 s["p50_ms"],
                 s["p99_ms"],
-                s["of_server_ceiling"],
+                s.get("of_budget_ceiling", s.get("of_server_ceiling")),
                 s.get("of_executor_ceiling"),
                 s["of_cpu_ceiling"],
                 s["vs_global"],
                 s["cpu_ms_per_exec"],
+                s.get("cpu_vs_global"),
+                s.get("round_trips_per_exec"),
             ]
         )
     errors = []
     for mode, s in d["summary"].items():
         for text, n in s["errors"].items():
             errors.append(f"- `{mode}`, {n}x: `{text}`")
+    slow = [m for m in ("naive", "per_execution") if m in d["summary"]]
+    slow_text = (
+        f" ({' and '.join(f'`{m}`' for m in slow)}, which run at a few exec/s, in "
+        f"{p.get('slow_rounds', p['rounds'])} with K={p.get('slow_k', p['k'])})"
+    )
+    async_text = (
+        " `shared_async`: the same graph with an `async def` tool that awaits `db.arun(...)`."
+    )
     out = [
         f"K={p['k']} concurrent `ainvoke` of a ToolNode graph (agent -> tools -> agent) whose "
         f"tool runs `{p['query']}` x{p['queries_per_tool']} through a SQLDatabase; PostgreSQL "
         f"max_connections={p['server_max_connections']} "
         f"(superuser_reserved_connections={p['superuser_reserved_connections']}; the app connects "
         f"as a non-superuser, so 27 slots are its); budget {p['budget']}; asyncio default "
-        f"executor: {p['executor_threads']} threads. {p['rounds']} interleaved rounds "
-        f"(`naive` and `per_execution`, which run at a few exec/s, in "
-        f"{p.get('slow_rounds', p['rounds'])} with K={p.get('slow_k', p['k'])}); medians.",
+        f"executor: {p['executor_threads']} threads. {p['rounds']} interleaved "
+        f"round{'s' * (p['rounds'] != 1)}, compared "
+        "modes back to back with the order flipped every round"
+        + (slow_text if slow else "")
+        + "; medians."
+        + (async_text if "shared_async" in d["summary"] else ""),
+    ]
+    if cold:
+        out += [
+            "",
+            "**Cold storm** (`--cold`): `shared` with the package's defaults but for the "
+            "budget, `shared_warm_schema` with `warm_schema=True`; "
+            + str(p.get("cold_note") or "a new manager in every shared round's timing")
+            + ".",
+        ]
+    out += [
         "",
         md_table(
             [
@@ -130,24 +157,60 @@ def storm(d: dict[str, Any]) -> str:
                 "exec/s",
                 "p50 ms",
                 "p99 ms",
-                "x server ceiling",
+                "x budget ceiling",
                 "x executor ceiling",
                 "x CPU ceiling",
                 "x global",
                 "CPU ms/exec",
+                "CPU x global",
+                "round trips/exec",
             ],
             rows,
         ),
         "",
         "Ceilings (exec/s): "
-        + ", ".join(f"{k} {_f(v)}" for k, v in c.items() if k != "binding")
-        + f"; **binding: {c['binding']}**. Server = budget / (3 x 10 ms); executor = "
-        "min(budget, executor threads) / (3 x 10 ms); CPU = the same graph with a no-I/O "
-        "tool, measured in the same run.",
-        "",
-        f"`shared` / `global` per round: {d.get('shared_vs_global_per_round')}; "
-        f"`cpu_scoped` / `cpu` per round: {d.get('cpu_scoped_vs_cpu_per_round')}.",
+        + ", ".join(
+            f"{'budget' if k == 'server' else k} {_f(v)}" for k, v in c.items() if k != "binding"
+        )
+        + f"; **binding: {'budget' if c['binding'] == 'server' else c['binding']}**"
+        + ("" if "cpu" in c else " (CPU ceiling not measured in this run)")
+        + ". Budget = budget / (3 x 10 ms); executor = min(budget, executor threads) / "
+        "(3 x 10 ms) (sync tools and `arun()` wait in asyncio's default executor); CPU = the "
+        "same graph with a no-I/O tool, measured in the same run.",
     ]
+    ratios = [
+        ("shared_vs_global_per_round", "`shared` / `global` exec/s"),
+        ("shared_vs_global_cpu_per_round", "`shared` / `global` CPU per execution"),
+        ("shared_async_vs_shared_per_round", "`shared_async` / `shared` exec/s"),
+        ("shared_async_vs_shared_cpu_per_round", "`shared_async` / `shared` CPU per execution"),
+        ("shared_warm_schema_vs_global_per_round", "`shared_warm_schema` / `global` exec/s"),
+        ("cpu_scoped_vs_cpu_per_round", "`cpu_scoped` / `cpu` exec/s"),
+    ]
+    lines = [
+        f"- {label}: {', '.join(f'{x:g}' for x in d[key])} (median {median(d[key]):.3f})"
+        for key, label in ratios
+        if d.get(key)
+    ]
+    if lines:
+        out += ["", "Per round (paired, the same round):", "", *lines]
+    if counted:
+        out += [
+            "",
+            "Round trips per execution: statements the app role sent, from the server's "
+            "`log_statement=all` log, in a counting phase after the timed rounds (fresh "
+            "engines and managers; one storm of K to open the pool, the next K counted: "
+            f"K={p.get('count_k')}, `naive` and `per_execution` K={p.get('count_slow_k')}):",
+            "",
+            *(
+                f"- `{mode}`: {_f(rt.get('per_exec'))} = "
+                + ", ".join(
+                    f"`{text}` x{n:g}" for text, n in (rt.get("statements_per_exec") or {}).items()
+                )
+                for mode, rt in counted.items()
+            ),
+        ]
+    elif cold:
+        out += ["", "Round trips are not counted with `--cold` (see the warm storms)."]
     if errors:
         out += ["", "Failures:", "", *errors]
     return "\n".join(out)
