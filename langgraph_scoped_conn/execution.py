@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError, ScopeClosedError
@@ -111,20 +111,20 @@ class Release:
         execution: Execution,
         reason: str,
         *,
-        reclaim: list[Checkout] | None = None,
-        cancel: list[Checkout] | None = None,
-        custom: list[Any] | None = None,
-        handles: list[Any] | None = None,
+        reclaim: Sequence[Checkout] = (),
+        cancel: Sequence[Checkout] = (),
+        custom: Sequence[Any] = (),
+        handles: Sequence[Any] = (),
     ) -> None:
         self.execution = execution
         self.reason = reason
         #: checked out and abandoned: close them
-        self.reclaim = reclaim or []
+        self.reclaim = reclaim
         #: still in use by a running thread of a force-released execution: cancel their
         #: statements on the server, so the thread returns them at once
-        self.cancel = cancel or []
-        self.custom = custom or []
-        self.handles = handles or []
+        self.cancel = cancel
+        self.custom = custom
+        self.handles = handles
         #: the execution ended with connections still in use by running threads
         self.draining = False
 
@@ -401,9 +401,10 @@ class Execution:
                 self.state = "closed"
                 if self._waiters:
                     self._cond.notify_all()
-                handles = list(self.handles.values()) if self.handles else []
                 self.cached.clear()
-                return Release(self, reason, handles=handles)
+                if self.handles:
+                    return Release(self, reason, handles=list(self.handles.values()))
+                return Release(self, reason)
             reclaim: list[Checkout] = []
             cancel: list[Checkout] = []
             for checkout in list(self.checkouts.values()):
@@ -442,11 +443,11 @@ class Execution:
                 self._straggler_returned(c.thread_id)
             return stale
 
-    def still_out(self, checkouts: list[Checkout]) -> bool:
+    def still_out(self, checkouts: Sequence[Checkout]) -> bool:
         """True while any of ``checkouts`` has not been returned."""
         return any(id(c) in self.checkouts for c in checkouts)
 
-    def take(self, checkouts: list[Checkout]) -> list[Checkout]:
+    def take(self, checkouts: Sequence[Checkout]) -> list[Checkout]:
         """Forget those of ``checkouts`` not yet returned, and return them (to be closed)."""
         with self._lock:
             taken = [c for c in checkouts if self.checkouts.pop(id(c), None) is not None]

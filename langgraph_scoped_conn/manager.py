@@ -189,6 +189,8 @@ class ExecutionConnectionManager:
     def _schedule_upkeep(self) -> None:
         """Hand reaping and abandoned-connection closing to a release thread when due."""
         lifetime = self.settings.max_scope_lifetime
+        if lifetime is None and not self._registry.draining:
+            return  # the usual case: nothing to reap, nothing abandoned
         since = time.monotonic() - self._last_upkeep
         # abandoned connections of draining executions: looked for at most 20 times a second
         due = self._registry.has_draining() and since > 0.05
@@ -312,9 +314,9 @@ class ExecutionConnectionManager:
         not block the thread (or event loop) that runs the graph.
         """
         target = self._runs.end_root(run_id)
-        if isinstance(target, Execution):
+        if target is not None and isinstance(target, Execution):
             self._releaser.submit(self._detach(target, reason))
-        if self._registry.has_draining():
+        if self._registry.draining:
             self._schedule_upkeep()
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
@@ -323,7 +325,7 @@ class ExecutionConnectionManager:
         self._registry.count("scope_open_failures")
 
     def link_run(
-        self, run_id: uuid.UUID, parent_run_id: uuid.UUID, *, name: str | None = None
+        self, run_id: uuid.UUID, parent_run_id: uuid.UUID, name: str | None = None
     ) -> bool:
         """Map a child run to the execution of its parent, if the parent is known.
 

@@ -72,14 +72,15 @@ class Registry:
         self._lock = threading.Lock()
         self._conditions = tuple(threading.Condition(threading.Lock()) for _ in range(_STRIPES))
         self._executions: dict[str, Execution] = {}
-        self._draining: set[Execution] = set()
+        #: ended executions whose connections are still out (read without the lock)
+        self.draining: set[Execution] = set()
         self.closed = False
         self.counters = dict.fromkeys(_COUNTERS, 0)
 
     def drained(self, execution: Execution) -> None:
         """An ended execution's last connection came back."""
         with self._lock:
-            self._draining.discard(execution)
+            self.draining.discard(execution)
 
     # -- open and end ----------------------------------------------------------------
 
@@ -136,10 +137,10 @@ class Registry:
         if release.draining:
             with self._lock:
                 self.counters["deferred_releases"] += len(execution.checkouts)
-                self._draining.add(execution)
+                self.draining.add(execution)
             if execution.is_closed():  # its last connection came back meanwhile
                 with self._lock:
-                    self._draining.discard(execution)
+                    self.draining.discard(execution)
             logger.info(
                 "execution %s %s with %d connection(s) still in use by a running thread; "
                 "they are released when returned",
@@ -169,10 +170,10 @@ class Registry:
 
         Costs nothing when no execution is draining.
         """
-        if not self._draining:
+        if not self.draining:
             return []
         with self._lock:
-            draining = list(self._draining)
+            draining = list(self.draining)
         frames = sys._current_frames()
         releases = []
         for execution in draining:
@@ -196,7 +197,7 @@ class Registry:
             return list(self._executions)
 
     def has_draining(self) -> bool:
-        return bool(self._draining)
+        return bool(self.draining)
 
     def expired(self, limit: float | None, execution_id: str | None) -> list[Execution]:
         """Executions older than ``limit`` seconds (open or draining), or the one named."""
@@ -207,14 +208,14 @@ class Registry:
             if limit is None:
                 return []
             victims = [e for e in self._executions.values() if now - e.created > limit]
-            victims += [e for e in self._draining if now - e.created > limit]
+            victims += [e for e in self.draining if now - e.created > limit]
             return victims
 
     def everything(self) -> list[Execution]:
         """Mark the registry closed and return every open and draining execution."""
         with self._lock:
             self.closed = True
-            return list(self._executions.values()) + list(self._draining)
+            return list(self._executions.values()) + list(self.draining)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -224,7 +225,7 @@ class Registry:
         """Every open or draining execution that holds a connection."""
         with self._lock:
             found = [e for e in self._executions.values() if e.checkouts]
-            found += [e for e in self._draining if e.checkouts]
+            found += [e for e in self.draining if e.checkouts]
         return found
 
     def find_deadlock(
@@ -267,14 +268,14 @@ class Registry:
         """(execution id, connections held) of every execution that holds some."""
         with self._lock:
             rows = [(e.execution_id, e.held()) for e in self._executions.values()]
-            rows += [(f"{e.execution_id} (ended)", e.held()) for e in self._draining]
+            rows += [(f"{e.execution_id} (ended)", e.held()) for e in self.draining]
         return [r for r in rows if r[1]]
 
     def snapshot(self) -> dict[str, Any]:
         """Plain values for the stats payload."""
         with self._lock:
             live = list(self._executions.values())
-            draining = list(self._draining)
+            draining = list(self.draining)
             counters = dict(self.counters)
         return {
             "executions": {e.execution_id: e.describe() for e in live},

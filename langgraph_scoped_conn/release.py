@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from langgraph_scoped_conn.execution import Checkout, Execution, Release
@@ -132,7 +132,7 @@ class Releaser:
                 self._failed(execution, "disposing its engine", exc)
             self._disposed(handle)
 
-    def _cancel(self, execution: Execution, checkouts: list[Checkout]) -> list[Checkout]:
+    def _cancel(self, execution: Execution, checkouts: Sequence[Checkout]) -> list[Checkout]:
         """Cancel the checkouts' running statements; return those not returned in time.
 
         The budget slot of a cancelled connection comes back only when its thread
