@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     wall_us[v].append(median([w / 1e3 for _, w in samples]))
                 for v, ratios in paired.items():
                     ratios.append(this[v] / this["global_warm"])
-                    profile_text = _profile(runners["scoped_first"]) if args.profile else None
+            profile_text = _profile(runners["scoped_first"]) if args.profile else None
             opened = manager.counters.get("scopes_opened")
         finally:
             manager.close()
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{v} / global_warm <= {TARGET:.2f}x",
                 f"{measured:.3f}x ({spread})",
                 measured <= TARGET,
-                data={"per_round": per_round},
+                data={"value": measured, "per_round": per_round},
             )
         )
     print_verdicts(verdicts)

@@ -488,6 +488,7 @@ class Verdict:
             "measured": self.measured,
             "ok": self.ok,
             "note": self.note,
+            "data": self.data,
         }
 
 
