@@ -35,6 +35,7 @@ from langgraph_scoped_conn.errors import (
 )
 from langgraph_scoped_conn.sql_database import invalidate_schema_cache
 from tests.conftest import Database, backend_pid, eventually, live_pids, uninstall_default
+from tests.pgcluster import free_port
 
 # -- leaks ------------------------------------------------------------------------
 
@@ -415,6 +416,42 @@ def test_options_of_one_sql_database_never_become_the_default(
     invalidate_schema_cache(manager)
     with lsc.ExecutionScope("migrated"):
         assert "products" in lsc.get_scoped_sql_database().get_usable_table_names()
+
+
+def test_warm_schema_reflects_at_configure_so_the_first_run_does_not(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    with count_statements() as seen:
+        manager = configure_default(warm_schema=True, max_connections=3)
+        assert manager.drain(), "the background reflection did not finish"
+        warmed = len(seen)
+        assert warmed >= 5, "warm_schema=True reflected nothing"
+        # the server saw the warming connection; it is pooled (idle), not held
+        assert pg_db.backends("langgraph_scoped_conn%") == 1
+        assert manager.get_stats()["active_executions"] == 0
+        with lsc.ExecutionScope("first-run"):
+            db = lsc.get_scoped_sql_database()
+            assert sorted(db.get_usable_table_names()) == ["customers", "orders"]
+        assert len(seen) == warmed, seen[warmed:]  # no reflection in the first run
+
+
+def test_warm_schema_that_cannot_connect_warns_without_the_password(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    pg_db: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = make_url(pg_db.url).set(port=free_port(), password="s3cret-Warm")
+    with caplog.at_level(logging.WARNING, logger="langgraph_scoped_conn"):
+        manager = configure_default(
+            url.render_as_string(hide_password=False), warm_schema=True, pool_timeout=2
+        )
+        assert manager.drain()
+    warnings = [r.getMessage() for r in caplog.records if "warm_schema" in r.getMessage()]
+    assert warnings, [r.getMessage() for r in caplog.records]
+    assert all("s3cret-Warm" not in m for m in warnings), warnings
+    with lsc.ExecutionScope("after-failed-warm"), pytest.raises(OperationalError) as raised:
+        lsc.get_scoped_sql_database()  # the first SQLDatabase reflects (and fails) itself
+    assert "s3cret-Warm" not in str(raised.value)
 
 
 # -- reaping and closing ------------------------------------------------------------
