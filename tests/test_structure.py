@@ -117,6 +117,8 @@ def test_only_the_package_root_and_the_demo_import_the_package_root() -> None:
         ("manager", "lookup"),
         ("lookup", "scope"),
         ("manager", "sql_database"),
+        ("schema", "sql_database"),
+        ("community", "manager"),
         ("lookup", "handler"),
     ],
 )

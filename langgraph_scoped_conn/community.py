@@ -1,0 +1,18 @@
+"""langchain-community, imported in one place, with its import-time sunset warning silenced.
+
+The package's core never imports it; only the SQLDatabase adapter and the schema
+cache do, so an app that only uses scoped engines never loads LangChain's
+community package, and one that does never sees the warning on import.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message=r".*langchain-community.*", category=DeprecationWarning
+    )
+    from langchain_community.utilities.sql_database import SQLDatabase
+
+__all__ = ["SQLDatabase"]
