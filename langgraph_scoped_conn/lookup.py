@@ -295,9 +295,9 @@ def _sql_database_module() -> Any:
     """
     module = sys.modules.get("langgraph_scoped_conn.sql_database")
     if module is None:
-        from langgraph_scoped_conn.sql_database import schema_cache
+        from langgraph_scoped_conn.sql_database import new_scoped_sql_database
 
-        module = sys.modules[schema_cache.__module__]
+        module = sys.modules[new_scoped_sql_database.__module__]  # defined there, not re-exported
     return module
 
 

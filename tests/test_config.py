@@ -110,6 +110,53 @@ def test_bare_url_falls_back_to_psycopg2_without_psycopg3(pg_db: Database) -> No
     assert json.loads(lines[-1]) == {"postgresql": [50, "psycopg2"], "postgres": [50, "psycopg2"]}
 
 
+FIRST_USE = """
+import json, sys, warnings
+warnings.simplefilter("error", DeprecationWarning)  # langchain-community's sunset warning too
+import langgraph_scoped_conn as lsc
+loaded = "langgraph_scoped_conn.sql_database" in sys.modules
+manager = lsc.configure(sys.argv[1], max_connections=2)
+entry = sys.argv[2]
+with lsc.ExecutionScope():
+    if entry == "get_scoped_sql_database":
+        db = lsc.get_scoped_sql_database()
+    elif entry == "get_scoped_sql_database_read_only":
+        db = lsc.get_scoped_sql_database(read_only=True)
+    else:
+        db = lsc.create_execution_scoped_sql_database_sync()
+    out = db.run("select count(*) from customers")
+manager.close()
+print(json.dumps([loaded, out]))
+"""
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "get_scoped_sql_database",
+        "get_scoped_sql_database_read_only",
+        "create_execution_scoped_sql_database_sync",
+    ],
+)
+def test_the_first_sql_database_of_a_fresh_process(pg_db: Database, entry: str) -> None:
+    # nothing has imported the SQLDatabase adapter yet: the lazy import path itself runs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_USE, pg_db.url, entry],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded, out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded is False, "the adapter was imported before its first use"
+    assert out == "[(50,)]"
+
+
 # -- options from the environment --------------------------------------------------------
 
 
