@@ -14,7 +14,10 @@ interleaved round by round in one process against one server:
   ``db.arun(...)`` three times (the ecosystem issue's async tool), run next to
   ``shared`` in every round and reported as ``shared_async / shared`` per round;
 * ``cpu`` / ``cpu_scoped``: the same graph with a tool that does no I/O, bare and
-  wrapped: the CPU ceiling, measured in the same run.
+  wrapped: the CPU ceiling, measured in the same run;
+* ``global_noop`` / ``cpu_noop``: ``global`` and ``cpu`` with a no-op LangChain callback
+  handler attached: the floor any callback handler costs, to show how much of
+  ``shared``'s cost over ``global`` is LangChain's callback machinery.
 
 Compared modes run back to back in every round, their order flipped every round
 (ABBA); ratios are taken per round and their median reported.  The run names what
@@ -74,6 +77,7 @@ from common import (
     full_gc,
     machine_info,
     median,
+    noop_handler,
     percentile,
     print_machine,
     print_verdicts,
@@ -96,7 +100,19 @@ with warnings.catch_warnings():
 SLEEP_SQL = "select pg_sleep(0.01)"
 QUERIES_PER_TOOL = 3
 QUERY_SECONDS = 0.010
-MODES = ("cpu", "cpu_scoped", "naive", "global", "per_execution", "shared", "shared_async")
+MODES = (
+    "cpu",
+    "cpu_noop",
+    "cpu_scoped",
+    "naive",
+    "global",
+    "global_noop",
+    "per_execution",
+    "shared",
+    "shared_async",
+)
+#: modes run with a no-op callback handler attached (the callback machinery's floor)
+NOOP_MODES = ("cpu_noop", "global_noop")
 #: ``--cold``: a global SQLDatabase built before timing against managers made in the timed
 #: window, with the package's defaults and with ``warm_schema=True``; ``cpu`` (run last in
 #: every round, so no storm precedes round 0's compared modes) says whether the CPU binds
@@ -106,7 +122,10 @@ SLOW_MODES = ("naive", "per_execution")
 #: scoped modes whose graph is wrapped and whose manager must hold nothing afterwards
 SCOPED_MODES = ("shared", "shared_async", "shared_warm_schema")
 #: compared modes, run back to back in every round, the order flipped every round (ABBA)
-GROUPS = (("cpu", "cpu_scoped"), ("global", "shared", "shared_async", "shared_warm_schema"))
+GROUPS = (
+    ("cpu", "cpu_noop", "cpu_scoped"),
+    ("global", "global_noop", "shared", "shared_async", "shared_warm_schema"),
+)
 #: ``shared`` over ``global``: CPU per execution at most this (the budget-bound storm)
 CPU_TARGET = 1.03
 #: ``--cold``: ``shared`` (a manager made in the timed window) over ``global`` (built before)
@@ -141,7 +160,7 @@ def build_graph(run_sql: BaseTool) -> Any:
 
 
 def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
-    if mode in ("cpu", "cpu_scoped"):
+    if mode in ("cpu", "cpu_noop", "cpu_scoped"):
 
         @tool
         def run_sql() -> str:
@@ -160,7 +179,7 @@ def make_tool(mode: str, url: str, global_db: Any = None) -> BaseTool:
                 db.run(SLEEP_SQL)
             return "ok"
 
-    elif mode == "global":
+    elif mode in ("global", "global_noop"):
 
         @tool
         def run_sql() -> str:
@@ -249,7 +268,7 @@ class ModeSetup:
         self.global_engine: Any = None
         self.scoped = mode in ("per_execution", "cpu_scoped", *SCOPED_MODES)
         global_db = None
-        if mode == "global":
+        if mode in ("global", "global_noop"):
             self.global_engine = create_engine(
                 url,
                 pool_size=budget,
@@ -264,6 +283,8 @@ class ModeSetup:
             if not cold:
                 self.global_engine.dispose()  # start cold on connections, like the others
         self.graph = build_graph(make_tool(mode, url, global_db))
+        if mode in NOOP_MODES:
+            self.graph = self.graph.with_config(callbacks=[noop_handler()])
         if self.scoped and not cold:
             self.manager = self._configure()
             if mode in SCOPED_MODES:
@@ -459,7 +480,7 @@ def count_round_trips(
     try:
         for mode in modes:
             n = slow_k if mode in SLOW_MODES else k
-            if mode in ("cpu", "cpu_scoped") or n <= 0:
+            if mode in ("cpu", "cpu_noop", "cpu_scoped", "global_noop") or n <= 0:
                 continue
             setup = ModeSetup(mode, server.url(), budget)
             try:
@@ -642,6 +663,16 @@ def main(argv: list[str] | None = None) -> int:
             runs, "shared_warm_schema", "global"
         ),
         "cpu_scoped_vs_cpu_per_round": paired_ratio(runs, "cpu_scoped", "cpu"),
+        "cpu_noop_vs_cpu_per_round": paired_ratio(runs, "cpu_noop", "cpu"),
+        "cpu_noop_vs_cpu_cpu_per_round": paired_ratio(runs, "cpu_noop", "cpu", "cpu_ms_per_exec"),
+        "cpu_scoped_vs_cpu_noop_per_round": paired_ratio(runs, "cpu_scoped", "cpu_noop"),
+        "cpu_scoped_vs_cpu_noop_cpu_per_round": paired_ratio(
+            runs, "cpu_scoped", "cpu_noop", "cpu_ms_per_exec"
+        ),
+        "shared_vs_global_noop_per_round": paired_ratio(runs, "shared", "global_noop"),
+        "shared_vs_global_noop_cpu_per_round": paired_ratio(
+            runs, "shared", "global_noop", "cpu_ms_per_exec"
+        ),
     }
     per_round_ratio = ratios["shared_vs_global_per_round"]
     per_round_cpu = ratios["shared_vs_global_cpu_per_round"]
@@ -804,6 +835,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"<= {CPU_TARGET}x",
                     f"{median(per_round_cpu):.3f}x (per round {per_round_cpu})",
                     median(per_round_cpu) <= CPU_TARGET,
+                )
+            )
+        floor = ratios["shared_vs_global_noop_per_round"]
+        floor_cpu = ratios["shared_vs_global_noop_cpu_per_round"]
+        if floor and floor_cpu:
+            verdicts.append(
+                Verdict(
+                    "diagnostic: shared vs global with a no-op handler (the callback floor)",
+                    f"throughput >= {throughput_target}x, CPU <= {CPU_TARGET}x",
+                    f"{median(floor):.3f}x, CPU {median(floor_cpu):.3f}x (per round {floor}, "
+                    f"CPU {floor_cpu})",
+                    median(floor) >= throughput_target and median(floor_cpu) <= CPU_TARGET,
+                    note="what the package adds over any LangChain callback handler",
+                    data={"value": median(floor_cpu)},
                 )
             )
     print_verdicts(verdicts)
