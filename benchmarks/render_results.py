@@ -565,7 +565,7 @@ def figure(v: dict[str, Any]) -> tuple[float, str, str] | None:
             x = data.get(key)
             if isinstance(x, int | float) and not isinstance(x, bool):
                 unit = str(data.get("unit") or ("x" if key == "ratio" else ""))
-                return float(x), unit, f"{x:g}"
+                return float(x), unit, f"{x:.3f}"
     text = str(v.get("measured", ""))
     m = _LEADING.match(text) or _RATIO.search(text)
     if not m:
@@ -882,10 +882,13 @@ def _machines_line(machines: list[dict[str, Any]], counts: list[int]) -> str:
 
 def readme_table(results: Path | None = None) -> str:
     """The summary table (dates, machine, every target across runs) for the README."""
+    from figures import figures_table
+
     return (
-        summary(results)
-        + "\n\nEvery table, each run's machine and load, and what bound each storm: "
-        "`benchmarks/RESULTS.md` (`python benchmarks/run_all.py --repeat 3 --markdown`)."
+        figures_table(results or RESULTS)
+        + "\n\nEvery target of every benchmark, each run's machine and load, and what bound "
+        "each storm: `benchmarks/RESULTS.md` (`python benchmarks/run_all.py --repeat 3 "
+        "--markdown`)."
     )
 
 
