@@ -136,7 +136,8 @@ def _no_deadlock() -> str | None:
 class CountingPool(QueuePool):
     """A QueuePool that counts checkouts and check-ins, and hands returned connections to a hook.
 
-    It does directly what a ``checkout`` and a ``checkin`` event listener would do;
+    It does directly what a ``checkout`` and a ``checkin`` event listener would do, at the
+    same points (``_do_get`` and ``_return_conn``);
     SQLAlchemy's event dispatch costs a few microseconds per call, on every checkout.
     ``on_return`` runs before the connection is back in the pool (where the ``checkin``
     event runs), with the connection record; it may invalidate the record.
@@ -163,12 +164,14 @@ class CountingPool(QueuePool):
     def _get_entry(self) -> ConnectionPoolEntry:
         return super()._do_get()
 
-    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+    def _return_conn(self, record: ConnectionPoolEntry) -> None:
+        # a check-in, exactly where the ``checkin`` event fires; not ``_do_return_conn``,
+        # which a ``detach()`` also calls for a connection that leaves the pool unreturned
         try:
             self.counters.on_checkin()
             self.on_return(record)
         finally:
-            super()._do_return_conn(record)
+            super()._return_conn(record)
 
 
 class BudgetPool(CountingPool):

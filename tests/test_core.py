@@ -72,6 +72,21 @@ def test_leaked_connection_is_reclaimed_counted_and_refuses_reuse(
         engine.connect()
 
 
+def test_a_detached_connection_is_still_reclaimed_at_scope_end(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    # detach() takes the DBAPI connection out of SQLAlchemy's pool: it is never checked
+    # in, so the execution keeps it as a leak and closes it on the server at scope end
+    with lsc.ExecutionScope("detaching"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        detached = engine.connect()
+        pid = backend_pid(detached)
+        detached.detach()
+        assert pid in live_pids(pg_db)
+    assert lsc.get_connection_stats()["leaks_reclaimed"] == 1
+    eventually(lambda: pid not in live_pids(pg_db), "the detached backend is gone")
+
+
 def test_leaked_connection_frees_its_budget_slot(
     configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
 ) -> None:
