@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     RESULTS_DIR,
+    NoopHandler,
     Verdict,
     console,
     machine_info,
@@ -43,7 +44,6 @@ from common import (
     table,
     write_result,
 )
-from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.graph import END, START, StateGraph
 
 import langgraph_scoped_conn as lsc
@@ -57,16 +57,6 @@ UNUSED_URL = "postgresql+psycopg2://bench@127.0.0.1:1/overhead"
 
 class State(TypedDict):
     n: int
-
-
-class NoopHandler(BaseCallbackHandler):
-    """A callback handler that does nothing (same dispatch settings as ours)."""
-
-    run_inline = True
-    ignore_llm = True
-    ignore_chat_model = True
-    ignore_retry = True
-    ignore_custom_event = True
 
 
 class ScopeOnlyHandler(NoopHandler):

@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackHandler
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -516,19 +518,20 @@ def full_gc() -> None:
         gc.collect()
 
 
-def noop_handler() -> Any:
+class NoopHandler(BaseCallbackHandler):
     """A LangChain callback handler that does nothing, dispatched like the package's.
 
     What any callback handler costs (LangChain builds callback managers and run ids for
     every run once one is present): the floor the package's handler is measured against.
     """
-    from langchain_core.callbacks import BaseCallbackHandler
 
-    class NoopHandler(BaseCallbackHandler):
-        run_inline = True
-        ignore_llm = True
-        ignore_chat_model = True
-        ignore_retry = True
-        ignore_custom_event = True
+    run_inline = True
+    ignore_llm = True
+    ignore_chat_model = True
+    ignore_retry = True
+    ignore_custom_event = True
 
+
+def noop_handler() -> NoopHandler:
+    """A new :class:`NoopHandler`."""
     return NoopHandler()

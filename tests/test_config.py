@@ -92,11 +92,12 @@ print(json.dumps(out))
 """
 
 
-def test_bare_url_falls_back_to_psycopg2_without_psycopg3(pg_db: Database) -> None:
+def run_fresh(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter on this checkout, without SCOPED_CONN_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", FALLBACK, pg_db.url.split("://", 1)[1]],
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         check=False,
@@ -104,6 +105,10 @@ def test_bare_url_falls_back_to_psycopg2_without_psycopg3(pg_db: Database) -> No
         env=env,
         timeout=120,
     )
+
+
+def test_bare_url_falls_back_to_psycopg2_without_psycopg3(pg_db: Database) -> None:
+    result = run_fresh(FALLBACK, pg_db.url.split("://", 1)[1])
     assert result.returncode == 0, result.stderr
     assert "No module named 'psycopg'" not in result.stderr
     lines = result.stdout.strip().splitlines()
@@ -140,17 +145,7 @@ print(json.dumps([loaded, out]))
 )
 def test_the_first_sql_database_of_a_fresh_process(pg_db: Database, entry: str) -> None:
     # nothing has imported the SQLDatabase adapter yet: the lazy import path itself runs
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", FIRST_USE, pg_db.url, entry],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    result = run_fresh(FIRST_USE, pg_db.url, entry)
     assert result.returncode == 0, result.stderr
     loaded, out = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded is False, "the adapter was imported before its first use"
