@@ -102,10 +102,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        # the hot path: every node and runnable of every run starts here
-        manager = self._manager or self.manager
-        if parent_run_id is None or not manager.link_run(run_id, parent_run_id):
-            self._open_root(manager, run_id, tags, metadata)
+        self._start(run_id, parent_run_id, tags, metadata)
 
     def on_tool_start(
         self,
@@ -143,17 +140,9 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         *,
         name: str | None = None,
     ) -> None:
-        manager = self._manager or self.manager
-        if parent_run_id is None or not manager.link_run(run_id, parent_run_id, name):
-            self._open_root(manager, run_id, tags, metadata)
-
-    def _open_root(
-        self,
-        manager: ExecutionConnectionManager,
-        run_id: uuid.UUID,
-        tags: list[str] | None,
-        metadata: Mapping[str, Any] | None,
-    ) -> None:
+        manager = self._manager if self._manager is not None else self.manager
+        if parent_run_id is not None and manager.link_run(run_id, parent_run_id, name=name):
+            return
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)
         try:
@@ -216,7 +205,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     def on_chain_end(
         self, outputs: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None, **kw: Any
     ) -> None:
-        (self._manager or self.manager).end_run(run_id)  # the hot path, like on_chain_start
+        self._end(run_id, "ended")
 
     def on_chain_error(
         self,
@@ -264,7 +253,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         self._end(run_id, "ended")
 
     def _end(self, run_id: uuid.UUID, reason: str) -> None:
-        (self._manager or self.manager).end_run(run_id, reason=reason)
+        manager = self._manager if self._manager is not None else self.manager
+        manager.end_run(run_id, reason=reason)
 
     def __repr__(self) -> str:
         return f"<ScopedConnectionHandler manager={self._manager!r}>"

@@ -193,7 +193,7 @@ class ExecutionConnectionManager:
             return  # the usual case: nothing to reap, nothing abandoned
         since = time.monotonic() - self._last_upkeep
         # abandoned connections of draining executions: looked for at most 20 times a second
-        due = self._registry.has_draining() and since > 0.05
+        due = bool(self._registry.draining) and since > 0.05
         if lifetime is not None and not due:
             due = since > min(lifetime / 4, 60.0)
         if not due or self._upkeep_due:
@@ -314,7 +314,7 @@ class ExecutionConnectionManager:
         not block the thread (or event loop) that runs the graph.
         """
         target = self._runs.end_root(run_id)
-        if target is not None and isinstance(target, Execution):
+        if isinstance(target, Execution):
             self._releaser.submit(self._detach(target, reason))
         if self._registry.draining:
             self._schedule_upkeep()

@@ -196,9 +196,6 @@ class Registry:
         with self._lock:
             return list(self._executions)
 
-    def has_draining(self) -> bool:
-        return bool(self.draining)
-
     def expired(self, limit: float | None, execution_id: str | None) -> list[Execution]:
         """Executions older than ``limit`` seconds (open or draining), or the one named."""
         now = time.monotonic()

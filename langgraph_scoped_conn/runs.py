@@ -68,13 +68,10 @@ class RunIndex:
         lock) is settled after the append: if the root's children list is gone, the
         forget may have missed this run, and it removes its own entries.
         """
-        try:  # _key, inlined: this runs for every node, tool and runnable of every run
-            parent, key = parent_run_id.int, run_id.int
-        except AttributeError:
-            parent, key = _key(parent_run_id), _key(run_id)
-        entry = self._runs.get(parent)
+        entry = self._runs.get(_key(parent_run_id))
         if entry is None:
             return False
+        key = _key(run_id)
         root = entry[1]
         self._runs[key] = entry  # the same (target, root) pair as its parent
         if name is not None:
@@ -89,10 +86,7 @@ class RunIndex:
 
     def end_root(self, run_id: uuid.UUID) -> Target | None:
         """Forget a root run and its children; return what it held (None for a child run)."""
-        try:
-            key = run_id.int
-        except AttributeError:
-            key = _key(run_id)
+        key = _key(run_id)
         target = self._roots.pop(key, None)  # atomic: a child's end takes no lock
         if target is None:
             return None

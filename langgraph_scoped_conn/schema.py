@@ -147,13 +147,16 @@ class SchemaCache:
         if handle is not None and self._manager.settings.cache_reflection:
             self.template(handle.engine, database_url, options)
 
-    def ready(self, database_url: str | None) -> tuple[dict[str, Any], PoolHandle] | None:
-        """What a SQLDatabase with no options for ``database_url`` starts from, once known."""
+    def ready(self, database_url: str | URL | None) -> tuple[dict[str, Any], PoolHandle] | None:
+        """What a SQLDatabase with no options for ``database_url`` starts from, once known.
+
+        Kept by URL text only: a ``URL`` object (returned as is by ``resolve_url``) is not.
+        """
         url = self._manager.settings.resolve_url(database_url)
         return self._ready.get(url) if isinstance(url, str) else None
 
     def remember_ready(
-        self, database_url: str | None, attributes: dict[str, Any], handle: PoolHandle
+        self, database_url: str | URL | None, attributes: dict[str, Any], handle: PoolHandle
     ) -> None:
         """Keep ``attributes`` (no engine) for later :meth:`ready` calls, if still current."""
         url = self._manager.settings.resolve_url(database_url)

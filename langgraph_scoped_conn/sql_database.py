@@ -396,8 +396,8 @@ def new_scoped_sql_database(
     """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
     manager = manager_of(execution)
     cache = schema_cache(manager)
-    plain = not options and not isinstance(database_url, URL)  # the defaults of the manager
-    if plain and not isinstance(database_url, URL):  # (isinstance again: for mypy)
+    plain = not options  # the manager's defaults (a URL object is never kept ready)
+    if plain:
         ready = cache.ready(database_url)
         if ready is not None:  # the usual call, after the first: copy and bind
             attributes, handle = ready
@@ -426,7 +426,7 @@ def new_scoped_sql_database(
     attributes["_lsc_statement_timeout"] = statement_timeout
     attributes["_lsc_max_query_length"] = max_query_length
     if plain and engine._lsc_handle.strategy != "per_execution":
-        cache.remember_ready(database_url, attributes.copy(), engine._lsc_handle)  # type: ignore[arg-type]
+        cache.remember_ready(database_url, attributes.copy(), engine._lsc_handle)
     attributes["_engine"] = engine
     db.__dict__ = attributes
     execution.add("databases", db)
