@@ -132,7 +132,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from langgraph_scoped_conn.demo.data import ensure_sample_database
     from langgraph_scoped_conn.errors import ConfigurationError
-    from langgraph_scoped_conn.settings import redact_url
+    from langgraph_scoped_conn.redaction import redact_url
 
     requested = args.database_url or os.environ.get("DATABASE_URL") or None
     shown = redact_url(requested) if requested else "the embedded SQLite sample"

@@ -2,21 +2,21 @@
 
 * :class:`PoolHandle` is one pool: its SQLAlchemy engine (over a
   :class:`~langgraph_scoped_conn.pool.BudgetPool` for ``shared`` and ``pooler``), its
-  strategy and counters, and the pool events that count connections and clean them.
-* :class:`ScopedEngine` is a cheap :class:`~sqlalchemy.engine.Engine` view (an
-  ``OptionEngine``) of a pool's engine that belongs to one execution.  Every
-  connection it checks out is recorded against that execution.
+  strategy and counters, and the hooks that count connections and keep their sessions
+  apart (:mod:`langgraph_scoped_conn.session`).
+* :class:`ScopedEngine` is a cheap :class:`~sqlalchemy.engine.Engine` view of a pool's
+  engine that belongs to one execution.  Every connection it checks out is recorded
+  against that execution.
 
-Session state does not cross executions: a connection that went back to a shared
-PostgreSQL pool is reset (``DISCARD ALL``) before anyone else can get it, unless the
-only thing that ran on it was the guarded read-only path, which leaves nothing behind.
+Session state does not cross executions: a connection that comes back is marked with
+its owner and whether it may carry session state; the next checkout by another
+execution resets it first (one round trip), and a checkout by the same execution does
+not.  Only the guarded read-only path leaves nothing behind, so it never needs a reset.
 """
 
 from __future__ import annotations
 
 import logging
-import select
-import sys
 import threading
 import time
 import weakref
@@ -25,21 +25,25 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine
-from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from langgraph_scoped_conn.compat import EngineView, ReclaimAwareConnection
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
-from langgraph_scoped_conn.execution import Checkout, Execution
+from langgraph_scoped_conn.execution import Activity, Checkout, Execution
 from langgraph_scoped_conn.pool import BudgetPool, CountingPool, PoolCounters
-from langgraph_scoped_conn.settings import (
-    ScopedConnSettings,
-    resolve_strategy,
-    safe_url,
-    shown_url,
+from langgraph_scoped_conn.redaction import safe_url
+from langgraph_scoped_conn.runs import current_tool_call
+from langgraph_scoped_conn.session import (
+    activity,
+    has_input,
+    reset_session,
+    set_application_name,
 )
+from langgraph_scoped_conn.settings import ScopedConnSettings
+from langgraph_scoped_conn.urls import resolve_strategy, shown_url
 
-__all__ = ["CLEAN_KEY", "PoolHandle", "ScopedEngine", "mark_clean"]
+__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
@@ -48,6 +52,9 @@ CHECKOUT_KEY = "langgraph_scoped_conn.checkout"
 #: Key under ``ConnectionPoolEntry.info``: this checkout left no session state behind (a
 #: scoped engine's checkout records that on its :class:`Checkout` instead).
 CLEAN_KEY = "langgraph_scoped_conn.clean"
+#: Key under ``ConnectionPoolEntry.info``: the serial of the execution that last used the
+#: connection and may have left session state in it (absent: the session is clean).
+DIRTY_BY_KEY = "langgraph_scoped_conn.dirty_by"
 #: Key under ``ConnectionPoolEntry.info``: ``time.monotonic()`` when it was last checked in.
 CHECKED_IN_KEY = "langgraph_scoped_conn.checked_in"
 #: Seconds a pooled PostgreSQL connection may sit idle before its next checkout pings
@@ -64,24 +71,23 @@ def mark_clean(connection: Connection) -> None:
         connection.info[CLEAN_KEY] = True
 
 
-class ScopedConnection(Connection):
+class ScopedConnection(ReclaimAwareConnection):
     """A Connection of a :class:`ScopedEngine`; it does not reconnect once its execution ended."""
 
-    def _revalidate_connection(self) -> PoolProxiedConnection:
+    def refuse_reconnect(self) -> None:
         execution = getattr(self.engine, "_lsc_execution", None)
-        if self.invalidated and execution is not None and execution.state != "open":
+        if execution is not None and execution.state != "open":
             # reclaimed at scope end (or lost) after the execution ended: SQLAlchemy would
             # say "rollback() first" or silently check out a new connection
             raise ConnectionReclaimedError(
                 f"this connection belonged to execution {execution.execution_id!r}, which has "
-                "ended; it was closed at scope exit because it was still checked out. Use "
+                "ended; it was closed at scope exit because nothing was using it. Use "
                 "`with engine.connect() as conn:` inside the scope, and get a new engine in "
                 "the next execution"
             )
-        return super()._revalidate_connection()
 
 
-class ScopedEngine(OptionEngine):
+class ScopedEngine(EngineView):
     """An Engine that belongs to one execution and draws from a shared pool.
 
     It shares the pool, dialect and compiled cache of the pool's engine, so creating
@@ -104,15 +110,9 @@ class ScopedEngine(OptionEngine):
         self._lsc_handle = handle
 
     @classmethod
-    def _copy_for(cls, prototype: ScopedEngine, execution: Execution) -> ScopedEngine:
-        """A copy of ``prototype`` for ``execution``, skipping OptionEngine's set-up.
-
-        ``OptionEngine.__init__`` builds a logger and joins event dispatchers, the same
-        for every execution of a pool; copying a prototype keeps a new run's engine at
-        about a microsecond.
-        """
-        engine = cls.__new__(cls)
-        engine.__dict__.update(prototype.__dict__)
+    def for_execution(cls, prototype: ScopedEngine, execution: Execution) -> ScopedEngine:
+        """A copy of ``prototype`` for ``execution`` (about a microsecond)."""
+        engine: ScopedEngine = cls.copy_of(prototype)
         engine._lsc_execution = execution
         return engine
 
@@ -125,24 +125,11 @@ class ScopedEngine(OptionEngine):
         return ScopedEngine(self, self._lsc_execution, self._lsc_handle, **opt)
 
     def raw_connection(self) -> PoolProxiedConnection:
-        execution, handle = self._lsc_execution, self._lsc_handle
-        frame = _caller_frame()
-        execution.reserve()
-        try:
-            fairy = handle.connect(execution)
-        except BaseException:
-            execution.unreserve()
-            raise
-        checkout = execution.record(fairy, frame, handle)
-        fairy.info[CHECKOUT_KEY] = checkout
-        if handle.tag_connections:
-            checkout.tagged = _tag_connection(fairy, handle, self.execution_id)
-        return fairy
+        return self._lsc_handle.checkout(self._lsc_execution)
 
     def connect(self) -> Connection:
         connection = super().connect()
-        dbapi = connection._dbapi_connection
-        checkout = dbapi.info.get(CHECKOUT_KEY) if dbapi is not None else None
+        checkout = connection.connection.info.get(CHECKOUT_KEY)
         if checkout is not None:
             checkout.connection = weakref.ref(connection)
         return connection
@@ -174,8 +161,9 @@ class PoolHandle:
         url: the parsed URL.
         settings: the manager's settings.
         describe_holders: names the executions holding connections (for errors).
-        find_deadlock: given the ids of the threads waiting for this pool, names the
-            executions that hold every connection while waiting for another, or ``None``.
+        find_deadlock: given this handle, names the executions that hold every
+            connection while waiting for another, or ``None``.
+        on_pressure: called when a caller has waited for the budget a moment.
         per_execution_id: the execution that owns this pool (strategy ``per_execution``).
     """
 
@@ -186,10 +174,11 @@ class PoolHandle:
         *,
         describe_holders: Callable[[], str],
         find_deadlock: Callable[[PoolHandle], str | None] | None = None,
+        on_pressure: Callable[[], None] | None = None,
         per_execution_id: str | None = None,
     ) -> None:
         self.url = url
-        self.strategy = resolve_strategy(settings.strategy, url)
+        self.strategy, self.strategy_reason = resolve_strategy(settings.strategy, url)
         if per_execution_id is not None:
             self.strategy = "per_execution"
         self.execution_id = per_execution_id
@@ -200,9 +189,12 @@ class PoolHandle:
         is_pg = url.get_backend_name() == "postgresql"
         #: SET application_name to name the execution at each checkout (shared PostgreSQL only)
         self.tag_connections = settings.tag_connections and self.strategy == "shared" and is_pg
-        #: DISCARD ALL a connection that may carry session state before it is handed out
-        #: again (not behind a transaction pooler, where sessions are the pooler's)
+        #: reset a connection that may carry session state before another execution gets
+        #: it (not behind a transaction pooler, where sessions are the pooler's)
         self.resets_sessions = is_pg and self.strategy == "shared"
+        #: caches of the layers above that belong to this pool (e.g. the read-only guard's
+        #: function catalog); cleared with the schema cache
+        self.catalog: dict[str, Any] = {}
         self._prototype: ScopedEngine | None = None
         #: thread id -> the execution it checks a connection out for, while it does
         self.connecting: dict[int, Execution] = {}
@@ -217,6 +209,8 @@ class PoolHandle:
             pool.describe_holders = describe_holders
             if find_deadlock is not None:
                 pool.find_deadlock = lambda: find_deadlock(self)
+            if on_pressure is not None:
+                pool.on_pressure = on_pressure
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
 
@@ -224,6 +218,12 @@ class PoolHandle:
     def size(self) -> int:
         """How many connections this pool may hold at once."""
         return int(self.engine.pool.size()) if isinstance(self.engine.pool, QueuePool) else 0
+
+    @property
+    def budget_pool(self) -> BudgetPool | None:
+        """The budget pool (strategies ``shared`` and ``pooler``), else ``None``."""
+        pool = self.engine.pool
+        return pool if isinstance(pool, BudgetPool) else None
 
     def in_use(self) -> int:
         """Connections checked out right now."""
@@ -234,37 +234,128 @@ class PoolHandle:
         c = self.counters
         return max(c.opened - c.closed - self.in_use(), 0)
 
-    def connect(self, execution: Execution) -> PoolProxiedConnection:
-        """Check a connection out of the pool for ``execution`` (blocking while it waits)."""
+    @staticmethod
+    def activity(fairy: PoolProxiedConnection) -> Activity:
+        """What a checked-out connection is doing (see :func:`session.activity`)."""
+        return activity(fairy.driver_connection)
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def checkout(self, execution: Execution) -> PoolProxiedConnection:
+        """Check a connection out for ``execution``: reserve, wait, reset if it changed hands."""
+        execution.reserve()
         thread = threading.get_ident()
         self.connecting[thread] = execution
         try:
-            return self.engine.pool.connect()
+            fairy = self.engine.pool.connect()
+            if self.resets_sessions:
+                fairy = self._clean_for(fairy, execution)
+        except BaseException:
+            execution.unreserve()
+            raise
         finally:
             del self.connecting[thread]
+        checkout = execution.record(fairy, self)
+        fairy.info[CHECKOUT_KEY] = checkout
+        if self.tag_connections:
+            checkout.tagged = self._tag(fairy, execution)
+        return fairy
+
+    def _clean_for(self, fairy: PoolProxiedConnection, execution: Execution) -> Any:
+        """Reset a connection another execution may have left session state in."""
+        dirty_by = fairy.info.get(DIRTY_BY_KEY)
+        if dirty_by is None or dirty_by == execution.serial:
+            return fairy
+        if reset_session(fairy.driver_connection):
+            self.counters.add("resets")
+            del fairy.info[DIRTY_BY_KEY]
+            return fairy
+        # a broken session: close it, and take a fresh connection on the same slot
+        fairy.invalidate()
+        fairy = self.engine.pool.connect()
+        fairy.info.pop(DIRTY_BY_KEY, None)
+        return fairy
+
+    def reset_if_idle(self, record: ConnectionPoolEntry, serial: int) -> None:
+        """Reset a pooled connection an ended execution left session state in (blocking).
+
+        Only if it is idle and still marked by that execution: one another execution
+        took meanwhile was reset by that checkout.  It is out of the pool while reset.
+        """
+        pool = self.budget_pool
+        if pool is None or record.info.get(DIRTY_BY_KEY) != serial:
+            return
+        if not pool.claim_idle(record):
+            return
+        try:
+            driver = record.driver_connection
+            if driver is None or record.info.get(DIRTY_BY_KEY) != serial:
+                return
+            if reset_session(driver):
+                self.counters.add("resets")
+                del record.info[DIRTY_BY_KEY]
+            else:  # a broken session: close it; the slot reconnects when next used
+                record.invalidate()
+        finally:
+            pool.give_back(record)
+
+    def _tag(self, fairy: PoolProxiedConnection, execution: Execution) -> bool:
+        """Name the execution (and the tool call, if known) in ``application_name``."""
+        name = f"{self.settings.application_name}:{execution.execution_id}"
+        tool_call = current_tool_call.get()
+        if tool_call is not None:
+            name += f":{tool_call[1]}"
+        return set_application_name(fairy.driver_connection, name[:63])
 
     def waiting_executions(self) -> set[Execution]:
         """The executions with a thread waiting for a connection of this pool right now."""
-        pool = self.engine.pool
-        waiting = list(pool.waiting) if isinstance(pool, BudgetPool) else []
+        pool = self.budget_pool
+        waiting = pool.waiting if pool is not None else set()
         found = (self.connecting.get(thread) for thread in waiting)
         return {e for e in found if e is not None}
 
+    # -- slots set aside ---------------------------------------------------------------
+
+    def reserve(self, count: int, timeout: float) -> None:
+        """Set ``count`` slots of this pool's budget aside (see :meth:`BudgetPool.reserve`).
+
+        Raises:
+            ConfigurationError: the strategy has no budget pool, or no slot would be left.
+        """
+        pool = self.budget_pool
+        if pool is None:
+            raise ConfigurationError(
+                "strategy='per_execution' has no shared budget to set connections aside from; "
+                "use strategy='shared' or 'pooler'"
+            )
+        pool.reserve(count, timeout)
+
+    def unreserve(self, count: int) -> None:
+        pool = self.budget_pool
+        if pool is not None:
+            pool.unreserve(count)
+
+    # -- stats -------------------------------------------------------------------------
+
     def snapshot(self) -> dict[str, Any]:
         """Plain values for the stats payload."""
-        pool = self.engine.pool
+        pool = self.budget_pool
         return {
             "url": shown_url(self.url),
             "strategy": self.strategy,
+            "strategy_reason": self.strategy_reason,
             "dialect": self.dialect_name,
             "driver": self.url.get_driver_name(),
-            "waiting": pool.requests_waiting() if isinstance(pool, BudgetPool) else 0,
+            "waiting": pool.requests_waiting() if pool is not None else 0,
+            "reserved": pool.reserved if pool is not None else 0,
             "execution_id": self.execution_id,
             "max_connections": self.size,
             "in_use": self.in_use(),
             "idle": self.idle(),
             "counters": self.counters.snapshot(),
         }
+
+    # -- set-up ------------------------------------------------------------------------
 
     def _create_engine(self, per_execution_id: str | None) -> Engine:
         s = self.settings
@@ -299,6 +390,14 @@ class PoolHandle:
         options.update(engine_options)
         if self.strategy == "pooler":
             _check_no_session_state(url, connect_args)
+            if driver == "psycopg" and connect_args.get("prepare_threshold") is not None:
+                logger.warning(
+                    "strategy='pooler' with connect_args prepare_threshold=%r: a transaction "
+                    "pooler may run the next transaction on a server connection that never "
+                    "saw a prepared statement ('prepared statement ... does not exist'); "
+                    "leave prepare_threshold out of engine_options",
+                    connect_args["prepare_threshold"],
+                )
         if per_execution_id is not None:
             # the guide's settings for an engine of one execution; engine_options may
             # still choose the reset on return
@@ -319,42 +418,11 @@ class PoolHandle:
             **options,
         )
 
-    def _pre_ping_listeners(self) -> tuple[Callable[..., None], Callable[..., None]]:
-        """Ping at checkout only when a connection may have gone stale (0 round trips usually).
-
-        SQLAlchemy's ``pool_pre_ping`` costs a round trip per checkout.  Here a connection
-        is pinged when it sat idle longer than :attr:`pre_ping_idle` (a firewall or NAT
-        may have dropped it silently), or when its socket has something to read: an idle
-        connection is sent nothing unless the server is ending it (a restart, a
-        ``pg_terminate_backend``, ``idle_session_timeout``), so that check costs a
-        ``poll()`` and no round trip.  A failed ping raises ``DisconnectionError``, and
-        SQLAlchemy hands out a new connection instead.
-        """
-        dialect = self.engine.dialect
-
-        def ping_if_stale(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-            checked_in = record.info.get(CHECKED_IN_KEY)
-            limit = self.pre_ping_idle
-            if checked_in is None or limit is None:
-                return  # opened for this checkout
-            if time.monotonic() - checked_in <= limit and not _has_input(dbapi_connection):
-                return
-            try:
-                dialect.do_ping(dbapi_connection)
-            except Exception as exc:
-                raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}") from exc
-
-        def on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-            if dbapi_connection is not None:
-                record.info[CHECKED_IN_KEY] = time.monotonic()
-
-        return ping_if_stale, on_checkin
-
     def _install_listeners(self) -> None:
-        """Count connections and clean them as they come back.
+        """Count connections, ping stale ones, and mark each one's session as it comes back.
 
         Opening and closing (rare) are pool events; checkout and check-in counting and the
-        clean-up of a returned connection are the :class:`CountingPool`'s own hooks, which
+        marking of a returned connection are the :class:`CountingPool`'s own hooks, which
         cost less than an event per checkout.  With the idle pre-ping, the ping is the one
         checkout listener (a failed ping raises, and SQLAlchemy retries the checkout).
         """
@@ -362,7 +430,8 @@ class PoolHandle:
         pool = self.engine.pool
         assert isinstance(pool, CountingPool), type(pool)
         resets = self.resets_sessions
-        ping, stamp = self._pre_ping_listeners() if self.pre_ping_idle is not None else (None, None)
+        stamps = self.pre_ping_idle is not None
+        dialect = self.engine.dialect
 
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_open()
@@ -370,30 +439,44 @@ class PoolHandle:
         def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_close()
 
+        def ping_if_stale(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+            # SQLAlchemy's pool_pre_ping costs a round trip per checkout; this pings only a
+            # connection idle past the threshold (a firewall or NAT may have dropped it
+            # silently) or whose socket shows the server's goodbye (no round trip)
+            checked_in = record.info.get(CHECKED_IN_KEY)
+            limit = self.pre_ping_idle
+            if checked_in is None or limit is None:
+                return  # opened for this checkout
+            if time.monotonic() - checked_in <= limit and not has_input(dbapi_connection):
+                return
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}") from exc
+
         def on_return(record: ConnectionPoolEntry) -> None:
             dbapi_connection = record.dbapi_connection
-            if stamp is not None:
-                stamp(dbapi_connection, record)
             info = record.info
+            if stamps and dbapi_connection is not None:
+                info[CHECKED_IN_KEY] = time.monotonic()
             checkout: Checkout | None = info.pop(CHECKOUT_KEY, None)
             if checkout is None:  # not a scoped engine's checkout (reflection, a plain use)
                 info.pop(CLEAN_KEY, None)
                 return
+            dirty = None
             if dbapi_connection is not None:
                 if resets and (not checkout.clean or checkout.cancelled):
-                    if _discard_all(dbapi_connection):
-                        counters.add("resets")
-                    else:  # a broken session: close it rather than hand it out
-                        record.invalidate()
-                elif checkout.tagged:
-                    _set_application_name(dbapi_connection, self.settings.application_name)
-            checkout.returned()
+                    info[DIRTY_BY_KEY] = checkout.execution.serial
+                    dirty = record
+                if checkout.tagged:
+                    set_application_name(dbapi_connection, self.settings.application_name)
+            checkout.returned(dirty)
 
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "close", on_close)
         event.listen(pool, "close_detached", on_close)
-        if ping is not None:
-            event.listen(pool, "checkout", ping)
+        if stamps:
+            event.listen(pool, "checkout", ping_if_stale)
         pool.counters = counters
         pool.on_return = on_return
 
@@ -406,7 +489,7 @@ class PoolHandle:
             prototype = ScopedEngine(self.engine, execution, self)
             del prototype._lsc_execution  # don't keep the first execution alive
             self._prototype = prototype
-        return ScopedEngine._copy_for(prototype, execution)
+        return ScopedEngine.for_execution(prototype, execution)
 
     def dispose(self) -> None:
         """Close every idle connection and forget the pool (blocking I/O).
@@ -434,88 +517,3 @@ def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:
             "transaction (PgBouncer rejects it). Remove it and use SET LOCAL inside the "
             "transaction, or use strategy='shared' when connecting to PostgreSQL directly"
         )
-
-
-def _has_input(dbapi_connection: Any) -> bool:
-    """True if an idle connection's socket can be read (or cannot be checked)."""
-    try:
-        fd = dbapi_connection.fileno()
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([fd], [], [], 0)[0])
-    except Exception:
-        return True  # ping rather than hand out a connection nobody checked
-
-
-def _discard_all(dbapi_connection: Any) -> bool:
-    """Reset every piece of session state (1 round trip); False if the session is broken.
-
-    ``DISCARD ALL`` closes cursors, resets settings, role and session authorization,
-    drops temp tables, prepared statements and LISTENs, and releases advisory locks.
-    It cannot run in a transaction block, so it runs in autocommit; the pool has
-    already rolled back.  psycopg 3 forgets its own prepared statements on seeing it.
-    """
-    try:
-        autocommit = dbapi_connection.autocommit
-        dbapi_connection.autocommit = True
-        try:
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("DISCARD ALL")
-            finally:
-                cursor.close()
-        finally:
-            dbapi_connection.autocommit = autocommit
-    except Exception as exc:
-        logger.debug("could not reset a session: %s", type(exc).__name__)
-        return False
-    return True
-
-
-def _tag_connection(fairy: PoolProxiedConnection, handle: PoolHandle, execution_id: str) -> bool:
-    """Name the execution in the connection's application_name (``tag_connections=True``).
-
-    Returns:
-        True if it was set (the checkin sets it back).
-    """
-    name = f"{handle.settings.application_name}:{execution_id}"[:63]
-    return _set_application_name(fairy.dbapi_connection, name)
-
-
-def _set_application_name(dbapi_connection: Any, name: str) -> bool:
-    """Set and commit application_name, so a later rollback keeps it (2 round trips)."""
-    try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("select set_config('application_name', %s, false)", (name,))
-        finally:
-            cursor.close()
-        dbapi_connection.commit()
-    except Exception as exc:  # a broken connection fails the caller's own query instead
-        logger.debug("could not set application_name: %s", type(exc).__name__)
-        return False
-    return True
-
-
-_INTERNAL_PREFIXES = ("sqlalchemy", "langgraph_scoped_conn.engine")
-
-
-#: code objects of SQLAlchemy and the engine plumbing seen so far (a bounded set: only
-#: those modules' functions are added), so the walk checks a module name once per function
-_internal_code: set[Any] = set()
-
-
-def _caller_frame() -> Any:
-    """The innermost frame outside SQLAlchemy and this package's plumbing."""
-    frame = sys._getframe(2)
-    internal = _internal_code
-    while frame is not None:
-        code = frame.f_code
-        if code not in internal:
-            if not frame.f_globals.get("__name__", "").startswith(_INTERNAL_PREFIXES):
-                return frame
-            internal.add(code)
-        frame = frame.f_back  # type: ignore[assignment]
-    return frame

@@ -5,55 +5,81 @@ closed (a :class:`Release`), and the blocking side (:mod:`langgraph_scoped_conn.
 closes it.  Engines record their checkouts here through :meth:`Execution.reserve`,
 :meth:`Execution.record` and :meth:`Execution.returned`.
 
+Whether a connection is still in use is read from the connection itself (see
+:meth:`Checkout.activity`), never from the code that checked it out: a statement in
+flight, or a transaction open on another thread than the one ending the execution.
+
 An ended execution refuses every new use with :class:`ScopeClosedError`, on every
-thread and task.  The one allowance: a thread that held one of its connections when
-it ended (a sync node still running after its run was cancelled) keeps working until
-it has returned them all.  Those threads are recorded exactly, when the execution ends.
+thread and task.  The one allowance: a thread that held one of its connections in use
+when it ended (a sync node still running after its run was cancelled) keeps working
+until it has returned them all.
 """
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import logging
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError, ScopeClosedError
 from langgraph_scoped_conn.settings import ScopedConnSettings
 
-__all__ = ["Checkout", "Execution", "ExecutionOwner", "FailedScope", "Release"]
+__all__ = [
+    "END_GRACE",
+    "Activity",
+    "Checkout",
+    "Execution",
+    "ExecutionOwner",
+    "FailedScope",
+    "Release",
+]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
 State = Literal["open", "draining", "closed"]
+#: What a connection is doing, read from the driver: a statement in flight, a transaction
+#: open between statements, nothing, or closed.
+Activity = Literal["active", "transaction", "idle", "gone"]
+
+#: Seconds a connection another thread holds inside a transaction, between statements,
+#: stays that thread's after its execution ended (a sync node still running after its
+#: run was cancelled); then, or as soon as another run waits for its slot, it is taken
+#: as abandoned and closed, which rolls the transaction back on the server.
+END_GRACE = 1.0
+
+#: serial numbers of executions: unique within the process, never reused (an id may be)
+_serials = itertools.count(1)
 
 
 class ExecutionOwner(Protocol):
-    """What an execution needs from the registry that owns it."""
+    """What an execution needs from the manager that owns it."""
 
     settings: ScopedConnSettings
-
-    def attribute(self) -> str | None:
-        """The graph node (and tool) running in this context, for leak reports."""
 
     def execution_drained(self, execution: Execution) -> None:
         """The last connection of an ended execution came back."""
 
 
 class Checkout:
-    """One connection checked out by an execution, from checkout until it is returned."""
+    """One connection checked out by an execution, from checkout until it is returned.
+
+    It records what is cheap to record (the thread, the time, the context) and works out
+    the rest (which node and tool took it) only when a leak is reported.
+    """
 
     __slots__ = (
         "cancelled",
         "clean",
         "connection",
+        "context",
         "execution",
         "fairy",
-        "frame",
-        "node",
+        "origin",
         "pool",
         "stack",
         "started",
@@ -61,35 +87,35 @@ class Checkout:
         "thread_id",
     )
 
-    def __init__(self, execution: Execution, fairy: Any, frame: Any, pool: Any = None) -> None:
+    def __init__(self, execution: Execution, fairy: Any, pool: Any) -> None:
         self.execution = execution
         self.fairy = fairy
-        self.pool = pool  # the PoolHandle it came from
-        self.connection: weakref.ref[Any] | None = None  # the SQLAlchemy Connection, if any
-        self.frame = frame
+        #: the PoolHandle it came from: it reads the driver's state (:meth:`activity`)
+        self.pool = pool
+        self.connection: Any = None  # weakref to the SQLAlchemy Connection, if any
         self.thread_id = threading.get_ident()
         self.started = time.monotonic()
+        #: the context it was checked out in: names its node and tool for a leak report
+        self.context = contextvars.copy_context()
         self.cancelled = False  # its statement was cancelled when the execution was released
         self.clean = False  # nothing run on it in this checkout left session state behind
         self.tagged = False  # its application_name names the execution (set back at checkin)
-        owner = execution.owner
-        self.node = owner.attribute()
-        self.stack = "".join(traceback.format_stack(frame)) if owner.settings.debug else None
+        self.origin: str | None = None  # "node 'x' / tool 'y'", once worked out for a report
+        self.stack = (
+            "".join(traceback.format_stack()[:-3]) if execution.owner.settings.debug else None
+        )
 
-    def returned(self) -> None:
-        """Called from the pool's checkin event when the connection comes back."""
-        self.execution.returned(self)
+    def activity(self) -> Activity:
+        """What its connection is doing right now, read from the driver (no I/O)."""
+        fairy = self.fairy
+        if fairy is None:
+            return "gone"
+        activity: Activity = self.pool.activity(fairy)
+        return activity
 
-    def in_use_elsewhere(self, frames: dict[int, Any], closer: int) -> bool:
-        """True if another thread is still running the code that checked this out."""
-        if self.thread_id == closer or self.frame is None:
-            return False
-        frame = frames.get(self.thread_id)
-        while frame is not None:
-            if frame is self.frame:
-                return True
-            frame = frame.f_back
-        return False
+    def returned(self, dirty: Any = None) -> None:
+        """Called by the pool when the connection comes back (``dirty``: see Execution)."""
+        self.execution.returned(self, dirty)
 
 
 class FailedScope:
@@ -101,47 +127,66 @@ class FailedScope:
         self.error = error
 
 
+_NONE: tuple[Any, ...] = ()
+
+
 class Release:
     """What ending an execution leaves to close: leaked connections, resources, pools."""
 
-    __slots__ = ("cancel", "custom", "draining", "execution", "handles", "reason", "reclaim")
+    __slots__ = (
+        "cancel",
+        "custom",
+        "dirty",
+        "draining",
+        "execution",
+        "handles",
+        "reason",
+        "reclaim",
+    )
 
     def __init__(
         self,
         execution: Execution,
         reason: str,
         *,
-        reclaim: Sequence[Checkout] = (),
-        cancel: Sequence[Checkout] = (),
-        custom: Sequence[Any] = (),
-        handles: Sequence[Any] = (),
+        reclaim: Sequence[Checkout] = _NONE,
+        cancel: Sequence[Checkout] = _NONE,
+        custom: Sequence[Any] = _NONE,
+        handles: Sequence[Any] = _NONE,
+        dirty: Sequence[tuple[Any, Any]] = _NONE,
     ) -> None:
         self.execution = execution
         self.reason = reason
-        #: checked out and abandoned: close them
+        #: checked out and not in use: close them
         self.reclaim = reclaim
-        #: still in use by a running thread of a force-released execution: cancel their
-        #: statements on the server, so the thread returns them at once
+        #: a statement in flight for a force-released execution: cancel it on the server;
+        #: the connection stays recorded (its slot held) until its thread returns it
         self.cancel = cancel
         self.custom = custom
         self.handles = handles
-        #: the execution ended with connections still in use by running threads
+        #: (pool handle, record) of pooled connections whose session it may have changed:
+        #: reset those still idle, so nothing of the execution outlives it
+        self.dirty = dirty
+        #: the execution ended with connections still in use
         self.draining = False
 
     def is_empty(self) -> bool:
-        return not (self.reclaim or self.cancel or self.custom or self.handles)
+        return not (self.reclaim or self.cancel or self.custom or self.handles or self.dirty)
 
 
 class Execution:
     """The resources of one execution (one LangGraph run, or one ExecutionScope).
 
-    ``lock`` is shared with other executions (the registry stripes a few locks), so
-    opening an execution allocates none; ``cond`` is a condition on the same lock,
-    used only for the per-execution cap.
+    Its fields are its own: the registry and the run index ask through :meth:`hold`,
+    :meth:`drop` and the methods below.  ``lock`` is shared with other executions (the
+    registry stripes a few locks), so opening an execution allocates none; ``cond`` is a
+    condition on the same lock, used only for the per-execution cap.
     """
 
     __slots__ = (
         "_cond",
+        "_grace_until",
+        "_holds",
         "_inflight",
         "_lock",
         "_stragglers",
@@ -153,21 +198,28 @@ class Execution:
         "custom",
         "custom_origins",
         "databases",
+        "dirtied",
         "engines",
         "execution_id",
         "handles",
         "owner",
-        "refcount",
         "reserved",
-        "run_ids",
+        "serial",
         "state",
     )
 
-    def __init__(self, owner: ExecutionOwner, execution_id: str, cond: threading.Condition) -> None:
+    def __init__(
+        self,
+        owner: ExecutionOwner,
+        execution_id: str,
+        lock: threading.Lock,
+        cond: threading.Condition,
+    ) -> None:
         self.owner = owner
         self.execution_id = execution_id
+        self.serial = next(_serials)
         self.created = time.monotonic()
-        self.refcount = 1
+        self._holds = 1
         self.state: State = "open"
         self.engines: list[Any] = []
         self.databases: list[Any] = []
@@ -178,18 +230,33 @@ class Execution:
         #: per-execution pools (strategy per_execution), by redacted URL
         self.handles: dict[str, Any] = {}
         self.checkouts: dict[int, Checkout] = {}
+        #: id(record) -> (pool handle, record): connections it gave back with session state
+        self.dirtied: dict[int, tuple[Any, Any]] = {}
         self.reserved = 0  # checkouts in flight (counted against the cap, not yet recorded)
-        self.run_ids: list[Any] = []  # the root runs mapped to this execution (runs._key)
+        self._lock = lock
         self._cond = cond
-        #: the condition's own lock (a C lock: cheaper to take than the Condition object)
-        self._lock: Any = getattr(cond, "_lock", cond)
         self._waiters = 0  # threads waiting on the per-execution cap
-        #: threads that held connections (or were checking one out) when the execution
-        #: ended -> how many they hold now; they may go on until they hold none
+        #: threads that held connections in use (or were checking one out) when the
+        #: execution ended -> how many they hold now; they may go on until they hold none
         self._stragglers: dict[int, int] = {}
         #: threads inside reserve() .. record()/unreserve() -> how many checkouts in flight
         self._inflight: dict[int, int] = {}
         self._warned_straggler = False
+        #: until when a connection left inside a transaction stays its thread's
+        self._grace_until = 0.0
+
+    # -- holders -------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """One more holder (a joining scope or run); the registry calls it under its lock."""
+        with self._lock:
+            self._holds += 1
+
+    def drop(self, *, every: bool = False) -> bool:
+        """Drop one hold (all with ``every``); True when none is left and it should end."""
+        with self._lock:
+            self._holds = 0 if every else self._holds - 1
+            return self._holds <= 0
 
     # -- checkouts -----------------------------------------------------------------
 
@@ -207,11 +274,10 @@ class Execution:
             if self.state != "open":
                 self._check_usable()
             inflight = self._inflight
+            inflight[thread] = inflight.get(thread, 0) + 1
             if len(self.checkouts) + self.reserved < cap:
                 self.reserved += 1
-                inflight[thread] = inflight.get(thread, 0) + 1
                 return
-            self._inflight[thread] = self._inflight.get(thread, 0) + 1
             try:
                 self._wait_below_cap(cap, settings.pool_timeout)
                 self._check_usable()  # the scope may have ended while this thread waited
@@ -234,9 +300,9 @@ class Execution:
         if drained:
             self.owner.execution_drained(self)
 
-    def record(self, fairy: Any, frame: Any, pool: Any = None) -> Checkout:
+    def record(self, fairy: Any, pool: Any) -> Checkout:
         """Record the connection a reserved checkout obtained (from ``pool``)."""
-        checkout = Checkout(self, fairy, frame, pool)
+        checkout = Checkout(self, fairy, pool)
         thread = checkout.thread_id
         with self._lock:
             self.reserved -= 1
@@ -260,12 +326,17 @@ class Execution:
             elif not self._stragglers[thread] and thread not in self._inflight:
                 del self._stragglers[thread]
 
-    def returned(self, checkout: Checkout) -> None:
-        """Forget a checkout that came back to the pool; finish draining if it was the last."""
+    def returned(self, checkout: Checkout, dirty: Any = None) -> None:
+        """Forget a checkout that came back to the pool; finish draining if it was the last.
+
+        ``dirty`` is the connection's pool record when it may carry session state this
+        execution left: it is reset when the execution ends, if nobody else took it.
+        """
         with self._lock:
+            if dirty is not None:
+                self.dirtied[id(dirty)] = (checkout.pool, dirty)
             if self.checkouts.pop(id(checkout), None) is None:
                 return
-            checkout.frame = None
             checkout.fairy = None
             if self._stragglers:
                 self._straggler_returned(checkout.thread_id)
@@ -325,11 +396,6 @@ class Execution:
 
     # -- use after the end ---------------------------------------------------------
 
-    def check_usable(self) -> None:
-        """Raise :class:`ScopeClosedError` unless this thread may still use the execution."""
-        with self._lock:
-            self._check_usable()
-
     def _check_usable(self) -> None:
         if self.state == "open":
             return
@@ -387,95 +453,131 @@ class Execution:
 
     # -- ending --------------------------------------------------------------------
 
-    def end(self, closer: int, frames: dict[int, Any], *, force: bool, reason: str) -> Release:
+    def end(self, *, force: bool, reason: str, closer: int) -> Release:
         """Mark the execution ended and return what must be closed.
 
-        A connection that another thread is still using (``frames`` shows it running
-        the code that checked it out) is left to that thread, which is recorded as a
-        straggler; with ``force`` its statement is cancelled instead (the thread then
-        returns it at once).  Every other checked-out connection is to be closed.
+        Each connection still checked out is judged by what it is doing (no I/O):
+
+        * a statement in flight: in use.  It is left to its thread (a straggler, which
+          returns it when the statement ends); with ``force`` the statement is to be
+          cancelled first.  It is never closed under the statement, so its budget slot
+          is held until the server is done with it.
+        * a transaction open between statements, checked out on another thread than
+          ``closer`` (the thread ending the execution): in use by that thread for
+          :data:`END_GRACE` seconds (see :meth:`abandoned`); with ``force``, abandoned.
+        * anything else: abandoned (a leak).  It is to be closed, which rolls an open
+          transaction back on the server and ends the backend at once.
         """
         with self._lock:
+            dirty = list(self.dirtied.values())
+            self.dirtied.clear()
             if not (self.checkouts or self.reserved or self._inflight or self.custom):
                 # the usual end: nothing out, nothing tracked
                 self.state = "closed"
                 if self._waiters:
                     self._cond.notify_all()
                 self.cached.clear()
-                if self.handles:
-                    return Release(self, reason, handles=list(self.handles.values()))
+                if self.handles or dirty:
+                    return Release(self, reason, handles=list(self.handles.values()), dirty=dirty)
                 return Release(self, reason)
             reclaim: list[Checkout] = []
             cancel: list[Checkout] = []
             for checkout in list(self.checkouts.values()):
-                if checkout.in_use_elsewhere(frames, closer):
-                    if force:
-                        checkout.cancelled = True
-                        cancel.append(checkout)
-                    self._stragglers[checkout.thread_id] = (
-                        self._stragglers.get(checkout.thread_id, 0) + 1
-                    )
-                else:
+                activity = checkout.activity()
+                kept = activity == "active" or (
+                    activity == "transaction" and not force and checkout.thread_id != closer
+                )
+                if not kept:
                     reclaim.append(checkout)
                     del self.checkouts[id(checkout)]
+                    continue
+                if force:
+                    checkout.cancelled = True
+                    cancel.append(checkout)
+                self._stragglers[checkout.thread_id] = (
+                    self._stragglers.get(checkout.thread_id, 0) + 1
+                )
             for thread in self._inflight:  # mid-checkout: they go on like the holders
                 self._stragglers.setdefault(thread, 0)
             busy = bool(self.checkouts) or self.reserved > 0 or bool(self._inflight)
             self.state = "draining" if busy else "closed"
+            self._grace_until = time.monotonic() + END_GRACE
             self._wake_waiters()  # they re-check the scope and fail or drain
             custom = list(self.custom)
             handles = [] if busy else list(self.handles.values())
             self.cached.clear()
         release = Release(
-            self, reason, reclaim=reclaim, cancel=cancel, custom=custom, handles=handles
+            self,
+            reason,
+            reclaim=reclaim,
+            cancel=cancel,
+            custom=custom,
+            handles=handles,
+            dirty=dirty,
         )
         release.draining = busy
         return release
 
-    def abandoned(self, frames: dict[int, Any]) -> list[Checkout]:
-        """Checkouts of an ended execution whose thread moved on without returning them."""
+    def abandoned(self) -> list[Checkout]:
+        """Connections of an ended execution that nobody uses any more: forget them.
+
+        One is abandoned once no statement is in flight on it and, when a transaction
+        is open, its grace is over (or its statement was cancelled by a forced release).
+        A statement in flight is never abandoned.
+        """
         with self._lock:
             if self.state != "draining":
                 return []
-            stale = [c for c in self.checkouts.values() if not c.in_use_elsewhere(frames, 0)]
+            grace_over = time.monotonic() >= self._grace_until
+            stale = []
+            for checkout in self.checkouts.values():
+                activity = checkout.activity()
+                if activity == "active":
+                    continue
+                if activity == "transaction" and not (grace_over or checkout.cancelled):
+                    continue
+                stale.append(checkout)
             for c in stale:
                 del self.checkouts[id(c)]
                 self._straggler_returned(c.thread_id)
             return stale
 
+    def in_grace(self) -> bool:
+        """True while a connection of this ended execution is kept only for its grace."""
+        with self._lock:
+            if self.state != "draining" or time.monotonic() >= self._grace_until:
+                return False
+            return any(c.activity() == "transaction" for c in self.checkouts.values())
+
+    def end_grace(self) -> bool:
+        """End the grace now (another run needs the slots); True if it was running."""
+        with self._lock:
+            running = self._grace_until > time.monotonic()
+            self._grace_until = 0.0
+            return running
+
     def still_out(self, checkouts: Sequence[Checkout]) -> bool:
         """True while any of ``checkouts`` has not been returned."""
         return any(id(c) in self.checkouts for c in checkouts)
 
-    def take(self, checkouts: Sequence[Checkout]) -> list[Checkout]:
-        """Forget those of ``checkouts`` not yet returned, and return them (to be closed)."""
-        with self._lock:
-            taken = [c for c in checkouts if self.checkouts.pop(id(c), None) is not None]
-            for c in taken:
-                self._straggler_returned(c.thread_id)
-            drained = self._drained()
-        if drained:
-            self.owner.execution_drained(self)
-        return taken
-
-    def force_drain(self, frames: dict[int, Any]) -> tuple[list[Checkout], list[Checkout]]:
+    def force_drain(self) -> tuple[list[Checkout], list[Checkout]]:
         """A forced release of a draining execution: (checkouts to close, to cancel).
 
-        Those a running thread still uses stay recorded (marked cancelled) until the
-        release has cancelled their statements and the thread returned them, or until
-        the release closes them.
+        A connection with a statement in flight stays recorded (marked cancelled) until
+        its thread returns it; every other one is to be closed now.
         """
         with self._lock:
             reclaim: list[Checkout] = []
             cancel: list[Checkout] = []
             for checkout in list(self.checkouts.values()):
-                if checkout.in_use_elsewhere(frames, 0):
+                if checkout.activity() == "active":
                     checkout.cancelled = True
                     cancel.append(checkout)
                 else:
                     reclaim.append(checkout)
                     del self.checkouts[id(checkout)]
                     self._straggler_returned(checkout.thread_id)
+            self._grace_until = 0.0
             self._wake_waiters()
             return reclaim, cancel
 
@@ -498,6 +600,11 @@ class Execution:
         """The connections this execution holds from ``pool``."""
         with self._lock:
             return [c for c in self.checkouts.values() if c.pool is pool]
+
+    def outstanding(self) -> list[Checkout]:
+        """Every connection checked out right now (a copy)."""
+        with self._lock:
+            return list(self.checkouts.values())
 
     def describe(self) -> dict[str, Any]:
         """The per-execution entry of the stats payload."""

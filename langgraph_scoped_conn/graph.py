@@ -80,7 +80,7 @@ def with_scoped_connections(
         def make_graph(config): ...
 
         @with_scoped_connections(
-            execution_id=lambda run: run["configurable"].get("thread_id") or str(run["run_id"])
+            execution_id=lambda run: f"{run['metadata'].get('user_id', 'anon')}:{run['run_id']}"
         )
         def make_graph(config): ...
 
@@ -89,7 +89,11 @@ def with_scoped_connections(
             to get a decorator.
         manager: the manager; the process default (looked up per run) when ``None``.
         execution_id: a callable returning the execution id from the run's
-            ``{"run_id", "configurable", "context", "metadata", "tags"}``.
+            ``{"run_id", "metadata", "tags", "configurable"}`` (see
+            :class:`~langgraph_scoped_conn.ScopedConnectionHandler`).  Return an id unique
+            per run: a run cannot join an execution another live run holds, so an id
+            taken from ``thread_id`` alone fails the second run of a thread that
+            overlaps the first.
 
     Returns:
         A compiled graph of the same class (still ``isinstance(x, Pregel)``), or a
@@ -158,7 +162,7 @@ def _wrap(
     if SQL_DATABASE_KEY in configurable:
         return graph.with_config(callbacks=[handler])  # the user's own choice stays
     # imported here: it brings langchain-community, which `import graph` should not
-    from langgraph_scoped_conn.proxy import ScopedSQLDatabaseProxy
+    from langgraph_scoped_conn.sql_database_proxy import ScopedSQLDatabaseProxy
 
     # a proxy, not a SQLDatabase: every run that reads it gets its own scoped object
     proxy = ScopedSQLDatabaseProxy(manager=manager)

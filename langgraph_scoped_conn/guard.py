@@ -15,19 +15,194 @@ exactly as the server reads them: an earlier hand-written lexer took ``€$a$`` 
 dollar quote where PostgreSQL reads one identifier, and let ``COMMIT; DELETE`` through.
 The whole parse tree is walked; only one plain query is accepted.
 
+A read-only transaction does not stop a query from reaching other sessions or the
+server: any role may signal and watch sessions of its own role, take advisory locks,
+write WAL messages, send notifications or read files it is granted.  So every function
+a query calls must be one the server marks immutable or stable (``pg_proc.provolatile``,
+read once per database by the SQLDatabase adapter), or one of a few harmless volatile
+ones (:data:`HARMLESS_VOLATILE`, such as ``random()``), or one the user allowed; and
+none of the functions and relations that expose other sessions or run SQL text the
+guard cannot see (:data:`SESSION_FUNCTIONS`, :data:`SESSION_RELATIONS`) is named.
+
 SQLite has no such parser here; a small lexer reads its text the way SQLite's
 tokenizer does, and ``PRAGMA query_only`` is the second wall.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from langgraph_scoped_conn.errors import UnsafeQueryError
 
-__all__ = ["check_read_only_sql", "split_sqlite_statements"]
+__all__ = [
+    "HARMLESS_VOLATILE",
+    "SESSION_FUNCTIONS",
+    "SESSION_RELATIONS",
+    "CheckedQuery",
+    "FunctionCatalog",
+    "check_read_only_sql",
+    "inspect_read_only_sql",
+    "split_sqlite_statements",
+]
+
+#: Volatile functions that read nothing outside the query and change nothing.
+HARMLESS_VOLATILE = frozenset(
+    {
+        "random",
+        "random_normal",
+        "clock_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "pg_sleep",  # it holds a slot, no more than a slow query does (statement_timeout)
+        "pg_sleep_for",
+        "pg_sleep_until",
+        "uuidv4",
+        "uuidv7",
+        "uuid_generate_v1",
+        "uuid_generate_v1mc",
+        "uuid_generate_v4",
+    }
+)
+#: Functions refused whatever their volatility: they watch other sessions (most are
+#: marked stable), or run SQL text or read a relation by a name the guard cannot see.
+SESSION_FUNCTIONS = frozenset(
+    {
+        "pg_stat_get_activity",
+        "pg_stat_get_progress_info",
+        "pg_stat_get_wal_senders",
+        "pg_stat_get_wal_receiver",
+        "pg_stat_get_subscription",
+        "pg_stat_get_subscription_stats",
+        "pg_blocking_pids",
+        "pg_safe_snapshot_blocking_pids",
+        "pg_isolation_test_session_is_blocked",
+        "pg_lock_status",
+        "pg_prepared_xact",
+        "pg_stat_statements",
+        "pg_stat_statements_info",
+        "query_to_xml",
+        "query_to_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "cursor_to_xml",
+        "cursor_to_xmlschema",
+        "table_to_xml",
+        "table_to_xmlschema",
+        "table_to_xml_and_xmlschema",
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+        "ts_stat",
+        "ts_rewrite",
+    }
+)
+_SESSION_PREFIXES = ("pg_stat_get_backend_", "dblink")
+#: Views and tables refused by name: other sessions' state and SQL, files, large objects.
+SESSION_RELATIONS = frozenset(
+    {
+        "pg_stat_activity",
+        "pg_locks",
+        "pg_stat_ssl",
+        "pg_stat_gssapi",
+        "pg_stat_replication",
+        "pg_stat_replication_slots",
+        "pg_replication_slots",
+        "pg_stat_wal_receiver",
+        "pg_stat_subscription",
+        "pg_prepared_xacts",
+        "pg_stat_statements",
+        "pg_stat_statements_info",
+        "pg_largeobject",
+        "pg_largeobject_metadata",
+        "pg_file_settings",
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_authid",
+        "pg_shadow",
+    }
+)
+_SESSION_RELATION_PREFIXES = ("pg_stat_progress_",)
+#: provolatile codes, worst last
+_VOLATILITY_ORDER = {"i": 0, "s": 1, "v": 2}
+_NAMES = {"i": "immutable", "s": "stable", "v": "volatile"}
+
+
+def _worse(volatility: str, than: str | None) -> bool:
+    return than is None or _VOLATILITY_ORDER[volatility] > _VOLATILITY_ORDER[than]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckedQuery:
+    """A statement the guard let through.
+
+    Attributes:
+        text: the statement as written, without a trailing ``;`` or outer comments.
+        cursor: True for a query a cursor can run (``DECLARE ... FOR``), so its rows
+            can be fetched a few at a time; False for ``EXPLAIN`` and ``SHOW``.
+    """
+
+    text: str
+    cursor: bool
+
+
+class FunctionCatalog:
+    """Which functions a database has, and how volatile each is (from ``pg_proc``).
+
+    Built from ``(schema, name, provolatile)`` rows; a name with several overloads
+    counts as its most volatile one, an unqualified name as its most volatile in any
+    schema.
+
+    Args:
+        rows: ``pg_proc`` joined with ``pg_namespace``.
+        allowed: names (``fn`` or ``schema.fn``, lower case) allowed whatever they are.
+    """
+
+    def __init__(self, rows: Iterable[tuple[str, str, str]], allowed: Iterable[str] = ()) -> None:
+        self._any: dict[str, str] = {}
+        self._qualified: dict[tuple[str, str], str] = {}
+        for schema, name, volatility in rows:
+            if _worse(volatility, self._any.get(name)):
+                self._any[name] = volatility
+            if _worse(volatility, self._qualified.get((schema, name))):
+                self._qualified[schema, name] = volatility
+        self.allowed = frozenset(allowed)
+
+    def refusal(self, schema: str | None, name: str) -> str | None:
+        """Why a call of ``schema.name`` (``name`` when unqualified) is refused, or None."""
+        shown = f"{schema}.{name}" if schema else name
+        if name in self.allowed or shown in self.allowed:
+            return None
+        if name in SESSION_FUNCTIONS or name.startswith(_SESSION_PREFIXES):
+            return (
+                f"{shown}() reaches other sessions, or runs SQL the guard cannot see, "
+                "and is refused in read-only mode"
+            )
+        volatility = self._qualified.get((schema, name)) if schema else self._any.get(name)
+        if volatility is None:
+            return (
+                f"{shown}() is not a function the read-only guard knows (it was not in the "
+                "database's catalog when the guard read it); check the name, or, if it was "
+                "created since, call invalidate_schema_cache()"
+            )
+        if volatility == "v" and name not in HARMLESS_VOLATILE:
+            return (
+                f"{shown}() is volatile (it may change or reach state outside the query) and "
+                "is refused in read-only mode; only immutable and stable functions may run, "
+                "plus those listed in allow_functions"
+            )
+        return None
+
+    def volatility(self, name: str) -> str | None:
+        """``immutable``, ``stable`` or ``volatile`` for an unqualified name, if known."""
+        code = self._any.get(name)
+        return _NAMES.get(code) if code else None
+
 
 _SEND_ONE = "send one SELECT statement"
 #: What PostgreSQL's scanner reads as white space (not U+00A0, part of an identifier).
@@ -49,16 +224,40 @@ _EXPLAINED = {
 }
 
 
-def check_read_only_sql(sql: str, *, max_length: int = 20_000, dialect: str = "postgresql") -> str:
+def check_read_only_sql(
+    sql: str,
+    *,
+    max_length: int = 20_000,
+    dialect: str = "postgresql",
+    functions: FunctionCatalog | None = None,
+) -> str:
     """Return the single statement in ``sql`` if the guard lets it through.
+
+    See :func:`inspect_read_only_sql`, which also says whether a cursor can run it.
+    """
+    return inspect_read_only_sql(
+        sql, max_length=max_length, dialect=dialect, functions=functions
+    ).text
+
+
+def inspect_read_only_sql(
+    sql: str,
+    *,
+    max_length: int = 20_000,
+    dialect: str = "postgresql",
+    functions: FunctionCatalog | None = None,
+) -> CheckedQuery:
+    """Check ``sql`` with the read-only guard and return what it let through.
 
     On PostgreSQL (the default ``dialect``) the statement must be one plain query:
     ``SELECT`` (also ``VALUES``, ``TABLE name`` and ``WITH`` of plain queries),
     ``EXPLAIN`` of such a query, or ``SHOW``.  Anywhere in its parse tree there may
     be no ``INSERT``/``UPDATE``/``DELETE``/``MERGE`` (data-modifying ``WITH``), no
-    ``SELECT ... INTO`` and no ``FOR UPDATE``/``FOR SHARE`` row locks.  The returned
-    text is the statement as written, from its first token to its last, without a
-    trailing ``;`` or surrounding comments.
+    ``SELECT ... INTO`` and no ``FOR UPDATE``/``FOR SHARE`` row locks, no relation of
+    :data:`SESSION_RELATIONS`, and, with ``functions``, no call that the catalog
+    refuses (:meth:`FunctionCatalog.refusal`).  The returned text is the statement as
+    written, from its first token to its last, without a trailing ``;`` or surrounding
+    comments.
 
     With ``dialect="sqlite"`` the statement must start with ``SELECT``, ``WITH``,
     ``VALUES`` or ``EXPLAIN``; ``PRAGMA query_only`` refuses writes.
@@ -76,9 +275,9 @@ def check_read_only_sql(sql: str, *, max_length: int = 20_000, dialect: str = "p
     if "\x00" in sql:
         raise UnsafeQueryError("the query contains a NUL character; remove it")
     if dialect == "postgresql":
-        return _check_postgresql(sql)
+        return _check_postgresql(sql, functions)
     if dialect == "sqlite":
-        return _check_sqlite(sql)
+        return CheckedQuery(_check_sqlite(sql), cursor=False)
     raise UnsafeQueryError(
         f"read-only mode cannot check {dialect} SQL; only postgresql and sqlite are supported"
     )
@@ -87,7 +286,7 @@ def check_read_only_sql(sql: str, *, max_length: int = 20_000, dialect: str = "p
 # -- PostgreSQL ------------------------------------------------------------------------
 
 
-def _check_postgresql(sql: str) -> str:
+def _check_postgresql(sql: str, functions: FunctionCatalog | None) -> CheckedQuery:
     # parse_sql_json is libpg_query's own output, 20-50x cheaper than building pglast's
     # Python AST; the tokens are only needed for backslashes, comments and messages
     from pglast.parser import ParseError, parse_sql_json, scan
@@ -126,16 +325,59 @@ def _check_postgresql(sql: str) -> str:
             "only SELECT, WITH, VALUES, TABLE, EXPLAIN and SHOW queries may run"
         )
     _refuse_nodes(parsed)
+    _refuse_names(raw, functions)
+    cursor = name == "SelectStmt"
     if tokens is not None:
         code = [t for t in tokens if t.name not in ("SQL_COMMENT", "C_COMMENT", "ASCII_59")]
-        return sql[code[0].start : code[-1].end + 1]
+        return CheckedQuery(sql[code[0].start : code[-1].end + 1], cursor)
     # no comment in the text: the statement runs from its location (a byte offset) to
     # its length, or to the end; the rest is PostgreSQL's whitespace and a ";"
     data = sql.encode()
     begin = raw.get("stmt_location", 0)
     length = raw.get("stmt_len", 0)
     text = data[begin : begin + length] if length else data[begin:]
-    return text.decode().strip(_PG_SPACE).rstrip(";").rstrip(_PG_SPACE)
+    return CheckedQuery(text.decode().strip(_PG_SPACE).rstrip(";").rstrip(_PG_SPACE), cursor)
+
+
+def _refuse_names(tree: Any, functions: FunctionCatalog | None) -> None:
+    """Refuse relations that expose other sessions, then calls the catalog refuses.
+
+    Each kind in the order written, so a refusal names the first offender.
+    """
+    for kind, schema, name, _ in sorted(_named(tree), key=lambda n: (n[0] != "relation", n[3])):
+        if kind == "relation":
+            if name in SESSION_RELATIONS or name.startswith(_SESSION_RELATION_PREFIXES):
+                raise UnsafeQueryError(
+                    f"the query reads {name}, which shows other sessions, server files or "
+                    "large objects, and is refused in read-only mode; query your own tables"
+                )
+        elif functions is not None:
+            reason = functions.refusal(schema, name)
+            if reason is not None:
+                raise UnsafeQueryError(reason)
+        elif name in SESSION_FUNCTIONS or name.startswith(_SESSION_PREFIXES):
+            raise UnsafeQueryError(FunctionCatalog(()).refusal(schema, name) or name)
+
+
+def _named(tree: Any) -> Iterator[tuple[str, str | None, str, int]]:
+    """``("function" | "relation", schema, name, location)`` of each call and relation."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            call = node.get("FuncCall")
+            if isinstance(call, dict):
+                parts = [p["String"]["sval"] for p in call.get("funcname", ()) if "String" in p]
+                if parts:
+                    schema = parts[-2] if len(parts) > 1 else None
+                    yield "function", schema, parts[-1], call.get("location", 0)
+            relation = node.get("RangeVar")
+            if isinstance(relation, dict) and "relname" in relation:
+                location = relation.get("location", 0)
+                yield "relation", relation.get("schemaname"), relation["relname"], location
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _statement_name(name: str, sql: str, tokens: Any) -> str:

@@ -9,34 +9,43 @@ so a callback never blocks the thread or event loop that runs the graph.
 
 Execution id, in order of precedence:
 
-1. the ``execution_id=`` callable, given ``{"run_id", "configurable", "context", "metadata",
-   "tags"}`` of the run (``configurable`` and ``context`` as passed to ``invoke``/``stream``);
+1. the ``execution_id=`` callable, given what LangChain hands the run's callbacks:
+   ``{"run_id", "metadata", "tags", "configurable"}``, where ``configurable`` holds the
+   configurable values the run's metadata carries (LangGraph copies ``thread_id``,
+   ``checkpoint_ns``, ``assistant_id``, ``graph_id`` and ``run_id`` there; put anything
+   else your id needs in ``config["metadata"]``);
 2. an enclosing :class:`~langgraph_scoped_conn.ExecutionScope` (the run joins it);
 3. ``configurable.run_id`` under LangGraph Server (the same across server retries);
 4. the root run id, which is the caller's ``config["run_id"]`` when given.
+
+One live execution per run: a callable that returns an id another live run holds, or a
+``config["run_id"]`` used by two live invocations, fails that run's scope with an error
+naming the id (2. is the way to share an execution on purpose).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import uuid
 from collections.abc import Callable, Mapping
-from types import FrameType
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from langgraph_scoped_conn.current import current_execution
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.lookup import current_execution, register_manager
 from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
-from langgraph_scoped_conn.settings import redact_url
+from langgraph_scoped_conn.redaction import redact_url
 
 __all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
 ExecutionIdFactory = Callable[[Mapping[str, Any]], str]
+
+#: the configurable keys LangGraph copies into a run's metadata (``_PROPAGATE_TO_METADATA``)
+_PROPAGATED = ("thread_id", "checkpoint_id", "checkpoint_ns", "task_id", "run_id")
+_SERVER_KEYS = ("assistant_id", "graph_id")
 
 
 class ScopedConnectionHandler(BaseCallbackHandler):
@@ -49,7 +58,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     Args:
         manager: the manager to use; the process default when ``None`` (looked up at
             each run start, so ``configure()`` after wrapping still takes effect).
-        execution_id: a callable that returns the execution id for a run.
+        execution_id: a callable that returns the execution id for a run (see the
+            module docstring for what it is given).
 
     Example:
         >>> handler = ScopedConnectionHandler()  # doctest: +SKIP
@@ -74,20 +84,11 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     ) -> None:
         self._manager = manager
         self._execution_id = execution_id
-        self._registered_default: ExecutionConnectionManager | None = None
-        if manager is not None:
-            register_manager(manager)
 
     @property
     def manager(self) -> ExecutionConnectionManager:
-        """The manager runs are registered with."""
-        if self._manager is not None:
-            return self._manager
-        manager = get_connection_manager()
-        if manager is not self._registered_default:  # register once per default, not per event
-            register_manager(manager)
-            self._registered_default = manager
-        return manager
+        """The manager runs are registered with (lookups find it in a run's callbacks)."""
+        return self._manager if self._manager is not None else get_connection_manager()
 
     # -- run starts ----------------------------------------------------------------
 
@@ -116,7 +117,8 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         name = kwargs.get("name") or (serialized or {}).get("name")
-        self._start(run_id, parent_run_id, tags, metadata, name=name)
+        call_id = kwargs.get("tool_call_id")
+        self._start(run_id, parent_run_id, tags, metadata, name=name, tool_call_id=call_id)
 
     def on_retriever_start(
         self,
@@ -139,16 +141,18 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         metadata: Mapping[str, Any] | None,
         *,
         name: str | None = None,
+        tool_call_id: str | None = None,
     ) -> None:
-        manager = self._manager if self._manager is not None else self.manager
-        if parent_run_id is not None and manager.link_run(run_id, parent_run_id, name=name):
+        manager = self._manager if self._manager is not None else get_connection_manager()
+        if parent_run_id is not None and manager.link_run(
+            run_id, parent_run_id, name, tool_call_id
+        ):
             return
         # a root: no parent, or a parent this manager has not seen (the wrapped graph
         # called from inside another runnable, or used as a subgraph of a plain graph)
         try:
-            manager.open_execution(
-                self._choose_id(manager, run_id, tags, metadata), root_run=run_id
-            )
+            chosen, exclusive = self._choose_id(manager, run_id, tags, metadata)
+            manager.open_execution(chosen, root_run=run_id, exclusive=exclusive)
         except Exception as exc:
             logger.error(
                 "could not open an execution scope for run %s: %s: %s; tools of this run will "
@@ -165,16 +169,16 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         run_id: uuid.UUID,
         tags: list[str] | None,
         metadata: Mapping[str, Any] | None,
-    ) -> str:
+    ) -> tuple[str, bool]:
+        """The execution id, and whether the run must hold it alone."""
         metadata = metadata or {}
         if self._execution_id is not None:
-            configurable, context = _run_config()
+            configurable = {k: metadata[k] for k in (*_PROPAGATED, *_SERVER_KEYS) if k in metadata}
             run = {
                 "run_id": run_id,
-                "configurable": configurable,
-                "context": context,
                 "metadata": dict(metadata),
                 "tags": list(tags or ()),
+                "configurable": configurable,
             }
             factory = self._execution_id
             try:
@@ -183,112 +187,50 @@ class ScopedConnectionHandler(BaseCallbackHandler):
                 name = getattr(factory, "__qualname__", None) or repr(factory)
                 raise ConfigurationError(
                     f"the execution_id callable {name} raised {type(exc).__name__}: {exc}; "
-                    f"it was offered configurable keys {sorted(configurable)}, metadata keys "
-                    f"{sorted(metadata)}, context {type(context).__name__}, tags and run_id"
+                    f"it was offered metadata keys {sorted(metadata)}, configurable keys "
+                    f"{sorted(configurable)}, tags and run_id (put what it needs in "
+                    "config['metadata'])"
                 ) from exc
             if not isinstance(chosen, str) or not chosen:
                 raise TypeError(
                     f"the execution_id callable returned {chosen!r}; it must return a "
                     "non-empty string"
                 )
-            return chosen
+            return chosen, True
         enclosing = current_execution()
         if enclosing is not None and enclosing.owner is manager:
-            return enclosing.execution_id
+            return enclosing.execution_id, False
         server_run = metadata.get("run_id")
         if server_run:
-            return str(server_run)
-        return str(run_id)
+            return str(server_run), True
+        return str(run_id), True
 
     # -- run ends ------------------------------------------------------------------
 
-    def on_chain_end(
-        self, outputs: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None, **kw: Any
-    ) -> None:
-        self._end(run_id, "ended")
+    def on_chain_end(self, outputs: Any, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, None)
 
-    def on_chain_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: uuid.UUID,
-        parent_run_id: uuid.UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        self._end(run_id, f"ended with {type(error).__name__}")
+    def on_chain_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, error)
 
-    def on_tool_end(
-        self, output: Any, *, run_id: uuid.UUID, parent_run_id: uuid.UUID | None = None, **kw: Any
-    ) -> None:
-        self._end(run_id, "ended")
+    def on_tool_end(self, output: Any, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, None)
 
-    def on_tool_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: uuid.UUID,
-        parent_run_id: uuid.UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        self._end(run_id, "ended")
+    def on_tool_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, error)
 
-    def on_retriever_end(
-        self,
-        documents: Any,
-        *,
-        run_id: uuid.UUID,
-        parent_run_id: uuid.UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        self._end(run_id, "ended")
+    def on_retriever_end(self, documents: Any, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, None)
 
-    def on_retriever_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: uuid.UUID,
-        parent_run_id: uuid.UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        self._end(run_id, "ended")
+    def on_retriever_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+        self._end(run_id, error)
 
-    def _end(self, run_id: uuid.UUID, reason: str) -> None:
-        manager = self._manager if self._manager is not None else self.manager
-        manager.end_run(run_id, reason=reason)
+    def _end(self, run_id: uuid.UUID, error: BaseException | None) -> None:
+        """Any run's end: a root's releases its execution (a child's costs one lookup)."""
+        manager = self._manager if self._manager is not None else get_connection_manager()
+        manager.end_run(
+            run_id, reason="ended" if error is None else f"ended with {type(error).__name__}"
+        )
 
     def __repr__(self) -> str:
         return f"<ScopedConnectionHandler manager={self._manager!r}>"
-
-
-def _stream_codes() -> frozenset[Any]:
-    from langgraph.pregel import Pregel
-
-    return frozenset({Pregel.stream.__code__, Pregel.astream.__code__})
-
-
-_STREAM_CODES: frozenset[Any] | None = None
-
-
-def _run_config() -> tuple[dict[str, Any], Any]:
-    """The ``configurable`` and ``context`` of the graph run starting on this thread.
-
-    LangChain gives a callback only the run's metadata and tags, not its config (and
-    ``var_child_runnable_config`` is not set yet when the root run starts), so they are
-    read from the ``Pregel.stream`` / ``astream`` call that is starting the run: it sits
-    a few frames up, with the merged config in its ``config`` and the runtime context in
-    its ``context``.  Empty when the run was not started by a LangGraph graph.
-    """
-    global _STREAM_CODES  # noqa: PLW0603
-    if _STREAM_CODES is None:
-        _STREAM_CODES = _stream_codes()
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(40):  # the stream call is 3-4 frames up; don't walk a deep stack
-        if frame is None:
-            break
-        if frame.f_code in _STREAM_CODES:
-            config = frame.f_locals.get("config") or {}
-            configurable = config.get("configurable") or {}
-            public = {k: v for k, v in configurable.items() if not str(k).startswith("__pregel_")}
-            return public, frame.f_locals.get("context")
-        frame = frame.f_back
-    return {}, None

@@ -14,7 +14,9 @@ Routes:
   ``execution_id``; never a live execution otherwise.  Fails closed: it requires
   ``Authorization: Bearer <token>`` with the token of ``SCOPED_CONN_DEBUG_TOKEN`` (or
   ``token=``); with no token configured it answers 403, unless the routes were created
-  with ``allow_unauthenticated_cleanup=True``.  An empty token is a configuration error.
+  with ``allow_unauthenticated_cleanup=True``; even then a request must be JSON or carry
+  the ``X-Scoped-Conn-Cleanup`` header, so a web page on another origin cannot send it.
+  An empty token is a configuration error.
 * ``GET /metrics`` and ``GET /api/memory/debug/connections/metrics``: Prometheus
   text, read from the stats at scrape time (needs the ``metrics`` extra).  Under
   ``langgraph dev`` the server's own ``/metrics`` shadows the first one; use the
@@ -47,9 +49,10 @@ from starlette.routing import BaseRoute, Route, Router
 
 from langgraph_scoped_conn.errors import ConfigurationError
 from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
-from langgraph_scoped_conn.settings import redact_url
+from langgraph_scoped_conn.redaction import redact_url
 
 __all__ = [
+    "CLEANUP_HEADER",
     "CLEANUP_PATH",
     "METRICS_PATH",
     "STATUS_PATH",
@@ -141,6 +144,26 @@ _NO_TOKEN = (
 )
 
 
+#: a header a browser sends cross-origin only after a CORS preflight the app would refuse
+CLEANUP_HEADER = "X-Scoped-Conn-Cleanup"
+_SIMPLE_REQUEST = (
+    "unauthenticated cleanup needs 'Content-Type: application/json' or the header "
+    f"'{CLEANUP_HEADER}: 1', which a browser cannot send cross-origin without a CORS "
+    "preflight; send one of them (or configure a token)"
+)
+
+
+def _not_a_simple_request(request: Request) -> bool:
+    """True for a request a web page on another origin cannot send without a preflight.
+
+    A cross-origin ``POST`` with ``Content-Type: text/plain`` (or a form, or no body) is
+    a "simple request": the browser sends it, with the user's network position, and
+    only hides the answer.  JSON or a custom header forces a preflight first.
+    """
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return content_type == "application/json" or CLEANUP_HEADER.lower() in request.headers
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
@@ -218,6 +241,8 @@ def create_routes(
             return _error(500, str(exc))
         if expected is None and not allow_unauthenticated_cleanup:
             return _error(403, _NO_TOKEN)
+        if expected is None and not _not_a_simple_request(request):
+            return _error(415, _SIMPLE_REQUEST)
         if expected is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -362,9 +387,7 @@ async def reaper(
 
     async def loop() -> None:
         while True:
-            lifetime = get_manager().settings.max_scope_lifetime
-            wait = interval or (min(lifetime / 4, 60.0) if lifetime else 60.0)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(interval or get_manager().reap_interval())
             mgr = get_manager()
             if mgr.settings.max_scope_lifetime is None:
                 continue

@@ -1,42 +1,42 @@
 """ExecutionConnectionManager, the public facade, and the process-default manager.
 
-The manager composes the pieces below it: the :class:`~langgraph_scoped_conn.registry.Registry`
-of executions, the :class:`~langgraph_scoped_conn.runs.RunIndex` of LangGraph run ids,
-the :class:`~langgraph_scoped_conn.engine.PoolHandle` of each URL, and the
+The manager composes the pieces below it and owns everything that is per manager: the
+:class:`~langgraph_scoped_conn.registry.Registry` of executions, the
+:class:`~langgraph_scoped_conn.runs.RunIndex` of LangGraph run ids, the
+:class:`~langgraph_scoped_conn.engine.PoolHandle` of each URL, the
+:class:`~langgraph_scoped_conn.schema_cache.SchemaCache` of reflected schemas, and the
 :class:`~langgraph_scoped_conn.release.Releaser` that does the blocking work.
 
 Sync and async are chosen by the caller's API: :meth:`~ExecutionConnectionManager.release_execution`
 blocks, :meth:`~ExecutionConnectionManager.arelease_execution` awaits a release thread;
 :func:`configure` closes the old manager on the calling thread, :func:`aconfigure`
 in a worker thread.  Upkeep (reaping expired executions, closing connections that
-ended executions' threads abandoned) runs on the release threads, never inside
-another execution's open.
+ended executions left unused) runs on the release threads, never inside another
+execution's open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from langgraph_scoped_conn.errors import ConfigurationError, ScopeUnavailableError
-from langgraph_scoped_conn.execution import Execution, FailedScope, Release
-from langgraph_scoped_conn.hooks import attribute, schema_warmer, set_attribution_provider
+from langgraph_scoped_conn.execution import Checkout, Execution, FailedScope, Release
+from langgraph_scoped_conn.redaction import redact_url
 from langgraph_scoped_conn.registry import Registry
 from langgraph_scoped_conn.release import AsyncResource, Releaser
 from langgraph_scoped_conn.runs import RunIndex
-from langgraph_scoped_conn.settings import (
-    ScopedConnSettings,
-    call_site,
-    options_with_env,
-    parse_url,
-    redact_url,
-)
-from langgraph_scoped_conn.stats import build_stats
+from langgraph_scoped_conn.schema_cache import SchemaCache
+from langgraph_scoped_conn.settings import ScopedConnSettings, call_site, options_with_env
+from langgraph_scoped_conn.stats import RetiredCounters, build_stats
+from langgraph_scoped_conn.urls import parse_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -50,7 +50,6 @@ __all__ = [
     "configure",
     "get_connection_manager",
     "manager_of",
-    "set_attribution_provider",
 ]
 
 logger = logging.getLogger("langgraph_scoped_conn")
@@ -67,7 +66,7 @@ class ExecutionConnectionManager:
     Args:
         database_url: the default URL.  ``None`` falls back to ``DATABASE_URL``.
         **options: the options of :class:`~langgraph_scoped_conn.settings.ScopedConnSettings`
-            (``strategy``, ``max_connections``, ``pool_timeout`` ...; see the README).
+            (``strategy``, ``max_connections``, ``pool_timeout`` ...; see the docs).
 
     Raises:
         ConfigurationError: an option is unknown or out of range.
@@ -79,17 +78,20 @@ class ExecutionConnectionManager:
             parse_url(self.settings.database_url)  # fail early, with the password redacted
         self._registry = Registry(self)
         self._runs = RunIndex()
-        self._releaser = Releaser(count=self._registry.count, disposed=self._retire_counters)
+        self._retired = RetiredCounters()
+        self._releaser = Releaser(count=self._registry.count, disposed=self._retired.add)
         self._lock = threading.Lock()
         self._handles: dict[str, PoolHandle] = {}
         # URL text as given -> (parsed URL, its shared handle or None for per_execution)
         self._targets: dict[str, tuple[URL, PoolHandle | None]] = {}
-        self._retired_counters: dict[str, int] = {}
-        self._last_upkeep = time.monotonic()
-        self._upkeep_due = False
-        warmer = schema_warmer() if self.settings.warm_schema else None
-        if warmer is not None:  # reflect on a release thread; the first run waits for it
-            self._releaser.call(warmer, self)
+        #: pools of LangGraph's checkpointer and store on this manager's budgets, for stats
+        self._langgraph_pools: dict[int, tuple[str, Any]] = {}
+        #: reflected schemas, one reflection per URL and options
+        self.schema_cache = SchemaCache(self)
+        #: warnings logged once per manager (see :meth:`warn_once`)
+        self._warned: set[str] = set()
+        if self.settings.warm_schema:  # reflect on a release thread; the first run waits for it
+            self._releaser.call(self._warm_schema)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -99,13 +101,21 @@ class ExecutionConnectionManager:
     # -- executions ----------------------------------------------------------------
 
     def open_execution(
-        self, execution_id: str | None = None, *, root_run: uuid.UUID | None = None
+        self,
+        execution_id: str | None = None,
+        *,
+        root_run: uuid.UUID | None = None,
+        exclusive: bool = True,
     ) -> Execution:
         """Open the execution ``execution_id``, or join it if it is already open.
 
         Every call must be matched by one :meth:`release_execution`; the execution's
         resources are released when the last holder releases it.  With ``root_run``,
         that run id is bound to the execution and holds it (see :meth:`end_run`).
+
+        Raises:
+            ScopeUnavailableError: ``root_run`` is already a live run's id, or
+                ``exclusive`` and another live run holds the execution.
         """
         self._schedule_upkeep()
         bind = None
@@ -113,7 +123,7 @@ class ExecutionConnectionManager:
             runs = self._runs
 
             def bind(execution: Execution) -> None:
-                runs.bind_root(root_run, execution)
+                runs.bind_root(root_run, execution, exclusive=exclusive)
 
         execution = self._registry.open(execution_id, bind)
         logger.debug("execution %s opened", execution.execution_id)
@@ -122,11 +132,13 @@ class ExecutionConnectionManager:
     def release_execution(self, execution: Execution, *, reason: str = "ended") -> None:
         """Drop one hold on ``execution``; release its resources when none is left (blocking).
 
-        Idle connections go back to the pool.  A connection still checked out is
-        closed at once (counted as a leak), unless another thread is still running
-        the code that checked it out, as a sync node does after its run was
-        cancelled; that one is released when the thread returns it.  The closing
-        runs on the calling thread; use :meth:`arelease_execution` from async code.
+        Idle connections go back to the pool; those whose session the execution changed
+        are reset first.  A connection still checked out is closed at once (counted as a
+        leak, an open transaction rolled back by the server) unless another thread uses
+        it: a statement in flight, or a transaction between statements for a moment (a
+        sync node still running after its run was cancelled); that one is released when
+        its thread returns it.  The closing runs on the calling thread; use
+        :meth:`arelease_execution` from async code.
         """
         self._releaser.run(self._detach(execution, reason))
 
@@ -141,14 +153,20 @@ class ExecutionConnectionManager:
     def _detach(self, execution: Execution, reason: str) -> Release | None:
         release = self._registry.detach(execution, reason=reason, force=False)
         if release is not None:
+            self._name_outstanding(execution, release.reclaim)
             self._runs.forget_execution(execution)
         return release
 
-    # -- ExecutionOwner ----------------------------------------------------------------
+    def _name_outstanding(self, execution: Execution, taken: Iterable[Checkout]) -> None:
+        """Work out which node and tool took the connections an ended execution still had.
 
-    def attribute(self) -> str | None:
-        """The graph node (and tool) running in this context, for leak reports."""
-        return attribute(self)
+        Only for a report, and while the run index still knows the run's tools.
+        """
+        for checkout in (*taken, *execution.outstanding()):
+            if checkout.origin is None:
+                checkout.origin = self._runs.origin(checkout.context)
+
+    # -- ExecutionOwner ----------------------------------------------------------------
 
     def execution_drained(self, execution: Execution) -> None:
         """An ended execution's last connection came back: dispose its own pools."""
@@ -157,12 +175,14 @@ class ExecutionConnectionManager:
         if handles:
             self._releaser.submit(Release(execution, "drained", handles=handles))
 
+    # -- upkeep --------------------------------------------------------------------
+
     def reclaim_abandoned(self) -> int:
-        """Close connections that ended executions' threads moved on from without returning.
+        """Close connections of ended executions that nobody uses any more (blocking).
 
         A sync node still running after its run was cancelled keeps its connections
-        until it returns them; one it never returns (a leak) is closed here once that
-        thread no longer runs the code that checked it out (blocking).
+        while it uses them: a statement in flight, or a transaction for a moment; one
+        it no longer uses is closed here.
 
         Returns:
             How many connections were closed.
@@ -176,11 +196,22 @@ class ExecutionConnectionManager:
     def drain(self, timeout: float | None = 10.0) -> bool:
         """Close abandoned connections and wait for releases on the release threads.
 
+        A connection an ended run's thread holds inside a transaction is closed once its
+        grace is over: this waits for that too, within ``timeout``.
+
         Returns:
             True if nothing is pending any more.
         """
-        self.reclaim_abandoned()
-        return self._releaser.drain(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.reclaim_abandoned()
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            done = self._releaser.drain(left)
+            if not self._registry.in_grace():
+                return done
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     async def adrain(self, timeout: float | None = 10.0) -> bool:  # noqa: ASYNC109
         """Async twin of :meth:`drain`; does not block the event loop."""
@@ -188,26 +219,24 @@ class ExecutionConnectionManager:
 
     def _schedule_upkeep(self) -> None:
         """Hand reaping and abandoned-connection closing to a release thread when due."""
-        lifetime = self.settings.max_scope_lifetime
-        if lifetime is None and not self._registry.draining:
-            return  # the usual case: nothing to reap, nothing abandoned
-        since = time.monotonic() - self._last_upkeep
-        # abandoned connections of draining executions: looked for at most 20 times a second
-        due = bool(self._registry.draining) and since > 0.05
-        if lifetime is not None and not due:
-            due = since > min(lifetime / 4, 60.0)
-        if not due or self._upkeep_due:
-            return
-        self._upkeep_due = True
-        self._releaser.call(self.upkeep)
+        if self._registry.upkeep_due(self.settings.max_scope_lifetime):
+            self._releaser.call(self.upkeep)
 
     def upkeep(self) -> None:
         """Reap expired executions and close abandoned connections (blocking)."""
-        self._upkeep_due = False
-        self._last_upkeep = time.monotonic()
+        self._registry.upkeep_started()
         self.reclaim_abandoned()
         if self.settings.max_scope_lifetime is not None:
-            self.reap()
+            self.reap(wait=False)
+
+    def _relieve_pressure(self) -> None:
+        """A caller waits for the budget: ended runs' connections lose their grace now."""
+        if self._registry.end_graces():
+            self._releaser.call(self.reclaim_abandoned)
+
+    def reap_interval(self) -> float:
+        """Seconds between two passes of a periodic reaper (the HTTP app's lifespan)."""
+        return self._registry.reap_interval(self.settings.max_scope_lifetime)
 
     # -- resources ---------------------------------------------------------------
 
@@ -233,6 +262,7 @@ class ExecutionConnectionManager:
                     self.settings,
                     describe_holders=self.describe_holders,
                     find_deadlock=self._find_deadlock,
+                    on_pressure=self._relieve_pressure,
                 )
                 self._handles[key] = handle
                 created = True
@@ -240,11 +270,12 @@ class ExecutionConnectionManager:
             self._targets[text] = found
         if created and handle is not None:
             logger.info(
-                "created %s pool for %s with max_connections=%d (driver %s)",
+                "created %s pool for %s with max_connections=%d (driver %s; %s)",
                 handle.strategy,
                 handle.safe_url,
                 self.settings.max_connections,
                 parsed.get_driver_name(),
+                handle.strategy_reason,
             )
         return found
 
@@ -300,8 +331,40 @@ class ExecutionConnectionManager:
             if loop is not None:  # closed later on the loop that owns it
                 obj = AsyncResource(obj, loop)
         stack = "".join(traceback.format_stack()[:-1]) if self.settings.debug else None
-        execution.add_custom(obj, self.attribute(), stack)
+        execution.add_custom(obj, self._runs.origin(contextvars.copy_context()), stack)
         return obj
+
+    def invalidate_schema_cache(self) -> None:
+        """Forget reflected schemas and the read-only guard's function catalogs."""
+        self.schema_cache.clear()
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.catalog.clear()
+
+    def _warm_schema(self) -> None:
+        """``warm_schema=True``: reflect the configured URL now, on a release thread.
+
+        The first ``get_scoped_sql_database()`` with no options (the same cache key) then
+        finds it ready, or waits for this one reflection instead of starting its own.
+        """
+        try:
+            self.schema_cache.warm()
+        except Exception as exc:  # the first SQLDatabase reflects (and raises) instead
+            logger.warning(
+                "warm_schema: reflecting the schema ahead of the first run failed (%s: %s); "
+                "the first SQLDatabase will reflect it",
+                type(exc).__name__,
+                redact_url(str(exc)),
+            )
+
+    def warn_once(self, key: str) -> bool:
+        """True the first time ``key`` is asked for: a warning this manager logs once."""
+        with self._lock:
+            if key in self._warned:
+                return False
+            self._warned.add(key)
+            return True
 
     # -- LangGraph run ids ---------------------------------------------------------
 
@@ -313,30 +376,37 @@ class ExecutionConnectionManager:
         The blocking part of the release runs on a release thread: a callback must
         not block the thread (or event loop) that runs the graph.
         """
-        target = self._runs.end_root(run_id)
+        target = self._runs.root_target(run_id)
+        release = None
         if isinstance(target, Execution):
-            self._releaser.submit(self._detach(target, reason))
+            release = self._registry.detach(target, reason=reason, force=False)
+            if release is not None:
+                self._name_outstanding(target, release.reclaim)
+        self._runs.end_root(run_id)  # a child's end: one dict lookup, no lock
+        if release is not None:
+            self._runs.forget_execution(release.execution)
+            self._releaser.submit(release)
         if self._registry.draining:
             self._schedule_upkeep()
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
         """Remember that the scope of root run ``run_id`` could not be opened."""
-        self._runs.bind_root(run_id, FailedScope(error))
+        self._runs.bind_failed(run_id, FailedScope(error))
         self._registry.count("scope_open_failures")
 
     def link_run(
-        self, run_id: uuid.UUID, parent_run_id: uuid.UUID, name: str | None = None
+        self,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID,
+        name: str | None = None,
+        tool_call_id: str | None = None,
     ) -> bool:
         """Map a child run to the execution of its parent, if the parent is known.
 
         Returns:
             True if the parent was known (the run is now mapped), False for a new root.
         """
-        return self._runs.link(run_id, parent_run_id, name)
-
-    def run_name(self, run_id: uuid.UUID | None) -> str | None:
-        """The tool name recorded for ``run_id``, if any."""
-        return self._runs.name(run_id)
+        return self._runs.link(run_id, parent_run_id, name, tool_call_id)
 
     def execution_for_run(self, run_id: uuid.UUID | None) -> Execution | None:
         """The execution that ``run_id`` belongs to, or ``None``.
@@ -376,13 +446,16 @@ class ExecutionConnectionManager:
         max_age: float | None = None,
         execution_id: str | None = None,
         reason: str = "reaped",
+        wait: bool = True,
     ) -> list[str]:
         """Release executions older than ``max_age`` (default ``max_scope_lifetime``) (blocking).
 
         With ``execution_id``, release that one execution whatever its age.  Live
-        executions younger than the limit are never touched.  Statements still
-        running for a released execution are cancelled on the server first.
-        ``reason`` is what the log says (``"released by request"`` for the cleanup route).
+        executions younger than the limit are never touched.  Statements still running
+        for a released execution are cancelled on the server first; their connections
+        keep their slots until the statements end (``wait`` waits up to a second for
+        that, so the caller sees the slots back).  ``reason`` is what the log says
+        (``"released by request"`` for the cleanup route).
 
         Returns:
             The ids that were released.
@@ -394,6 +467,7 @@ class ExecutionConnectionManager:
             release = self._registry.force_release(execution, reason)
             if release is None:
                 continue
+            self._name_outstanding(execution, release.reclaim)
             self._runs.forget_execution(execution)
             age = now - execution.created
             if reason == "reaped":
@@ -406,6 +480,8 @@ class ExecutionConnectionManager:
             else:
                 logger.warning("execution %s %s after %.1fs", execution.execution_id, reason, age)
             self._releaser.run(release)
+            if wait and release.cancel:
+                self._releaser.wait_cancelled(release)
             released.append(execution.execution_id)
         return released
 
@@ -413,12 +489,14 @@ class ExecutionConnectionManager:
 
     def _find_deadlock(self, handle: PoolHandle) -> str | None:
         """Name the executions that hold all of ``handle``'s connections and wait for one."""
-        pool = handle.engine.pool
+        pool = handle.budget_pool
+        if pool is None:
+            return None
         return self._registry.find_deadlock(
             handle,
-            size=handle.size,
+            size=pool.capacity(),
             waiting=handle.waiting_executions(),
-            waiting_threads=set(getattr(pool, "waiting", ())),
+            waiting_threads=pool.waiting,
         )
 
     # -- stats ---------------------------------------------------------------------
@@ -431,17 +509,27 @@ class ExecutionConnectionManager:
             text += f", and {len(rows) - limit} more"
         return text
 
+    def add_langgraph_pool(self, used_by: str, pool: Any) -> None:
+        """Show a checkpointer's or store's pool (see :mod:`.checkpoint`) in the stats."""
+        with self._lock:
+            self._langgraph_pools[id(pool)] = (used_by, pool)
+
+    def remove_langgraph_pool(self, pool: Any) -> None:
+        with self._lock:
+            self._langgraph_pools.pop(id(pool), None)
+
     def get_stats(self) -> dict[str, Any]:
-        """Stats in the guide's shape, plus pool measures and counters (see the README)."""
+        """Stats in the guide's shape, plus pool measures and counters (see the docs)."""
         snapshot = self._registry.snapshot()
         with self._lock:
             handles = list(self._handles.values())
-            retired = dict(self._retired_counters)
+            langgraph = list(self._langgraph_pools.values())
         return build_stats(
             executions=snapshot["executions"],
             counters=snapshot["counters"],
             pools=[h.snapshot() for h in handles + snapshot["execution_handles"]],
-            retired=retired,
+            langgraph_pools=[pool.snapshot(used_by) for used_by, pool in langgraph],
+            retired=self._retired.snapshot(),
             draining=snapshot["draining"],
             pending_releases=self._releaser.pending(),
             tracked_runs=self._runs.size(),
@@ -452,31 +540,22 @@ class ExecutionConnectionManager:
             },
         )
 
-    def _retire_counters(self, handle: PoolHandle) -> None:
-        """Keep a disposed per-execution pool's counters in the totals."""
-        values = handle.counters.snapshot()
-        with self._lock:
-            if handle.retired:
-                return
-            handle.retired = True
-            for name, value in values.items():
-                if name.startswith("peak"):
-                    self._retired_counters[name] = max(self._retired_counters.get(name, 0), value)
-                else:
-                    self._retired_counters[name] = self._retired_counters.get(name, 0) + value
-
     # -- shutdown ------------------------------------------------------------------
 
     def close(self) -> None:
         """Release every execution and dispose every pool this manager owns (blocking).
 
-        Statements still running are cancelled; checked-out connections are closed;
-        idle pooled connections are closed.  The manager cannot be used afterwards.
+        Statements still running are cancelled; checked-out connections nobody uses
+        are closed; idle pooled connections are closed.  The manager cannot be used
+        afterwards.
         """
         for execution in self._registry.everything():
             release = self._registry.force_release(execution, "closed with its manager")
+            self._name_outstanding(execution, release.reclaim if release else ())
             self._runs.forget_execution(execution)
             self._releaser.run(release)
+            if release is not None and release.cancel:
+                self._releaser.wait_cancelled(release)
         self.drain(timeout=30)
         with self._lock:
             handles = list(self._handles.values())
@@ -566,7 +645,7 @@ def configure(database_url: str | None = None, **options: Any) -> ExecutionConne
     """Replace the process-default manager, closing the old one, and return the new one.
 
     ``database_url`` falls back to ``SCOPED_CONN_DATABASE_URL``, then ``DATABASE_URL``;
-    options not passed (see the README) to ``SCOPED_CONN_<OPTION>``, then the defaults.
+    options not passed (see the docs) to ``SCOPED_CONN_<OPTION>``, then the defaults.
     The old manager is closed on the calling thread (live executions released, with a
     WARNING naming both call sites); from async code use :func:`aconfigure`.
 

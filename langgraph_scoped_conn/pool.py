@@ -1,11 +1,17 @@
-"""The budget pool: a fixed-size QueuePool with fair admission, and its counters.
+"""The budget pool: a fixed-size QueuePool with a fair wait line, and its counters.
 
 :class:`BudgetPool` is a :class:`~sqlalchemy.pool.QueuePool` whose size is the hard
-budget (``max_connections``, no overflow).  Waiters are admitted first come, first
-served.  A caller that waits longer than ``pool_timeout`` gets
-:class:`~langgraph_scoped_conn.errors.ConnectionBudgetExceededError` naming the
-budget and the executions that hold connections; a caller that would wait on
-executions which are themselves all waiting for a connection gets it at once.
+budget (``max_connections``, no overflow).  A caller that finds no idle connection and
+no free slot joins a first-come, first-served line, and a returned connection is handed
+straight to the head of the line (one wake-up per hand-over, as psycopg_pool does).  A
+caller that waits longer than ``pool_timeout`` gets
+:class:`~langgraph_scoped_conn.errors.ConnectionBudgetExceededError` naming the budget
+and the executions that hold connections.  A caller that has waited past a short
+threshold looks, now and then, for executions that hold every connection while all
+waiting for another; if it finds them it fails at once instead.
+
+Slots may be set aside (:meth:`BudgetPool.reserve`) for LangGraph's checkpointer and
+store, which draw from pools of their own: the budget then covers both.
 
 The pool knows nothing of executions: the engine layer gives it two callbacks,
 ``describe_holders`` and ``find_deadlock``.
@@ -20,12 +26,21 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
-from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.pool import ConnectionPoolEntry
 
-from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
+from langgraph_scoped_conn.compat import HookedQueuePool
+from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
 
 __all__ = ["BudgetPool", "CountingPool", "PoolCounters"]
+
+#: Seconds a caller waits in line before it first looks for a budget deadlock, and the
+#: longest gap between two looks after that (the gap doubles from the first).
+DEADLOCK_CHECK_AFTER = 0.2
+DEADLOCK_CHECK_EVERY = 2.0
+#: ``ConnectionPoolEntry.info`` key: when the record was checked out (time.monotonic()).
+CHECKED_OUT_AT = "langgraph_scoped_conn.checked_out_at"
+
+Observer = Callable[[str, float], None]
 
 
 class PoolCounters:
@@ -36,6 +51,8 @@ class PoolCounters:
         "checkouts",
         "closed",
         "connect_errors",
+        "create_count",
+        "create_us",
         "lock",
         "opened",
         "peak_in_use",
@@ -43,6 +60,7 @@ class PoolCounters:
         "peak_wait_us",
         "resets",
         "timeouts",
+        "use_us",
         "wait_us",
         "waits",
     )
@@ -57,6 +75,9 @@ class PoolCounters:
         "resets",
         "wait_us",
         "connect_errors",
+        "use_us",
+        "create_us",
+        "create_count",
     )
 
     def __init__(self) -> None:
@@ -67,10 +88,13 @@ class PoolCounters:
         self.checkins = 0
         self.waits = 0
         self.timeouts = 0
-        self.resets = 0  # session resets (DISCARD ALL) of connections that may be dirty
+        self.resets = 0  # session resets (DISCARD ALL) of connections that changed hands
         self.wait_us = 0  # microseconds requests spent waiting for the budget, in total
         self.peak_wait_us = 0  # the longest such wait
         self.connect_errors = 0  # new server connections that failed to open
+        self.use_us = 0  # microseconds connections were checked out, in total (check-ins)
+        self.create_us = 0  # microseconds spent opening server connections, in total
+        self.create_count = 0  # server connections opened, timed in create_us
         self.peak_open = 0
         self.peak_in_use = 0
 
@@ -88,15 +112,21 @@ class PoolCounters:
             self.checkouts += 1
             self.peak_in_use = max(self.peak_in_use, self.checkouts - self.checkins)
 
-    def on_checkin(self) -> None:
+    def on_checkin(self, used_us: int) -> None:
         with self.lock:
             self.checkins += 1
+            self.use_us += used_us
 
     def on_waited(self, seconds: float) -> None:
         micros = int(seconds * 1_000_000)
         with self.lock:
             self.wait_us += micros
             self.peak_wait_us = max(self.peak_wait_us, micros)
+
+    def on_created(self, seconds: float) -> None:
+        with self.lock:
+            self.create_us += int(seconds * 1_000_000)
+            self.create_count += 1
 
     def add(self, name: str) -> None:
         with self.lock:
@@ -112,35 +142,31 @@ class PoolCounters:
         return values
 
 
-class _Ticket:
-    """A caller's place in the wait line."""
-
-    __slots__ = ("waited",)
-
-    def __init__(self) -> None:
-        self.waited = False
+def _returned_nowhere(record: ConnectionPoolEntry) -> None:
+    return None
 
 
 def _nobody() -> str:
     return ""
 
 
-def _returned_nowhere(record: ConnectionPoolEntry) -> None:
-    return None
-
-
 def _no_deadlock() -> str | None:
     return None
 
 
-class CountingPool(QueuePool):
+def _nothing() -> None:
+    return None
+
+
+class CountingPool(HookedQueuePool):
     """A QueuePool that counts checkouts and check-ins, and hands returned connections to a hook.
 
     It does directly what a ``checkout`` and a ``checkin`` event listener would do, at the
-    same points (``_do_get`` and ``_return_conn``);
-    SQLAlchemy's event dispatch costs a few microseconds per call, on every checkout.
-    ``on_return`` runs before the connection is back in the pool (where the ``checkin``
-    event runs), with the connection record; it may invalidate the record.
+    same points; SQLAlchemy's event dispatch costs a few microseconds per call, on every
+    checkout.  ``on_return`` runs before the connection is back in the pool (where the
+    ``checkin`` event runs), with the connection record; it may invalidate the record.
+    ``observe``, when set, hears ``("wait"|"use"|"create", seconds)`` for each event
+    (OpenTelemetry histograms).
     """
 
     def __init__(self, creator: Any, **kw: Any) -> None:
@@ -148,38 +174,74 @@ class CountingPool(QueuePool):
         self.counters = PoolCounters()
         #: called with each returned connection's record, before it is pooled again
         self.on_return: Callable[[ConnectionPoolEntry], None] = _returned_nowhere
+        self.observe: Observer | None = None
+        creator_fn = self._invoke_creator
+
+        def invoke_creator(rec: ConnectionPoolEntry) -> DBAPIConnection:
+            # every server connect goes through here (a new slot, or a reconnect of an
+            # invalidated one at checkout): time it, and count failures as psycopg_pool does
+            start = time.monotonic()
+            try:
+                connection: DBAPIConnection = creator_fn(rec)
+            except Exception:
+                with self.counters.lock:
+                    self.counters.connect_errors += 1
+                raise
+            took = time.monotonic() - start
+            self.counters.on_created(took)
+            if self.observe is not None:
+                self.observe("create", took)
+            return connection
+
+        self._invoke_creator = invoke_creator
 
     def recreate(self) -> CountingPool:
         pool = super().recreate()
         assert isinstance(pool, CountingPool)
         pool.counters = self.counters
         pool.on_return = self.on_return
+        pool.observe = self.observe
         return pool
 
-    def _do_get(self) -> ConnectionPoolEntry:
-        entry = self._get_entry()
+    def take_entry(self) -> ConnectionPoolEntry:
+        entry = self.take()
         self.counters.on_checkout()
+        entry.info[CHECKED_OUT_AT] = time.monotonic()
         return entry
 
-    def _get_entry(self) -> ConnectionPoolEntry:
-        return super()._do_get()
+    def take(self) -> ConnectionPoolEntry:
+        return super().take_entry()
 
-    def _return_conn(self, record: ConnectionPoolEntry) -> None:
-        # a check-in, exactly where the ``checkin`` event fires; not ``_do_return_conn``,
-        # which a ``detach()`` also calls for a connection that leaves the pool unreturned
-        try:
-            self.counters.on_checkin()
-            self.on_return(record)
-        finally:
-            super()._return_conn(record)
+    def on_checkin(self, record: ConnectionPoolEntry) -> None:
+        since = record.info.pop(CHECKED_OUT_AT, None)
+        used = time.monotonic() - since if since is not None else 0.0
+        self.counters.on_checkin(int(used * 1_000_000))
+        if self.observe is not None and since is not None:
+            self.observe("use", used)
+        self.on_return(record)
+
+
+#: handed to a waiter instead of a record: a slot is free, open a connection on it
+_NEW_SLOT: Any = object()
+
+
+class _Ticket:
+    """A caller's place in the wait line: a held lock its predecessor releases to hand over.
+
+    ``record`` is what was handed over: a returned record, or :data:`_NEW_SLOT`.
+    """
+
+    __slots__ = ("gate", "record", "thread")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.record: Any = None
+        self.thread = threading.get_ident()
 
 
 class BudgetPool(CountingPool):
-    """A fixed-size QueuePool with first-come-first-served admission and a clear timeout error.
-
-    Only the head of the wait line blocks on the underlying queue; later arrivals wait
-    behind it, so a caller that keeps acquiring cannot overtake one that is waiting.
-    """
+    """A fixed-size QueuePool with a first-come-first-served line and a clear timeout error."""
 
     def __init__(self, creator: Any, **kw: Any) -> None:
         kw["max_overflow"] = 0
@@ -188,134 +250,226 @@ class BudgetPool(CountingPool):
         self.describe_holders: Callable[[], str] = _nobody
         #: names the cycle when every holder waits for a connection itself, else None
         self.find_deadlock: Callable[[], str | None] = _no_deadlock
-        self._gate = threading.Condition(threading.Lock())
-        self._line: collections.deque[object] = collections.deque()
-        #: ids of the threads waiting for a connection right now
-        self.waiting: set[int] = set()
-        creator = self._invoke_creator
-
-        def invoke_creator(rec: ConnectionPoolEntry) -> DBAPIConnection:
-            # every server connect goes through here (a new slot, or a reconnect of an
-            # invalidated one at checkout): count the failures, as psycopg_pool does
-            try:
-                connection: DBAPIConnection = creator(rec)
-            except Exception:
-                with self.counters.lock:
-                    self.counters.connect_errors += 1
-                raise
-            return connection
-
-        self._invoke_creator = invoke_creator
+        #: told each time a caller has waited a moment: slots are wanted now
+        self.on_pressure: Callable[[], None] = _nothing
+        self._mutex = threading.Lock()
+        self._disposed = False  # a connection that comes back after dispose() is closed
+        self._line: collections.deque[_Ticket] = collections.deque()
+        self._slots_freed = threading.Condition(self._mutex)
 
     def recreate(self) -> BudgetPool:
         pool = super().recreate()
         assert isinstance(pool, BudgetPool)
         pool.describe_holders = self.describe_holders
         pool.find_deadlock = self.find_deadlock
+        pool.on_pressure = self.on_pressure
+        pool.reserved = self.reserved
         return pool
 
-    def _get_entry(self) -> ConnectionPoolEntry:
-        if not self._line:  # nobody is waiting: an idle connection needs no place in line
-            entry = self._take_idle()
-            if entry is not None:
-                return entry
-        start = time.monotonic()
-        ticket = _Ticket()
-        try:
-            return self._wait_in_line(ticket, start + self._timeout)
-        finally:
-            if ticket.waited:  # psycopg_pool's requests_wait_ms counts requests that queued
-                self.counters.on_waited(time.monotonic() - start)
+    @property
+    def waiting(self) -> set[int]:
+        """Ids of the threads waiting for a connection right now."""
+        with self._mutex:
+            return {t.thread for t in self._line}
 
     def requests_waiting(self) -> int:
-        """Callers waiting for a connection right now (in line, or at its head and blocked)."""
+        """Callers waiting for a connection right now."""
         return len(self._line)
 
-    def _wait_in_line(self, ticket: _Ticket, deadline: float) -> ConnectionPoolEntry:
-        thread = threading.get_ident()
-        with self._gate:
-            self.waiting.add(thread)
-            self._line.append(ticket)
-            behind = self._line[0] is not ticket
-            if behind:  # counted once per request, in line or at the head
-                ticket.waited = True
-                with self.counters.lock:
-                    self.counters.waits += 1
-        if behind:
-            # the head looked for a deadlock before blocking and will not look again; a
-            # caller joining the line behind it may be the one that closes the cycle
-            cycle = self.find_deadlock()
-            if cycle is not None:
-                with self._gate:
-                    self._line.remove(ticket)
-                    self.waiting.discard(thread)
-                    self._gate.notify_all()
-                raise self._budget_error(cycle)
-        with self._gate:
-            while self._line[0] is not ticket:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._gate.wait(remaining):
-                    if self._line[0] is ticket:
-                        break
-                    self._line.remove(ticket)
-                    self.waiting.discard(thread)
-                    self._gate.notify_all()
+    def capacity(self) -> int:
+        """Connections this pool may open: the budget less the slots set aside."""
+        return self.size() - self.reserved
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def take(self) -> ConnectionPoolEntry:
+        if not self._line:  # nobody waits: an idle connection needs no place in line
+            record = self.idle_take()
+            if record is not None:
+                return record
+        with self._mutex:
+            if not self._line:
+                record = self.idle_take()
+                if record is not None:
+                    return record
+            opened = self.open_slot()
+            if not opened:
+                ticket = _Ticket()
+                self._line.append(ticket)
+        if opened:
+            return self._create()
+        return self._wait(ticket)
+
+    def _create(self) -> ConnectionPoolEntry:
+        try:
+            return self.create_entry()
+        except BaseException:
+            self._slot_freed()
+            raise
+
+    def _wait(self, ticket: _Ticket) -> ConnectionPoolEntry:
+        start = time.monotonic()
+        deadline = start + self.pool_timeout()
+        with self.counters.lock:
+            self.counters.waits += 1
+        gap = DEADLOCK_CHECK_AFTER
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
                     raise self._budget_error()
-        try:
-            return self._get_as_head(deadline)
+                if ticket.gate.acquire(timeout=min(deadline - now, gap)):
+                    return self._handed(ticket)
+                self.on_pressure()
+                cycle = self.find_deadlock()
+                if cycle is not None:
+                    raise self._budget_error(cycle)
+                gap = min(gap * 2, DEADLOCK_CHECK_EVERY)
+        except BaseException:
+            with self._mutex:
+                handed = ticket.record
+                if handed is None:
+                    self._line.remove(ticket)
+            if handed is _NEW_SLOT:  # handed over as this caller gave up: pass it on
+                self._slot_freed()
+            elif handed is not None:
+                self.give_back(handed)
+            raise
         finally:
-            with self._gate:
-                self._line.remove(ticket)
-                self.waiting.discard(thread)
-                self._gate.notify_all()
+            waited = time.monotonic() - start
+            self.counters.on_waited(waited)
+            if self.observe is not None:
+                self.observe("wait", waited)
 
-    def _take_idle(self) -> ConnectionPoolEntry | None:
-        """An idle pooled connection, or ``None`` if there is none right now."""
-        try:
-            return self._pool.get(False)
-        except sqla_queue.Empty:
-            return None
+    def _handed(self, ticket: _Ticket) -> ConnectionPoolEntry:
+        if ticket.record is _NEW_SLOT:
+            return self._create()
+        record: ConnectionPoolEntry = ticket.record
+        return record
 
-    def _get_as_head(self, deadline: float) -> ConnectionPoolEntry:
+    def _hand_over(self, what: Any) -> None:
+        """Give ``what`` to the head of the line (holding the mutex; the line is not empty)."""
+        ticket = self._line.popleft()
+        ticket.record = what
+        ticket.gate.release()
+
+    # -- check-in ----------------------------------------------------------------------
+
+    def dispose(self) -> None:
+        """Close the idle connections; those still checked out are closed when returned."""
+        with self._mutex:
+            self._disposed = True
+        super().dispose()
+
+    def give_back(self, record: ConnectionPoolEntry) -> None:
+        with self._mutex:
+            # disposed, or slots were set aside meanwhile: close this one
+            close = self._disposed or self.over_capacity()
+            if not close:
+                if self._line:
+                    self._hand_over(record)
+                else:
+                    self.idle_put(record)
+                return
         try:
-            return self._pool.get(False)
-        except sqla_queue.Empty:
-            pass
-        if self._inc_overflow():
-            try:
-                return self._create_connection()
-            except BaseException:
-                self._dec_overflow()
-                raise
-        cycle = self.find_deadlock()
-        if cycle is not None:
-            raise self._budget_error(cycle)
-        head = self._line[0]  # this caller's ticket
-        if isinstance(head, _Ticket) and not head.waited:
-            head.waited = True
-            with self.counters.lock:
-                self.counters.waits += 1
+            record.close()
+        finally:
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self.free_slot()
+        with self._mutex:
+            self._offer_slots()
+            self._slots_freed.notify_all()
+
+    def _offer_slots(self) -> None:
+        """Let waiters open connections on free slots (holding the mutex)."""
+        while self._line and self.open_slot():
+            self._hand_over(_NEW_SLOT)
+
+    def claim_idle(self, record: ConnectionPoolEntry) -> bool:
+        """Take an idle ``record`` out of the pool to work on it (give it back after)."""
+        with self._mutex:
+            return self.idle_remove(record)
+
+    # -- slots set aside ---------------------------------------------------------------
+
+    def reserve(self, count: int, timeout: float) -> None:
+        """Set ``count`` slots of the budget aside; wait until they are really free.
+
+        Idle connections beyond the new capacity are closed now; checked-out ones when
+        they come back.
+
+        Raises:
+            ConfigurationError: no slot would be left for the pool itself.
+            ConnectionBudgetExceededError: connections in use did not come back in time.
+        """
+        with self._mutex:
+            if count < 1 or self.capacity() - count < 1:
+                raise ConfigurationError(
+                    f"cannot set {count} connection(s) aside from a budget of {self.size()} "
+                    f"with {self.reserved} already set aside: the runs' tools need at least one; "
+                    "raise max_connections or lower the reserve"
+                )
+            self.reserved += count
+        deadline = time.monotonic() + timeout
         try:
-            return self._pool.get(True, max(deadline - time.monotonic(), 0.001))
-        except sqla_queue.Empty:
-            pass
-        raise self._budget_error()
+            while True:
+                with self._mutex:
+                    extra = []
+                    while self.over_capacity() and self.idle_count():
+                        record = self.idle_take()
+                        if record is None:
+                            break
+                        extra.append(record)
+                    done = not self.over_capacity() and not extra
+                for record in extra:
+                    try:
+                        record.close()
+                    finally:
+                        self.free_slot()
+                if done:
+                    return
+                if extra:
+                    continue
+                with self._mutex:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ConnectionBudgetExceededError(
+                            f"could not set {count} connection(s) of the budget aside within "
+                            f"{timeout:.2f}s: the runs hold them ({self.describe_holders()}); "
+                            "create the checkpointer at startup, before runs start"
+                        )
+                    self._slots_freed.wait(min(remaining, 0.1))
+        except BaseException:
+            self.unreserve(count)
+            raise
+
+    def unreserve(self, count: int) -> None:
+        """Give ``count`` slots set aside back to the pool."""
+        with self._mutex:
+            self.reserved = max(self.reserved - count, 0)
+            self._offer_slots()
+
+    # -- errors ------------------------------------------------------------------------
 
     def _budget_error(self, cycle: str | None = None) -> ConnectionBudgetExceededError:
         with self.counters.lock:
             self.counters.timeouts += 1
+        size = self.size()
+        aside = f", {self.reserved} set aside for the checkpointer" if self.reserved else ""
         if cycle is not None:
             return ConnectionBudgetExceededError(
-                f"all {self.size()} connections of the budget (max_connections={self.size()}) "
-                f"are held by executions that are themselves waiting for another: {cycle}. "
-                "None can go on, so this request fails at once instead of after "
-                f"pool_timeout={self._timeout:.2f}s; its scope's release lets the others go "
-                "on. Return connections before asking for another (`with engine.connect()`)"
+                f"all {self.capacity()} connections of the budget (max_connections={size}"
+                f"{aside}) are held by executions that are themselves waiting for another: "
+                f"{cycle}. None can go on, so this request fails now instead of after "
+                f"pool_timeout={self.pool_timeout():.2f}s; its scope's release lets the others "
+                "go on. Return connections before asking for another (`with engine.connect()`)"
             )
         holders = self.describe_holders() or "none recorded (connections held outside scopes)"
         return ConnectionBudgetExceededError(
-            f"all {self.size()} connections of the budget (max_connections={self.size()}) stayed "
-            f"in use for pool_timeout={self._timeout:.2f}s; executions holding connections: "
-            f"{holders}. Raise max_connections if the server allows it, lower concurrency, or "
-            "make tools return connections sooner"
+            f"all {self.capacity()} connections of the budget (max_connections={size}{aside}) "
+            f"stayed in use for pool_timeout={self.pool_timeout():.2f}s; executions holding "
+            f"connections: {holders}. Raise max_connections if the server allows it, lower "
+            "concurrency, or make tools return connections sooner"
         )

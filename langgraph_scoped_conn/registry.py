@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -70,12 +69,15 @@ class Registry:
     def __init__(self, owner: ExecutionOwner) -> None:
         self._owner = owner
         self._lock = threading.Lock()
-        self._conditions = tuple(threading.Condition(threading.Lock()) for _ in range(_STRIPES))
+        locks = [threading.Lock() for _ in range(_STRIPES)]
+        self._stripes = tuple((lock, threading.Condition(lock)) for lock in locks)
         self._executions: dict[str, Execution] = {}
         #: ended executions whose connections are still out (read without the lock)
         self.draining: set[Execution] = set()
         self.closed = False
         self.counters = dict.fromkeys(_COUNTERS, 0)
+        self._last_upkeep = time.monotonic()
+        self._upkeep_pending = False
 
     def drained(self, execution: Execution) -> None:
         """An ended execution's last connection came back."""
@@ -87,7 +89,8 @@ class Registry:
     def open(self, execution_id: str | None, bind: Callable[[Execution], None] | None) -> Execution:
         """Open ``execution_id`` (a random id when ``None``), or join it if it is open.
 
-        ``bind`` runs under the lock with the execution (to map a root run to it).
+        ``bind`` runs under the lock with the execution before it is opened or joined (to
+        map a root run to it); if it raises, nothing is opened or joined.
         """
         if execution_id is None:
             execution_id = _ids.new()
@@ -103,14 +106,16 @@ class Registry:
                 )
             execution = self._executions.get(execution_id)
             if execution is not None:
-                execution.refcount += 1
-            else:
-                cond = self._conditions[hash(execution_id) % _STRIPES]
-                execution = Execution(self._owner, execution_id, cond)
-                self._executions[execution_id] = execution
-                self.counters["scopes_opened"] += 1
+                if bind is not None:
+                    bind(execution)
+                execution.hold()
+                return execution
+            lock, cond = self._stripes[hash(execution_id) % _STRIPES]
+            execution = Execution(self._owner, execution_id, lock, cond)
             if bind is not None:
                 bind(execution)
+            self._executions[execution_id] = execution
+            self.counters["scopes_opened"] += 1
         return execution
 
     def detach(self, execution: Execution, *, reason: str, force: bool) -> Release | None:
@@ -120,20 +125,14 @@ class Registry:
             What to close, or ``None`` if the execution stays open (or already ended).
         """
         with self._lock:
-            if execution.state != "open":
+            if execution.state != "open" or not execution.drop(every=force):
                 return None
-            execution.refcount -= 1
-            if execution.refcount > 0 and not force:
-                return None
-            execution.refcount = 0
             if self._executions.get(execution.execution_id) is execution:
                 del self._executions[execution.execution_id]
             self.counters["scopes_closed"] += 1
             if reason == "reaped":
                 self.counters["scopes_reaped"] += 1
-        frames = sys._current_frames() if execution.checkouts else {}
-        release = execution.end(threading.get_ident(), frames, force=force, reason=reason)
-        del frames
+        release = execution.end(force=force, reason=reason, closer=threading.get_ident())
         if release.draining:
             with self._lock:
                 self.counters["deferred_releases"] += len(execution.checkouts)
@@ -142,7 +141,7 @@ class Registry:
                 with self._lock:
                     self.draining.discard(execution)
             logger.info(
-                "execution %s %s with %d connection(s) still in use by a running thread; "
+                "execution %s %s with %d connection(s) still in use; "
                 "they are released when returned",
                 execution.execution_id,
                 reason,
@@ -155,9 +154,7 @@ class Registry:
     def force_release(self, execution: Execution, reason: str) -> Release | None:
         """End ``execution`` whoever holds it, draining or not (reaper, cleanup, close)."""
         if execution.state == "draining":
-            frames = sys._current_frames()
-            reclaim, cancel = execution.force_drain(frames)
-            del frames
+            reclaim, cancel = execution.force_drain()
             if reason == "reaped":
                 self.count("scopes_reaped")
             if execution.finish_if_drained():  # the draining set and its pools: as usual
@@ -166,7 +163,7 @@ class Registry:
         return self.detach(execution, reason=reason, force=True)
 
     def abandoned(self) -> list[Release]:
-        """Releases for connections that ended executions' threads moved on from.
+        """Releases for connections of ended executions that nobody uses any more.
 
         Costs nothing when no execution is draining.
         """
@@ -174,16 +171,60 @@ class Registry:
             return []
         with self._lock:
             draining = list(self.draining)
-        frames = sys._current_frames()
         releases = []
         for execution in draining:
-            stale = execution.abandoned(frames)
+            stale = execution.abandoned()
             if stale:
                 releases.append(Release(execution, "ended", reclaim=stale))
             if execution.finish_if_drained():
                 self._owner.execution_drained(execution)
-        del frames
         return releases
+
+    def in_grace(self) -> bool:
+        """True while an ended execution keeps a connection only for its grace."""
+        if not self.draining:
+            return False
+        with self._lock:
+            draining = list(self.draining)
+        return any(e.in_grace() for e in draining)
+
+    def end_graces(self) -> bool:
+        """End the grace of every draining execution; True if one was still running."""
+        if not self.draining:
+            return False
+        with self._lock:
+            draining = list(self.draining)
+        return sum(e.end_grace() for e in draining) > 0
+
+    # -- upkeep policy ---------------------------------------------------------------
+
+    @staticmethod
+    def reap_interval(lifetime: float | None) -> float:
+        """Seconds between two reaping passes: a quarter of the lifetime, at most a minute."""
+        return min(lifetime / 4, 60.0) if lifetime else 60.0
+
+    def upkeep_due(self, lifetime: float | None) -> bool:
+        """True (once, until :meth:`upkeep_started`) when upkeep should run now.
+
+        Reaping is due every :meth:`reap_interval`; abandoned connections of draining
+        executions are looked for at most 20 times a second.  Costs nothing without a
+        lifetime and with nothing draining.
+        """
+        if lifetime is None and not self.draining:
+            return False
+        if self._upkeep_pending:
+            return False
+        since = time.monotonic() - self._last_upkeep
+        due = bool(self.draining) and since > 0.05
+        if lifetime is not None and not due:
+            due = since > self.reap_interval(lifetime)
+        if due:
+            self._upkeep_pending = True
+        return due
+
+    def upkeep_started(self) -> None:
+        self._upkeep_pending = False
+        self._last_upkeep = time.monotonic()
 
     # -- reading -------------------------------------------------------------------
 
@@ -230,10 +271,12 @@ class Registry:
     ) -> str | None:
         """Name the executions that hold all ``size`` connections of ``pool`` and wait for one.
 
-        A connection can come back only if its execution ends, or a thread that still
-        runs the code that checked it out (and is not itself waiting) returns it.  When
-        every connection of the pool is held by an execution with a thread waiting
-        for this pool, and none is in use by a running thread, nobody can go on.
+        A held connection can come back only if its execution ends (it will not while it
+        waits), its statement in flight ends, or a live thread that is not itself waiting
+        returns it.  When every connection of the pool is held by a waiting execution
+        and none of them can come back, nobody can go on.  Only connection facts and
+        thread liveness are read; a held connection whose checkout thread is alive and
+        not waiting may still come back, so it never counts as stuck.
 
         Args:
             pool: the pool (checkouts record where they came from).
@@ -246,16 +289,16 @@ class Registry:
         held = [(e, c) for e in self.holding() for c in e.checkouts_of(pool)]
         if len(held) < size:
             return None  # some are out of the pool without a record: they may come back
-        frames = sys._current_frames()
-        try:
-            for execution, checkout in held:
-                if execution not in waiting:
-                    return None  # its run may end and release it
-                running = checkout.thread_id not in waiting_threads
-                if running and checkout.in_use_elsewhere(frames, 0):
-                    return None  # a running thread may return it
-        finally:
-            del frames
+        alive = None
+        for execution, checkout in held:
+            if execution not in waiting or checkout.activity() == "active":
+                return None  # its run may end, or its statement end, and release it
+            if checkout.thread_id in waiting_threads:
+                continue
+            if alive is None:
+                alive = {t.ident for t in threading.enumerate()}
+            if checkout.thread_id in alive:
+                return None  # a running thread may return it
         counts: dict[str, int] = {}
         for execution, _ in held:
             counts[execution.execution_id] = counts.get(execution.execution_id, 0) + 1

@@ -4,15 +4,21 @@ A :class:`~langgraph_scoped_conn.execution.Release` says what an ended execution
 :class:`Releaser` carries it out:
 
 1. statements still running for a force-released execution are cancelled on the
-   server, and their threads get ``cancel_grace`` seconds to return the connections
-   (which then go back to the pool, reset, with their backend idle);
-2. connections still checked out are closed (counted as leaks), so the server slot
-   is freed;
+   server (a cancel request, which opens no session); their connections stay checked
+   out, holding their budget slots, until their threads return them (reset, their
+   backend idle).  A statement that ignores the cancel keeps its slot until it ends:
+   nothing is closed under a running statement, so the server never sees more
+   backends than the budget;
+2. connections nobody uses any more are closed (counted as leaks), which frees the
+   server slot; pooled connections whose session the execution changed are reset
+   while idle, so nothing of it (an advisory lock, a LISTEN) outlives it;
 3. tracked custom resources are closed, and per-execution pools disposed.
 
-The caller picks how: :meth:`Releaser.run` blocks, :meth:`Releaser.submit` hands
-the work to the package's own release threads, and :meth:`Releaser.arun` does that
-and awaits it, shielded, so a cancellation of the awaiting task cannot drop it.
+Nothing here waits for a statement: one stuck release cannot hold up another.  The
+caller picks how: :meth:`Releaser.run` blocks, :meth:`Releaser.submit` hands the work
+to the package's release threads (more start as needed, so a custom resource whose
+``close()`` hangs holds up only itself), and :meth:`Releaser.arun` does that and awaits
+it, shielded, so a cancellation of the awaiting task cannot drop it.
 """
 
 from __future__ import annotations
@@ -26,18 +32,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langgraph_scoped_conn.execution import Checkout, Execution, Release
-from langgraph_scoped_conn.settings import redact_url
+from langgraph_scoped_conn.redaction import redact_url
 
-__all__ = ["Releaser", "close_resource"]
+__all__ = ["CANCEL_GRACE", "Releaser", "close_resource"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
-#: Seconds a thread whose statement was cancelled gets to return its connection.
+#: Seconds a forced release (``reap()``, the cleanup route) waits for cancelled
+#: statements to end before it returns; the release itself never waits.
 CANCEL_GRACE = 1.0
+#: Release threads at most; they start only when the ones there are busy.
+_RELEASE_THREADS = 32
 
 
 class Releaser:
-    """Runs releases, inline or on a small pool of release threads.
+    """Runs releases, inline or on a pool of release threads.
 
     Args:
         count: adds to one of the manager's counters (``leaks_reclaimed``, ``release_errors``).
@@ -48,28 +57,28 @@ class Releaser:
         self._count = count
         self._disposed = disposed
         self._lock = threading.Lock()
-        self._pending: set[concurrent.futures.Future[None]] = set()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- how ---------------------------------------------------------------------------
 
     def run(self, release: Release | None) -> None:
-        """Carry out ``release`` on this thread (blocking)."""
+        """Carry out ``release`` on this thread (blocking, but never on a statement)."""
         if release is not None and not release.is_empty():
             self._finalize(release)
 
-    def submit(self, release: Release | None) -> concurrent.futures.Future[None] | None:
+    def submit(self, release: Release | None) -> concurrent.futures.Future[Any] | None:
         """Carry out ``release`` on a release thread; returns at once."""
         if release is None or release.is_empty():
             return None
         return self.call(self._finalize, release)
 
-    def call(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+    def call(self, fn: Callable[..., object], *args: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args)`` on a release thread (upkeep work); returns at once."""
         with self._lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=2, thread_name_prefix="langgraph-scoped-conn-release"
+                    max_workers=_RELEASE_THREADS, thread_name_prefix="langgraph-scoped-conn-release"
                 )
             future = self._executor.submit(fn, *args)
             self._pending.add(future)
@@ -86,7 +95,7 @@ class Releaser:
         if future is not None:
             await asyncio.shield(asyncio.wrap_future(future))
 
-    def _done(self, future: concurrent.futures.Future[None]) -> None:
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             self._pending.discard(future)
 
@@ -106,15 +115,33 @@ class Releaser:
         if executor is not None:
             executor.shutdown(wait=True)
 
+    @staticmethod
+    def wait_cancelled(release: Release, timeout: float = CANCEL_GRACE) -> bool:
+        """Wait up to ``timeout`` for the cancelled statements of ``release`` to come back.
+
+        For callers that want to report the slots free (``reap()``); True if they did.
+        """
+        deadline = time.monotonic() + timeout
+        execution = release.execution
+        while execution.still_out(release.cancel):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     # -- what --------------------------------------------------------------------------
 
     def _finalize(self, release: Release) -> None:
         execution = release.execution
-        reclaim = list(release.reclaim)
         if release.cancel:
-            reclaim += self._cancel(execution, release.cancel)
-        for checkout in reclaim:
+            self._cancel(execution, release.cancel)
+        for checkout in release.reclaim:
             self._reclaim(checkout, release.reason)
+        for handle, record in release.dirty:
+            try:
+                handle.reset_if_idle(record, execution.serial)
+            except Exception as exc:
+                self._failed(execution, "resetting a pooled connection's session", exc)
         for obj in reversed(release.custom):
             try:
                 close_resource(obj)
@@ -132,16 +159,15 @@ class Releaser:
                 self._failed(execution, "disposing its engine", exc)
             self._disposed(handle)
 
-    def _cancel(self, execution: Execution, checkouts: Sequence[Checkout]) -> list[Checkout]:
-        """Cancel the checkouts' running statements; return those not returned in time.
+    def _cancel(self, execution: Execution, checkouts: Sequence[Checkout]) -> None:
+        """Ask the server to cancel the checkouts' running statements (no waiting).
 
-        The budget slot of a cancelled connection comes back only when its thread
-        returns it (its backend then idle) or when it is closed here, never while the
-        server still runs its statement.
+        Each connection stays recorded, its budget slot held, until its thread returns
+        it; then the pool resets it before anyone else gets it.
         """
         for checkout in checkouts:
             fairy = checkout.fairy
-            dbapi = getattr(fairy, "dbapi_connection", None) if fairy is not None else None
+            dbapi = getattr(fairy, "driver_connection", None) if fairy is not None else None
             cancel = getattr(dbapi, "cancel", None) or getattr(dbapi, "interrupt", None)
             if cancel is None:
                 continue
@@ -149,36 +175,33 @@ class Releaser:
                 cancel()
             except Exception as exc:
                 self._failed(execution, "cancelling a running statement", exc)
-        deadline = time.monotonic() + CANCEL_GRACE
-        while time.monotonic() < deadline and execution.still_out(checkouts):
-            time.sleep(0.005)
-        return execution.take(checkouts)
 
     def _reclaim(self, checkout: Checkout, reason: str) -> None:
         execution = checkout.execution
         self._count("leaks_reclaimed")
         held_for = time.monotonic() - checkout.started
         logger.warning(
-            "execution %s %s while a connection was still checked out (acquired by %s, "
-            "held %.3fs); closing it so the server slot is freed%s",
+            "execution %s %s while a connection was still checked out and unused (acquired "
+            "by %s, held %.3fs); closing it so the server slot is freed%s",
             execution.execution_id,
             reason,
-            checkout.node or "code outside any graph node",
+            checkout.origin or "code outside any graph node",
             held_for,
             f"\nacquired at:\n{checkout.stack}" if checkout.stack else "",
         )
         fairy = checkout.fairy
         connection = checkout.connection() if checkout.connection is not None else None
-        checkout.frame = None
         if fairy is None:
             return
+        from langgraph_scoped_conn.session import close_unused  # loads SQLAlchemy: not at import
+
         try:
-            if connection is not None and not connection.closed and not connection.invalidated:
-                # closes the DBAPI connection, returns the slot, and makes the Connection
-                # raise ConnectionReclaimedError instead of reconnecting if used again
-                connection.invalidate()
-            elif fairy.is_valid:
-                fairy.invalidate()  # closes the DBAPI connection and returns the slot
+            if not close_unused(fairy, connection, grace=CANCEL_GRACE):
+                logger.warning(
+                    "execution %s: a connection taken as unused started a statement that did "
+                    "not end on cancel; its thread returns it when the statement ends",
+                    execution.execution_id,
+                )
         except Exception as exc:
             self._failed(execution, "closing a leaked connection", exc)
         checkout.fairy = None

@@ -5,19 +5,34 @@ Inside a node or tool, ``config["run_id"]`` is ``None``; what is always there is
 callback handler records every run it sees under its root run's execution here, so
 that id is enough to find the execution.  A root run's children are forgotten when
 the root run ends.  No I/O.
+
+One live execution per run: two live root runs with the same run id (a caller that
+reuses ``config["run_id"]``) cannot be told apart by their children, so from the
+second one's start both get a clear error instead of sharing; and a run never joins an
+execution another live run holds unless it was asked to (an enclosing
+``ExecutionScope``).
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import threading
 import uuid
 from typing import Any
 
+from langgraph_scoped_conn.errors import ScopeUnavailableError
 from langgraph_scoped_conn.execution import Execution, FailedScope
 
-__all__ = ["RunIndex"]
+__all__ = ["RunIndex", "current_tool_call"]
 
 Target = Execution | FailedScope
+
+#: (tool name, tool call id) of the tool call running in this context, set by the
+#: ``create_agent`` middleware; names the tool call in leak reports.
+current_tool_call: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "langgraph_scoped_conn_tool_call", default=None
+)
 
 
 def _key(run_id: uuid.UUID) -> Any:
@@ -33,6 +48,17 @@ def _key(run_id: uuid.UUID) -> Any:
         return run_id
 
 
+class _Root:
+    """A root run: what it holds, and how many live invocations use its run id."""
+
+    __slots__ = ("live", "released", "target")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.live = 1
+        self.released = False
+
+
 class RunIndex:
     """Maps every run id seen (roots and children) to its execution or failed scope.
 
@@ -45,22 +71,60 @@ class RunIndex:
         self._runs: dict[Any, tuple[Target, Any]] = {}
         #: root run id -> the ids of its child runs
         self._children: dict[Any, list[Any]] = {}
-        #: tool run id -> the tool's name, for leak reports; pruned with its root
-        self._names: dict[Any, str] = {}
-        #: root run id -> what it holds (an execution it must release, or a failed scope)
-        self._roots: dict[Any, Target] = {}
+        #: tool run id -> (the tool's name, its tool call id), for leak reports
+        self._names: dict[Any, tuple[str, str | None]] = {}
+        #: root run id -> what it holds
+        self._roots: dict[Any, _Root] = {}
+        #: execution -> its root runs (live runs that hold it)
+        self._roots_of: dict[Execution, list[Any]] = {}
 
-    def bind_root(self, run_id: uuid.UUID, target: Target) -> None:
-        """Map the root run ``run_id`` to ``target``."""
+    def bind_root(self, run_id: uuid.UUID, target: Target, *, exclusive: bool = True) -> None:
+        """Map the root run ``run_id`` to ``target``.
+
+        Raises:
+            ScopeUnavailableError: ``run_id`` is already a live root run (from then on,
+                both runs' lookups get this error), or ``exclusive`` and another live run
+                holds the execution.  Nothing is bound then.
+        """
         key = _key(run_id)
         with self._lock:
+            root = self._roots.get(key)
+            if root is not None:
+                error = ScopeUnavailableError(
+                    f"run id {run_id} is already used by a live run; two invocations with the "
+                    "same config['run_id'] cannot be told apart, so neither gets a scoped "
+                    "connection from now on. Give each invocation its own run_id (or none)"
+                )
+                root.live += 1
+                self._runs[key] = (FailedScope(error), key)
+                raise error
+            if exclusive and isinstance(target, Execution) and self._roots_of.get(target):
+                raise ScopeUnavailableError(
+                    f"execution {target.execution_id!r} is already used by a live run, and two "
+                    "runs never share an execution by accident. Make the execution_id "
+                    "callable return an id unique per run (e.g. include run['run_id']), or "
+                    "open one ExecutionScope around both runs to share it on purpose"
+                )
             self._runs[key] = (target, key)
             self._children[key] = []
-            self._roots[key] = target
+            self._roots[key] = _Root(target)
             if isinstance(target, Execution):
-                target.run_ids.append(key)
+                self._roots_of.setdefault(target, []).append(key)
 
-    def link(self, run_id: uuid.UUID, parent_run_id: uuid.UUID, name: str | None = None) -> bool:
+    def bind_failed(self, run_id: uuid.UUID, failed: FailedScope) -> None:
+        """Map a root run whose scope could not be opened (unless it is a live run's id)."""
+        with self._lock:
+            if _key(run_id) in self._roots:
+                return  # a duplicate of a live run: bind_root already marked both
+        self.bind_root(run_id, failed, exclusive=False)
+
+    def link(
+        self,
+        run_id: uuid.UUID,
+        parent_run_id: uuid.UUID,
+        name: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> bool:
         """Map a child run to its parent's execution; False if the parent is unknown.
 
         Every child run start comes here, so it takes no lock: each step is one atomic
@@ -75,7 +139,7 @@ class RunIndex:
         root = entry[1]
         self._runs[key] = entry  # the same (target, root) pair as its parent
         if name is not None:
-            self._names[key] = name
+            self._names[key] = (name, tool_call_id)
         children = self._children.get(root)
         if children is not None:
             children.append(key)
@@ -84,27 +148,50 @@ class RunIndex:
             self._names.pop(key, None)
         return True
 
+    def root_target(self, run_id: uuid.UUID) -> Target | None:
+        """What the root run ``run_id`` holds, if it is a live root not yet released."""
+        root = self._roots.get(_key(run_id))
+        if root is None or root.released:
+            return None
+        return root.target
+
     def end_root(self, run_id: uuid.UUID) -> Target | None:
-        """Forget a root run and its children; return what it held (None for a child run)."""
+        """A root run ended: return what it held the first time (None for a child run).
+
+        Its children are forgotten once no live invocation uses the run id any more.
+        """
         key = _key(run_id)
-        target = self._roots.pop(key, None)  # atomic: a child's end takes no lock
-        if target is None:
+        if key not in self._roots:  # a child's end: no lock
             return None
         with self._lock:
-            self._forget(key)
-            if isinstance(target, Execution) and key in target.run_ids:
-                target.run_ids.remove(key)
-        return target
+            root = self._roots.get(key)
+            if root is None:
+                return None
+            first = not root.released
+            root.released = True
+            root.live -= 1
+            if root.live <= 0:
+                del self._roots[key]
+                self._forget(key)
+            if first and isinstance(root.target, Execution):
+                self._unlink(root.target, key)
+        return root.target if first else None
 
     def forget_execution(self, execution: Execution) -> None:
         """Forget every root run of an execution that ended (released, reaped, closed)."""
-        if not execution.run_ids:
+        if execution not in self._roots_of:
             return
         with self._lock:
-            for key in execution.run_ids:
+            for key in self._roots_of.pop(execution, ()):
                 self._forget(key)
                 self._roots.pop(key, None)
-            execution.run_ids.clear()
+
+    def _unlink(self, execution: Execution, key: Any) -> None:
+        keys = self._roots_of.get(execution)
+        if keys is not None and key in keys:
+            keys.remove(key)
+            if not keys:
+                del self._roots_of[execution]
 
     def _forget(self, key: Any) -> None:
         self._runs.pop(key, None)
@@ -120,12 +207,45 @@ class RunIndex:
 
     def name(self, run_id: uuid.UUID | None) -> str | None:
         """The tool name recorded for ``run_id``, if any."""
-        return self._names.get(_key(run_id)) if run_id is not None else None
+        found = self._names.get(_key(run_id)) if run_id is not None else None
+        return found[0] if found is not None else None
+
+    def origin(self, context: contextvars.Context) -> str | None:
+        """``node 'x' / tool 'y' (call id)`` for code that ran in ``context``, for reports.
+
+        Read from the LangGraph config and the tool call set in that context, when a
+        graph was running; the tool's name comes from this index (ask before the root
+        run is forgotten).
+        """
+        node = tool = call_id = None
+        config_module = sys.modules.get("langchain_core.runnables.config")
+        config = context.get(config_module.var_child_runnable_config) if config_module else None
+        if config:
+            node = (config.get("metadata") or {}).get("langgraph_node")
+            parent = getattr(config.get("callbacks"), "parent_run_id", None)
+            found = self._names.get(_key(parent)) if parent is not None else None
+            if found is not None:
+                tool, call_id = found
+        tool_call = context.get(current_tool_call)
+        if tool_call is not None:
+            tool, call_id = tool_call
+        parts = []
+        if node:
+            parts.append(f"node {node!r}")
+        if tool:
+            parts.append(f"tool {tool!r}" + (f" (call {call_id})" if call_id else ""))
+        return " / ".join(parts) or None
 
     def size(self) -> int:
         """How many entries the index holds (for leak checks)."""
         with self._lock:
-            return len(self._runs) + len(self._children) + len(self._names) + len(self._roots)
+            return (
+                len(self._runs)
+                + len(self._children)
+                + len(self._names)
+                + len(self._roots)
+                + len(self._roots_of)
+            )
 
     def clear(self) -> None:
         with self._lock:
@@ -133,3 +253,4 @@ class RunIndex:
             self._children.clear()
             self._names.clear()
             self._roots.clear()
+            self._roots_of.clear()

@@ -1,14 +1,20 @@
-"""ExecutionScope and the guide's module-level functions over the process-default manager."""
+"""The public API of execution scopes: ExecutionScope, the current execution's engine and
+SQLDatabase, and the guide's module-level functions over the process-default manager.
+
+The SQLDatabase adapter (it loads LangChain) is imported on the first call that needs
+it, through the import system, which makes concurrent first calls wait for one import
+instead of seeing a half-initialised module.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import warnings
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.lookup import enter_scope, find_execution, leave_scope
+from langgraph_scoped_conn.current import enter_scope, find_execution, leave_scope
 from langgraph_scoped_conn.manager import (
     ExecutionConnectionManager,
     get_connection_manager,
@@ -30,6 +36,9 @@ __all__ = [
     "create_execution_scoped_sql_database",
     "create_execution_scoped_sql_database_sync",
     "get_connection_stats",
+    "get_scoped_engine",
+    "get_scoped_sql_database",
+    "invalidate_schema_cache",
     "track_connection",
 ]
 
@@ -42,10 +51,10 @@ class ExecutionScope:
     its own.  The exception that ends the block propagates unchanged.
 
     On exit, idle connections return to the shared pool; a connection still checked
-    out is closed (and reported as a leak), unless another thread is still running
-    the code that checked it out, in which case it is released when returned.  The
-    ``with`` form does that on the calling thread; ``async with`` hands it to a
-    release thread and awaits it, and a cancellation during the exit cannot drop it.
+    out is closed (and reported as a leak) unless a statement is in flight on it (on
+    another thread): that one is released when returned.  The
+    ``with`` form does that on the calling thread; ``async with`` hands it to a release
+    thread and awaits it, and a cancellation during the exit cannot drop it.
 
     Args:
         execution_id: the id; a random one is made up when ``None``.
@@ -99,7 +108,8 @@ class ExecutionScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.manager.release_execution(self._leave())
+        reason = "ended" if exc_type is None else f"ended with {exc_type.__name__}"
+        self.manager.release_execution(self._leave(), reason=reason)
 
     async def __aenter__(self) -> ExecutionScope:
         return self._enter()
@@ -110,11 +120,114 @@ class ExecutionScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.manager.arelease_execution(self._leave())
+        reason = "ended" if exc_type is None else f"ended with {exc_type.__name__}"
+        await self.manager.arelease_execution(self._leave(), reason=reason)
 
     def __repr__(self) -> str:
         state = self._execution.state if self._execution is not None else "not entered"
         return f"<ExecutionScope {self._requested_id or '(auto)'!s} {state}>"
+
+
+# -- this execution's engine and SQLDatabase ------------------------------------------
+
+
+def get_scoped_engine(
+    config: Any = None,
+    *,
+    database_url: str | URL | None = None,
+    manager: ExecutionConnectionManager | None = None,
+) -> ScopedEngine:
+    """This execution's engine: created on first use, the same object for the rest of the run.
+
+    Args:
+        config: the node's ``RunnableConfig``, a ``ToolRuntime``, a LangGraph
+            ``Runtime`` or ``None`` (LangGraph's current config and runtime).
+        database_url: another URL than the configured one.
+        manager: the manager, when not the process default.
+
+    Raises:
+        NoActiveScopeError: not inside a wrapped graph run or an ExecutionScope.
+        ScopeUnavailableError: the run's scope could not be opened.
+    """
+    execution = find_execution(config, manager, what="get_scoped_engine()")
+    key = ("engine", _url_key(database_url))
+    cached = execution.cached.get(key)
+    if cached is None:
+        engine = manager_of(execution).engine_for(execution, database_url)
+        cached = execution.cached.setdefault(key, engine)
+    return cached  # type: ignore[no-any-return]
+
+
+def get_scoped_sql_database(
+    config: Any = None,
+    *,
+    database_url: str | URL | None = None,
+    manager: ExecutionConnectionManager | None = None,
+    **options: Any,
+) -> ScopedSQLDatabase:
+    """This execution's SQLDatabase: created on first use, the same object for the rest of the run.
+
+    Schema reflection is cached per URL and options; creating the instance for a new
+    run costs microseconds.
+
+    Args:
+        config: the node's ``RunnableConfig``, a ``ToolRuntime``, a LangGraph
+            ``Runtime`` or ``None`` (LangGraph's current config and runtime).
+        database_url: another URL than the configured one.
+        manager: the manager, when not the process default.
+        **options: ``read_only`` (default from the manager), ``statement_timeout``,
+            ``max_result_rows``, ``max_result_bytes``, and ``SQLDatabase`` keyword
+            arguments such as ``include_tables``.
+
+    Raises:
+        NoActiveScopeError: not inside a wrapped graph run or an ExecutionScope.
+        ScopeUnavailableError: the run's scope could not be opened.
+
+    Example:
+        >>> @tool  # doctest: +SKIP
+        ... def run_query(query: str, config: RunnableConfig) -> str:
+        ...     return get_scoped_sql_database(config, read_only=True).run(query)
+    """
+    execution = find_execution(config, manager, what="get_scoped_sql_database()")
+    if database_url is None and not options:
+        key: tuple[Any, ...] = _DEFAULT_SQL_DATABASE  # the usual call: no key to build
+    else:
+        sql = _sql_database()
+        key = ("sql_database", _url_key(database_url), sql.SchemaCache.options_key(options))
+    cached = execution.cached.get(key)
+    if cached is None:
+        db = _sql_database().new_scoped_sql_database(execution, database_url, **options)
+        cached = execution.cached.setdefault(key, db)
+    return cached  # type: ignore[no-any-return]
+
+
+_DEFAULT_SQL_DATABASE = ("sql_database", None, ())
+#: langgraph_scoped_conn.sql_database once imported (set only after the import finished)
+_sql_database_module: ModuleType | None = None
+
+
+def _sql_database() -> ModuleType:
+    """:mod:`langgraph_scoped_conn.sql_database`, imported on first use (it loads LangChain).
+
+    The import statement waits for a first import another thread has begun; after
+    that, this is one global read.
+    """
+    global _sql_database_module  # noqa: PLW0603
+    if _sql_database_module is None:
+        from langgraph_scoped_conn import sql_database
+
+        _sql_database_module = sql_database
+    return _sql_database_module
+
+
+def _url_key(database_url: str | URL | None) -> str | None:
+    """A cache key for a URL that keeps the password (``str(URL)`` hides it as ``***``)."""
+    if database_url is None or isinstance(database_url, str):
+        return database_url
+    return database_url.render_as_string(hide_password=False)
+
+
+# -- the guide's functions -------------------------------------------------------------
 
 
 def create_execution_scoped_engine_sync(
@@ -144,10 +257,11 @@ def create_execution_scoped_sql_database_sync(
     database_url: str | URL | None = None, **options: Any
 ) -> ScopedSQLDatabase:
     """Synchronous twin of :func:`create_execution_scoped_sql_database`."""
-    from langgraph_scoped_conn.sql_database import new_scoped_sql_database
-
     execution = find_execution(what="create_execution_scoped_sql_database()")
-    return new_scoped_sql_database(execution, database_url, **options)
+    db: ScopedSQLDatabase = _sql_database().new_scoped_sql_database(
+        execution, database_url, **options
+    )
+    return db
 
 
 async def create_execution_scoped_sql_database(
@@ -167,13 +281,14 @@ async def create_execution_scoped_sql_database(
     Raises:
         NoActiveScopeError: outside any execution scope.
     """
-    from langgraph_scoped_conn.sql_database import new_scoped_sql_database, schema_cache
-
     execution = find_execution(what="create_execution_scoped_sql_database()")
-    if schema_cache(manager_of(execution)).needs_reflection(database_url, options):
+    new = _sql_database().new_scoped_sql_database
+    if manager_of(execution).schema_cache.needs_reflection(database_url, options):
         # the first SQLDatabase of a URL reflects the schema: keep that I/O off the loop
-        return await asyncio.to_thread(new_scoped_sql_database, execution, database_url, **options)
-    return new_scoped_sql_database(execution, database_url, **options)
+        db: ScopedSQLDatabase = await asyncio.to_thread(new, execution, database_url, **options)
+        return db
+    db = new(execution, database_url, **options)
+    return db
 
 
 def track_connection(obj: Any) -> Any:
@@ -193,6 +308,11 @@ def track_connection(obj: Any) -> Any:
 def get_connection_stats() -> dict[str, Any]:
     """Stats of the process-default manager, in the guide's shape plus extra keys."""
     return get_connection_manager().get_stats()
+
+
+def invalidate_schema_cache(manager: ExecutionConnectionManager | None = None) -> None:
+    """Forget reflected schemas, so the next SQLDatabase reflects again (after a migration)."""
+    (manager or get_connection_manager()).invalidate_schema_cache()
 
 
 async def close_database_connections() -> None:

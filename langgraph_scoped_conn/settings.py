@@ -1,14 +1,15 @@
-"""Options of a connection manager: validation, defaults, URL handling and redaction.
+"""Options of a connection manager: validation, defaults and ``SCOPED_CONN_*`` variables.
 
-Pure code: nothing here opens a connection.  Heavy imports (SQLAlchemy) happen
-inside the functions that need them.
+Pure code: nothing here opens a connection or imports SQLAlchemy (but to turn a
+``sqlalchemy.engine.URL`` given as ``database_url`` into text).  URLs are parsed in
+:mod:`langgraph_scoped_conn.urls`; passwords are hidden by
+:mod:`langgraph_scoped_conn.redaction`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
 import logging
 import math
@@ -19,9 +20,9 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
-from urllib.parse import unquote_plus
 
 from langgraph_scoped_conn.errors import ConfigurationError
+from langgraph_scoped_conn.redaction import redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -31,10 +32,8 @@ __all__ = [
     "STRATEGIES",
     "ScopedConnSettings",
     "Strategy",
+    "call_site",
     "options_with_env",
-    "redact_url",
-    "safe_url",
-    "shown_url",
 ]
 
 logger = logging.getLogger("langgraph_scoped_conn")
@@ -42,106 +41,33 @@ logger = logging.getLogger("langgraph_scoped_conn")
 Strategy = Literal["auto", "shared", "per_execution", "pooler"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
-#: Ports and host suffixes of transaction-mode poolers (PgBouncer, Supabase Supavisor).
-_POOLER_PORTS = frozenset({6432, 6543})
-_POOLER_HOST_SUFFIXES = (".pooler.supabase.com",)
-
-# The scheme is optional: "//user:pw@host" (a mistyped scheme) is redacted too.  The
-# password runs to the last "@" of its line: a password with an un-encoded "@" or space is
-# hidden whole, not cut at its first "@" (which would show the rest).
-_USERINFO = re.compile(r"(?:[a-zA-Z][\w+.-]*:)?//[^:/@\s]*:(?P<pw>[^\n]*)@")
-#: a URL with no scheme at all, ``user:pw@host/db`` (a mistyped URL in an error message)
-_BARE_USERINFO = re.compile(r"(?<![\w/:@%.+-])[\w.%+-]+:(?P<pw>[^\s:/@][^\n]*)@")
-#: ``key=value`` (keyword DSN, query string) or ``"key": value`` (dict, JSON); the key may
-#: be quoted or percent-encoded
-_PAIR = re.compile(r"(?<![\w%.+-])(?P<q>['\"]?)(?P<key>[\w%.+-]+)(?P=q)[ \t]*(?P<sep>[=:])[ \t]*")
-#: keys whose value is a secret, searched in the percent-decoded, lower-cased key:
-#: ``password``, ``PASSWORD``, ``sslpassword``, ``db_passwd``, ``client_secret``, and
-#: ``pass``, ``pwd`` or ``token`` as a whole word (``access_token``, not ``max_tokens``)
-_SECRET_KEY = re.compile(
-    r"password|passwd|passphrase|secret|(?<![a-z0-9])(?:pass|pwd|token)(?![a-z0-9])"
-)
-#: a text that is one URL or one keyword DSN (nothing else): values may hold spaces then
-_WHOLE = re.compile(r"\s*(?:(?:[a-zA-Z][\w+.-]*:)?//|[\w.-]+\s*=)")
-# a doubled quote does not end the value either (in doubt, hide more)
-_QUOTED = {
-    q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.|{q}{q})*(?:(?P<close>{q})|(?=\n)|\Z)") for q in "'\""
+#: Upper bounds: a value above one is a mistake (a unit slip), refused at configure().
+#: PostgreSQL's statement_timeout is a 32-bit number of milliseconds.
+_MAX_STATEMENT_TIMEOUT = 2_147_483.0
+_MAX_POOL_TIMEOUT = 86_400.0  # a day
+_MAX_SCOPE_LIFETIME = 30 * 86_400.0
+_MAX_RECYCLE = 365 * 86_400
+_MAX_CONNECTIONS = 10_000
+_MAX_QUERY_LENGTH = 1_000_000
+_MAX_RESULT_ROWS = 10_000_000
+_MAX_RESULT_BYTES = 1 << 30
+#: create_engine() arguments the package sets itself from checked settings
+_OWN_ENGINE_OPTIONS = {
+    "poolclass": "max_connections",
+    "pool_size": "max_connections",
+    "max_overflow": "max_connections",
+    "pool": "max_connections",
+    "pool_timeout": "pool_timeout",
+    "pool_recycle": "pool_recycle",
+    "pool_pre_ping": "pool_pre_ping",
 }
-#: where an unquoted value ends, by (in a query string?, the whole text is one URL/DSN?).
-#: In a query string a value runs to the next ``&name=``, so a raw "&" does not end it.
-_VALUE = {
-    (True, False): re.compile(r"(?:[^\s&]|&(?![\w%.+-]+=))*"),
-    (True, True): re.compile(r"(?:[^\n&]|&(?![\w%.+-]+=))*"),
-    (False, False): re.compile(r"\S*"),
-    (False, True): re.compile(r"(?:\S|[ \t]++(?![\w%.+-]+[ \t]*=))*"),
-}
-
-
-def redact_url(text: str) -> str:
-    """Replace every password in ``text`` with ``***``; the one redaction of the package.
-
-    Hides the password of URL userinfo (``//user:***@host``), the value of any secret
-    query parameter or keyword, in any case, percent-encoded or not, wherever it stands
-    (``?password=``, ``&PassWord=``, ``?%70assword=``, ``sslpassword=``), of libpq keyword
-    DSNs (``password=***``, ``password = '***'``) and of dict or JSON renderings
-    (``'password': '***'``).  Works on text that is not a valid URL too, so it is safe
-    for error messages.  When ``text`` is one URL or DSN and nothing else, a value may
-    hold spaces: it runs to the next parameter (``&name=`` or `` name=``).  In doubt it
-    hides more, never less: overlapping secrets are hidden as one.
-    """
-    whole = "\n" not in text and _WHOLE.match(text) is not None
-    spans = [m.span("pw") for m in _USERINFO.finditer(text)]
-    spans += [m.span("pw") for m in _BARE_USERINFO.finditer(text)]
-    for m in _PAIR.finditer(text):
-        if m["sep"] == ":" and not m["q"]:
-            continue  # "user:pw" or "scheme:": only a quoted key takes a colon
-        if not _SECRET_KEY.search(unquote_plus(m["key"]).lower()):
-            continue
-        start = m.end()
-        in_query = m.start() > 0 and text[m.start() - 1] in "?&"
-        quote = text[start : start + 1]
-        if quote in _QUOTED and not in_query:
-            found = _QUOTED[quote].match(text, start)
-            assert found is not None  # the pattern matches any text from a quote
-            closed = found["close"] is not None
-            spans.append((start + 1, found.end() - 1 if closed else found.end()))
-        else:
-            found = _VALUE[in_query, whole].match(text, start)
-            assert found is not None  # the patterns match the empty string
-            spans.append((start, len(found.group().rstrip(" \t")) + start))
-    out, pos = [], 0
-    for begin, end in _merge(spans):
-        out += [text[pos:begin], "***"]
-        pos = end
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for begin, end in sorted(s for s in spans if s[1] > s[0]):
-        if merged and begin <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((begin, end))
-    return merged
-
-
-def safe_url(url: URL) -> str:
-    """``url`` as text to show: no password, no secret query parameter.
-
-    ``render_as_string(hide_password=True)`` hides only the userinfo password; a
-    ``?password=`` or ``?sslpassword=`` in the query would still show.  Use this
-    wherever a parsed URL is logged, shown in stats or in a repr.
-    """
-    return redact_url(url.render_as_string(hide_password=True))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ScopedConnSettings:
     """Validated options of an :class:`~langgraph_scoped_conn.ExecutionConnectionManager`.
 
-    See the README's configuration table for the meaning of each field.
+    See the configuration reference in the docs for the meaning of each field.
     """
 
     database_url: str | None = None
@@ -155,6 +81,9 @@ class ScopedConnSettings:
     read_only: bool = False
     statement_timeout: float | None = 30.0
     max_query_length: int = 20_000
+    max_result_rows: int = 1000
+    max_result_bytes: int = 262_144
+    allow_functions: tuple[str, ...] = ()
     application_name: str = "langgraph_scoped_conn"
     tag_connections: bool = False
     cache_reflection: bool = True
@@ -177,36 +106,50 @@ class ScopedConnSettings:
             raise ConfigurationError(
                 f"strategy={self.strategy!r} is not known; use one of {', '.join(STRATEGIES)}"
             )
-        _positive_int("max_connections", self.max_connections)
-        _positive_int("max_connections_per_execution", self.max_connections_per_execution)
-        _positive_int("max_query_length", self.max_query_length)
-        _positive_int("pool_recycle", self.pool_recycle, allow=(-1,))
-        if not _is_seconds(self.pool_timeout):
-            raise ConfigurationError(
-                f"pool_timeout={self.pool_timeout!r} must be a finite number of seconds above 0"
-            )
-        for name in ("max_scope_lifetime", "statement_timeout"):
-            value = getattr(self, name)
-            if value is not None and not _is_seconds(value):
-                raise ConfigurationError(
-                    f"{name}={value!r} must be a finite number of seconds above 0, "
-                    "or None to disable"
-                )
+        _whole("max_connections", self.max_connections, _MAX_CONNECTIONS)
+        _whole(
+            "max_connections_per_execution", self.max_connections_per_execution, _MAX_CONNECTIONS
+        )
+        _whole("max_query_length", self.max_query_length, _MAX_QUERY_LENGTH)
+        _whole("max_result_rows", self.max_result_rows, _MAX_RESULT_ROWS)
+        _whole("max_result_bytes", self.max_result_bytes, _MAX_RESULT_BYTES)
+        _whole("pool_recycle", self.pool_recycle, _MAX_RECYCLE, allow=(-1,))
+        _seconds("pool_timeout", self.pool_timeout, _MAX_POOL_TIMEOUT, optional=False)
+        _seconds("max_scope_lifetime", self.max_scope_lifetime, _MAX_SCOPE_LIFETIME)
+        _seconds("statement_timeout", self.statement_timeout, _MAX_STATEMENT_TIMEOUT)
         if not isinstance(self.application_name, str) or len(self.application_name) > 40:
             raise ConfigurationError(
                 "application_name must be a string of at most 40 characters "
                 "(PostgreSQL truncates it at 63 bytes and the package appends the execution id)"
             )
+        functions: object = self.allow_functions
+        if isinstance(functions, str) or not isinstance(functions, tuple | list | frozenset | set):
+            raise ConfigurationError(
+                "allow_functions must be a list of function names such as "
+                f"['my_schema.safe_fn', 'gen_random_uuid'], got {functions!r}"
+            )
+        names = tuple(sorted({str(n).strip().lower() for n in functions if str(n).strip()}))
+        bad = [n for n in names if not _FUNCTION_NAME(n)]
+        if bad:
+            raise ConfigurationError(
+                f"allow_functions: {bad[0]!r} is not a function name; give names such as "
+                "'gen_random_uuid' or 'my_schema.my_function', without arguments"
+            )
+        object.__setattr__(self, "allow_functions", names)
         if not isinstance(self.engine_options, Mapping):
             raise ConfigurationError(
                 "engine_options must be a dict of create_engine() keyword arguments, got "
                 f"{type(self.engine_options).__name__}"
             )
-        bad = {"poolclass", "pool_size", "max_overflow", "pool"} & set(self.engine_options)
-        if bad:
+        own = sorted(set(self.engine_options) & set(_OWN_ENGINE_OPTIONS))
+        if "pool_reset_on_return" in self.engine_options and self.strategy != "per_execution":
+            own.append("pool_reset_on_return")
+        if own:
+            instead = sorted({_OWN_ENGINE_OPTIONS.get(k, "strategy='per_execution'") for k in own})
             raise ConfigurationError(
-                f"engine_options may not set {', '.join(sorted(bad))}: the package sizes the pool "
-                "from max_connections; set max_connections instead"
+                f"engine_options may not set {', '.join(own)}: the package sets it from its own "
+                f"checked settings (the budget pool and session reset depend on them); set "
+                f"{', '.join(instead)} instead"
             )
 
     def __repr__(self) -> str:
@@ -225,10 +168,6 @@ class ScopedConnSettings:
                 f"known options are {', '.join(sorted(known))}"
             )
         return cls(database_url=database_url, **options)
-
-    def replace(self, **changes: Any) -> ScopedConnSettings:
-        """Return a copy with ``changes`` applied and validated."""
-        return dataclasses.replace(self, **changes)
 
     def resolve_url(self, override: str | URL | None = None) -> str | URL:
         """Return the URL to use: ``override``, else the configured one, else ``DATABASE_URL``.
@@ -255,159 +194,6 @@ class ScopedConnSettings:
         out["database_url"] = redact_url(self.database_url) if self.database_url else None
         out["engine_options"] = sorted(self.engine_options)
         return out
-
-
-def parse_url(url: str | URL) -> URL:
-    """Parse ``url`` with SQLAlchemy, accepting Supabase/Heroku style ``postgres://``.
-
-    Raises:
-        ConfigurationError: with the password redacted, when the URL cannot be parsed.
-    """
-    from sqlalchemy.engine import URL, make_url
-    from sqlalchemy.exc import ArgumentError
-
-    if isinstance(url, URL):
-        if url.drivername in ("postgresql", "postgres"):
-            chosen = url.set(drivername=f"postgresql+{default_pg_driver()}")
-            _remember_implicit(chosen)
-            return _password_from_query(chosen)
-        return _password_from_query(url)
-    if not isinstance(url, str):
-        raise ConfigurationError(
-            f"database URL must be a string or a sqlalchemy URL, got {type(url).__name__}"
-        )
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url.removeprefix("postgres://")
-    implicit = url.startswith("postgresql://")
-    if implicit:  # SQLAlchemy would pick psycopg 3, which the core does not depend on
-        url = f"postgresql+{default_pg_driver()}://" + url.removeprefix("postgresql://")
-    if url.count("@") > 1 and not url.startswith("sqlite"):
-        raise ConfigurationError(
-            f"the database URL {redact_url(url)!r} has more than one '@', so part of the "
-            "password would be read as the host; URL-encode the password, e.g. with "
-            "urllib.parse.quote(password, safe='')"
-        )
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
-        reason = "a port that is not a number" if not isinstance(exc, ArgumentError) else "syntax"
-        raise ConfigurationError(
-            f"could not parse database URL {redact_url(url)!r} ({reason}); expected a "
-            "SQLAlchemy URL such as postgresql://user:password@host:5432/dbname or "
-            "sqlite:///path/to/file.db"
-        ) from None
-    parsed = _password_from_query(parsed)
-    if implicit:
-        _remember_implicit(parsed)
-    # Load the dialect now so a missing driver is reported here, naming the URL safely.
-    try:
-        parsed.get_dialect()
-    except Exception as exc:
-        raise ConfigurationError(
-            f"no SQLAlchemy dialect/driver for {safe_url(parsed)!r} "
-            f"({type(exc).__name__}: {redact_url(str(exc))}); install the driver or fix the scheme"
-        ) from None
-    return parsed
-
-
-def default_pg_driver() -> str:
-    """The driver a ``postgresql://`` URL without ``+driver`` gets.
-
-    ``psycopg`` (3) when it is importable, else ``psycopg2`` (a core dependency).
-    SQLAlchemy 2.1 alone would always pick psycopg 3 and fail without it.
-    """
-    try:
-        found = importlib.util.find_spec("psycopg") is not None
-    except (ImportError, ValueError):  # a broken or blocked module
-        found = False
-    return "psycopg" if found else "psycopg2"
-
-
-#: renderings of parsed URLs whose driver parse_url chose (the URL had none); bounded
-_IMPLICIT_DRIVER: set[str] = set()
-_IMPLICIT_LIMIT = 1024
-
-
-def _remember_implicit(url: URL) -> None:
-    if len(_IMPLICIT_DRIVER) >= _IMPLICIT_LIMIT:
-        _IMPLICIT_DRIVER.clear()
-    _IMPLICIT_DRIVER.add(url.render_as_string(hide_password=False))
-
-
-def shown_url(url: URL) -> str:
-    """``url`` as :func:`safe_url`, with the scheme as the user wrote it.
-
-    A driver that :func:`parse_url` chose for a bare ``postgresql://`` is left out
-    (stats show it under ``driver``); an explicit ``+driver`` stays.
-    """
-    if url.render_as_string(hide_password=False) in _IMPLICIT_DRIVER:
-        return safe_url(url.set(drivername=url.get_backend_name()))
-    return safe_url(url)
-
-
-def resolve_strategy(strategy: Strategy, url: URL) -> Literal["shared", "per_execution", "pooler"]:
-    """Turn ``"auto"`` into ``"pooler"`` for transaction poolers and ``"shared"`` otherwise.
-
-    Raises:
-        ConfigurationError: ``strategy="pooler"`` with a database other than PostgreSQL.
-    """
-    if strategy == "pooler" and not url.get_backend_name().startswith("postgresql"):
-        raise ConfigurationError(
-            f"strategy='pooler' is for PostgreSQL behind PgBouncer or Supavisor; "
-            f"{url.get_backend_name()!r} URLs need strategy='shared' (or 'auto')"
-        )
-    if strategy != "auto":
-        return strategy
-    return "pooler" if looks_like_pooler(url) else "shared"
-
-
-def looks_like_pooler(url: URL) -> bool:
-    """True when ``url`` points at PgBouncer or Supabase Supavisor in transaction mode.
-
-    That is: ``?pgbouncer=true`` (Prisma's flag; removed before the driver sees the
-    URL), port 6432 (PgBouncer) or 6543 (Supavisor transaction mode), or a host under
-    ``.pooler.supabase.com`` (Supavisor's session port 5432 is detected too: the
-    ``pooler`` strategy is safe in session mode as well, only less necessary).
-    """
-    if not url.get_backend_name().startswith("postgresql"):
-        return False
-    if str(url.query.get("pgbouncer", "")).lower() in {"1", "true", "yes"}:
-        return True
-    host = (url.host or "").lower()
-    return url.port in _POOLER_PORTS or host.endswith(_POOLER_HOST_SUFFIXES)
-
-
-def _password_from_query(url: URL) -> URL:
-    """Move a PostgreSQL URL's ``?password=`` into its userinfo password.
-
-    The driver gets the same password either way (SQLAlchemy passes the query as
-    keyword arguments, and they win over the userinfo), but SQLAlchemy's own renderings
-    (``str(url)``, ``repr(engine.url)``, ``render_as_string(hide_password=True)``) hide
-    only the userinfo password.
-
-    Raises:
-        ConfigurationError: a ``password`` key in another case (libpq refuses it at
-            connect time: option names are lowercase), or ``password`` given twice.
-    """
-    if not url.get_backend_name().startswith("postgresql"):
-        return url
-    keys = [k for k in url.query if k.lower() == "password"]
-    if not keys:
-        return url
-    odd = [k for k in keys if k != "password"]
-    if odd:
-        raise ConfigurationError(
-            f"the database URL {safe_url(url)!r} has the query parameter {odd[0]!r}, which is "
-            "not a libpq option (option names are lowercase); put the URL-encoded password in "
-            "user:password@host, or write ?password=..."
-        )
-    value = url.query["password"]
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"the database URL {safe_url(url)!r} gives password more than once in its query; "
-            "give it once"
-        )
-    return url.difference_update_query(["password"]).set(password=value)
 
 
 # -- options from the environment ---------------------------------------------------------
@@ -493,6 +279,8 @@ def _parse_env(name: str, text: str, hint: Any) -> Any:
             expected = "a number of seconds"
     elif hint is str:
         return text
+    elif get_origin(hint) is tuple:  # allow_functions: comma-separated names
+        return tuple(part.strip() for part in text.split(",") if part.strip())
     else:  # engine_options
         try:
             value = json.loads(text)
@@ -514,14 +302,30 @@ def call_site(skip: str = __name__.rpartition(".")[0]) -> str:
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
+#: ``name`` or ``schema.name``: the form allow_functions takes
+_FUNCTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_$]*\.)?[a-z_][a-z0-9_$]*").fullmatch
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_seconds(value: object) -> bool:
-    return _is_number(value) and math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
+def _seconds(name: str, value: object, limit: float, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= limit:  # type: ignore[arg-type,operator]
+        also = ", or None to disable" if optional else ""
+        raise ConfigurationError(
+            f"{name}={value!r} must be a number of seconds above 0 and at most {limit:g}{also}"
+        )
 
 
-def _positive_int(name: str, value: object, allow: tuple[int, ...] = ()) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value not in allow):
-        raise ConfigurationError(f"{name}={value!r} must be a whole number of at least 1")
+def _whole(name: str, value: object, limit: int, allow: tuple[int, ...] = ()) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name}={value!r} must be a whole number")
+    if value in allow:
+        return
+    if not 1 <= value <= limit:
+        raise ConfigurationError(
+            f"{name}={value!r} must be a whole number of at least 1 and at most {limit}"
+        )

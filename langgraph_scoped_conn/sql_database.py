@@ -2,21 +2,25 @@
 
 ``SQLDatabase(engine)`` reflects the schema on construction (26 statements against
 PostgreSQL).  Here reflection runs once per manager, URL and options, into a template
-held by the manager's :class:`~langgraph_scoped_conn.schema.SchemaCache`; each
+held by the manager's :class:`~langgraph_scoped_conn.schema_cache.SchemaCache`; each
 execution gets a shallow copy of the template bound to its own scoped engine, which
-costs microseconds.  Call :func:`invalidate_schema_cache` after a migration.
+costs microseconds.  Call ``invalidate_schema_cache()`` after a migration.
 
-langchain-community comes in through :mod:`langgraph_scoped_conn.community`, its
-sunset warning silenced; the core never depends on it.
+In read-only mode every statement passes the guard (:mod:`langgraph_scoped_conn.guard`)
+and runs in a read-only transaction, and its rows are fetched through a cursor, a few
+at a time, up to ``max_result_rows`` and ``max_result_bytes``: rows past the cap never
+reach the process, and the text returned says the result was cut.
+
+langchain-community comes in through :mod:`langgraph_scoped_conn.langchain_sql_database`,
+its sunset warning silenced; the core never depends on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
-import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
@@ -24,37 +28,21 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
-from langgraph_scoped_conn.community import SQLDatabase
 from langgraph_scoped_conn.engine import mark_clean
-from langgraph_scoped_conn.errors import (
-    ConfigurationError,
-    ReadOnlyViolationError,
-    ScopedConnectionError,
-)
-from langgraph_scoped_conn.guard import check_read_only_sql
-from langgraph_scoped_conn.manager import (
-    ExecutionConnectionManager,
-    manager_of,
-)
-from langgraph_scoped_conn.schema import (
-    SchemaCache,
-    invalidate_schema_cache,
-    schema_cache,
-)
-from langgraph_scoped_conn.settings import safe_url
+from langgraph_scoped_conn.errors import ConfigurationError, ReadOnlyViolationError
+from langgraph_scoped_conn.guard import CheckedQuery, FunctionCatalog, inspect_read_only_sql
+from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
+from langgraph_scoped_conn.manager import manager_of
+from langgraph_scoped_conn.redaction import redact_url, safe_url
+from langgraph_scoped_conn.schema_cache import SchemaCache
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.reflection import Inspector
 
+    from langgraph_scoped_conn.engine import ScopedEngine
     from langgraph_scoped_conn.execution import Execution
 
-__all__ = [
-    "SchemaCache",
-    "ScopedSQLDatabase",
-    "invalidate_schema_cache",
-    "new_scoped_sql_database",
-    "schema_cache",
-]
+__all__ = ["SchemaCache", "ScopedSQLDatabase", "new_scoped_sql_database"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
@@ -75,13 +63,33 @@ _LONE_STATEMENT = re.compile(
     re.IGNORECASE,
 )
 #: Ends a read-only transaction in one round trip, whether the query succeeded or
-#: failed: the rollback works in an aborted transaction too, and the session advisory
-#: locks the query may have taken are dropped after it, in their own transaction.
+#: failed: the rollback works in an aborted transaction too (and closes the cursor), and
+#: the session advisory locks the query may have taken are dropped after it.
 _END_READ_ONLY = "ROLLBACK; SELECT pg_advisory_unlock_all()"
+#: The server-side cursor a read-only query's rows are fetched from.
+_CURSOR = "lsc_result"
+#: Rows the first FETCH asks for; later ones are sized to what is left of the caps.
+_FIRST_FETCH = 100
+#: Reads the database's functions and their volatility for the guard (once per URL).
+_CATALOG_SQL = (
+    "SELECT n.nspname, p.proname, p.provolatile FROM pg_catalog.pg_proc p "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+)
 _UNCHANGED = object()
-#: Managers that have already logged the "run() on the event loop" warning.
-_warned_on_loop: weakref.WeakSet[ExecutionConnectionManager] = weakref.WeakSet()
-_warned_lock = threading.Lock()
+
+
+class _Cut:
+    """Set by a read-only fetch that stopped at a cap, read by :meth:`ScopedSQLDatabase.run`."""
+
+    __slots__ = ("note",)
+
+    def __init__(self) -> None:
+        self.note = ""
+
+
+_cut: contextvars.ContextVar[_Cut | None] = contextvars.ContextVar(
+    "langgraph_scoped_conn_cut", default=None
+)
 
 
 class ScopedSQLDatabase(SQLDatabase):
@@ -91,16 +99,23 @@ class ScopedSQLDatabase(SQLDatabase):
 
     * the schema comes from a per-URL reflection cache instead of being reflected
       again;
-    * with ``read_only=True`` every statement passes the read-only guard and runs in
-      a read-only transaction with a statement timeout that is rolled back afterwards;
+    * with ``read_only=True`` every statement passes the read-only guard, runs in a
+      read-only transaction with a statement timeout that is rolled back afterwards,
+      and returns at most ``max_result_rows`` rows and about ``max_result_bytes`` of
+      text (saying so when it cut);
     * on PostgreSQL, ``schema=`` uses ``SET LOCAL search_path``, so it cannot leak to
-      the next execution through the shared pool.
+      the next execution through the shared pool;
+    * ``run_no_throw`` returns ``"Error: ..."`` for every error, never raises.
     """
 
     _lsc_read_only: bool
     _lsc_statement_timeout: float | None
     _lsc_max_query_length: int
+    _lsc_max_result_rows: int
+    _lsc_max_result_bytes: int
+    _lsc_url_text: str
     _lsc_inspector: Inspector | None
+    _engine: ScopedEngine
 
     @property
     def _inspector(self) -> Inspector:
@@ -139,15 +154,15 @@ class ScopedSQLDatabase(SQLDatabase):
             return super()._execute(
                 command, fetch, parameters=parameters, execution_options=execution_options
             )
+        checked = None
         if self._lsc_read_only:
             if not isinstance(command, str):
                 raise ReadOnlyViolationError(
                     "read-only mode runs SQL text only, so the guard can check it; "
                     f"got {type(command).__name__}"
                 )
-            command = check_read_only_sql(
-                command, max_length=self._lsc_max_query_length, dialect=dialect
-            )
+            checked = self._check(command, dialect)
+            command = checked.text
         if (
             dialect == "postgresql"
             and isinstance(command, str)
@@ -160,7 +175,7 @@ class ScopedSQLDatabase(SQLDatabase):
                 )
             )
         ):
-            return self._execute_autocommit(command, fetch, parameters, execution_options)
+            return self._execute_autocommit(command, fetch, parameters, execution_options, checked)
         if isinstance(command, str):
             command = text(command)
         elif not isinstance(command, Executable):
@@ -172,7 +187,7 @@ class ScopedSQLDatabase(SQLDatabase):
                 cursor = connection.execute(
                     command, parameters or {}, execution_options=execution_options or {}
                 )
-                result = _fetch(cursor, fetch)
+                result = self._fetch(cursor, fetch)
             except DBAPIError as exc:
                 transaction.rollback()
                 if self._lsc_read_only:
@@ -195,27 +210,51 @@ class ScopedSQLDatabase(SQLDatabase):
                     connection.commit()
             return result
 
+    def _check(self, command: str, dialect: str) -> CheckedQuery:
+        """The read-only guard, with the database's function catalog once it is known."""
+        catalog = self._catalog() if dialect == "postgresql" else None
+        return inspect_read_only_sql(
+            command, max_length=self._lsc_max_query_length, dialect=dialect, functions=catalog
+        )
+
+    def _catalog(self) -> FunctionCatalog | None:
+        """The database's function catalog, if a read-only query has read it yet."""
+        manager = manager_of(self._engine._lsc_execution)
+        catalog: FunctionCatalog | None = manager.schema_cache.catalog(self._lsc_url_text)
+        return catalog
+
+    def _read_catalog(self, connection: Any) -> FunctionCatalog:
+        """Read the database's functions and their volatility on ``connection`` (autocommit)."""
+        manager = manager_of(self._engine._lsc_execution)
+        rows = connection.exec_driver_sql(_CATALOG_SQL).fetchall()
+        catalog = FunctionCatalog(
+            ((r[0], r[1], r[2]) for r in rows), manager.settings.allow_functions
+        )
+        manager.schema_cache.remember_catalog(self._lsc_url_text, catalog)
+        return catalog
+
     def _execute_autocommit(
         self,
         command: str,
         fetch: Literal["all", "one", "cursor"],
         parameters: dict[str, Any] | None,
         execution_options: dict[str, Any] | None,
+        checked: CheckedQuery | None,
     ) -> Any:
         """PostgreSQL with the connection in autocommit mode, to save round trips.
 
-        A guarded read-only statement costs three: ``BEGIN READ ONLY; SET LOCAL
-        statement_timeout = N`` in one, the query, and ``ROLLBACK; SELECT
-        pg_advisory_unlock_all()`` in one (the driver would send BEGIN, SET TRANSACTION,
-        SET LOCAL, the unlock and ROLLBACK one by one).  A lone plain statement
-        (:data:`_LONE_STATEMENT`) is a transaction of its own, exactly as between the
-        driver's BEGIN and COMMIT, and costs one.  The connection leaves autocommit mode
-        before it goes back to the pool; one whose transaction could not be ended is
-        invalidated, never handed out again.
+        A guarded read-only query costs three: ``BEGIN READ ONLY; SET LOCAL
+        statement_timeout = N; DECLARE ... CURSOR FOR <query>`` in one, ``FETCH`` of
+        its first rows, and ``ROLLBACK; SELECT pg_advisory_unlock_all()`` in one (a
+        result larger than the first fetch costs more fetches, until the caps).  A lone
+        plain statement (:data:`_LONE_STATEMENT`) is a transaction of its own, exactly
+        as between the driver's BEGIN and COMMIT, and costs one.  The connection leaves
+        autocommit mode before it goes back to the pool; one whose transaction could
+        not be ended is invalidated, never handed out again.
         """
-        read_only = self._lsc_read_only
+        read_only = checked is not None
         with self._engine.connect() as connection:
-            raw: Any = connection.connection.dbapi_connection
+            raw: Any = connection.connection.driver_connection
             raw.autocommit = True
             in_transaction = False
             threshold = _UNCHANGED
@@ -225,18 +264,20 @@ class ScopedSQLDatabase(SQLDatabase):
                 # statement that is rolled back right after gains nothing from it
                 threshold, raw.prepare_threshold = raw.prepare_threshold, None
             try:
-                if read_only:
-                    in_transaction = True  # from here on only the end may leave it
-                    _simple_query(raw, self._begin_read_only())
-                    if self._schema is not None:
-                        connection.exec_driver_sql(
-                            "SELECT set_config('search_path', %(schema)s, true)",
-                            {"schema": self._schema},
+                if checked is not None:
+                    if self._catalog() is None:  # this database's first read-only query
+                        checked = inspect_read_only_sql(
+                            command,
+                            max_length=self._lsc_max_query_length,
+                            functions=self._read_catalog(connection),
                         )
-                cursor = connection.execute(
-                    text(command), parameters or {}, execution_options=execution_options or {}
-                )
-                result = _fetch(cursor, fetch)
+                    in_transaction = True  # from here on only the end may leave it
+                    result = self._read(connection, raw, checked, fetch, parameters)
+                else:
+                    cursor = connection.execute(
+                        text(command), parameters or {}, execution_options=execution_options or {}
+                    )
+                    result = self._fetch(cursor, fetch)
             except DBAPIError as exc:
                 if read_only:
                     _raise_if_read_only_refusal(exc)
@@ -248,9 +289,84 @@ class ScopedSQLDatabase(SQLDatabase):
             if ended and read_only and not _DYNAMIC_SQL.search(command):
                 # the rollback undid everything the statement could change, the unlock
                 # the session advisory locks; a statement that runs SQL text of its own
-                # (query_to_xml('...')) is not marked, and the pool resets that session
+                # is not marked, and the next owner resets that session
                 mark_clean(connection)
             return result
+
+    def _read(
+        self,
+        connection: Any,
+        raw: Any,
+        checked: CheckedQuery,
+        fetch: Literal["all", "one", "cursor"],
+        parameters: dict[str, Any] | None,
+    ) -> Any:
+        """Run a guarded query in a read-only transaction; fetch its rows within the caps."""
+        begin = self._begin_read_only()
+        if self._schema is not None:
+            _simple_query(raw, begin)
+            connection.exec_driver_sql(
+                "SELECT set_config('search_path', %(schema)s, true)", {"schema": self._schema}
+            )
+            begin = ""
+        if checked.cursor and not parameters:
+            declare = f"DECLARE {_CURSOR} NO SCROLL CURSOR FOR {checked.text}"
+            _simple_query(raw, f"{begin}; {declare}" if begin else declare)
+            return self._fetch_cursor(connection, fetch, _comment(checked.text))
+        if begin:
+            _simple_query(raw, begin)
+        cursor = connection.execute(text(checked.text), parameters or {})
+        return self._fetch(cursor, fetch)
+
+    def _fetch_cursor(
+        self, connection: Any, fetch: Literal["all", "one", "cursor"], comment: str
+    ) -> Any:
+        """Fetch the declared cursor's rows a batch at a time, stopping at the caps.
+
+        The first FETCH asks for up to :data:`_FIRST_FETCH` rows; each later one for as
+        many as the caps leave room for at the rows' average size so far.  The server
+        keeps every other row.  Each FETCH carries the query in a comment, so
+        ``pg_stat_activity`` and the server log show what runs.
+        """
+        max_rows, max_bytes = self._lsc_max_result_rows, self._lsc_max_result_bytes
+        if fetch != "all":  # one row, or a frozen result of at most the capped rows
+            count = 1 if fetch == "one" else max_rows + 1
+            result = connection.exec_driver_sql(f"FETCH FORWARD {count} FROM {_CURSOR}{comment}")
+            return self._fetch(result, fetch)
+        rows: list[Any] = []
+        size = 0
+        batch = min(max_rows + 1, _FIRST_FETCH)
+        while True:
+            result = connection.exec_driver_sql(f"FETCH FORWARD {batch} FROM {_CURSOR}{comment}")
+            if not result.returns_rows:
+                break
+            got = result.fetchall()
+            rows += got
+            size += sum(len(repr(tuple(row))) for row in got)
+            if len(got) < batch or len(rows) > max_rows or size > max_bytes:
+                break
+            average = max(size / len(rows), 1.0)
+            batch = max(1, min(max_rows + 1 - len(rows), int((max_bytes - size) / average) + 1))
+        kept = _within(rows, max_rows, max_bytes)
+        if len(kept) < len(rows):
+            _note_cut(max_rows, max_bytes)
+        return [row._asdict() for row in kept]
+
+    def _fetch(self, cursor: Any, fetch: str) -> Any:
+        """Rows of a plain result; within the caps in read-only mode (``fetchmany``)."""
+        if not self._lsc_read_only or fetch == "one" or not cursor.returns_rows:
+            return _fetch(cursor, fetch)
+        max_rows, max_bytes = self._lsc_max_result_rows, self._lsc_max_result_bytes
+        if fetch == "cursor":
+            return _frozen_within(cursor, max_rows, max_bytes)
+        if fetch != "all":
+            raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
+        rows = cursor.fetchmany(max_rows + 1)
+        cursor.close()
+        kept = _within(rows, max_rows, max_bytes)
+        if len(kept) < len(rows):
+            _note_cut(max_rows, max_bytes)
+        return [row._asdict() for row in kept]
 
     def _begin_read_only(self) -> str:
         timeout = self._lsc_statement_timeout
@@ -273,12 +389,24 @@ class ScopedSQLDatabase(SQLDatabase):
     def run(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
         """Like ``SQLDatabase.run``; in ``async def`` code, use :meth:`arun` instead.
 
-        Called on a thread that runs an event loop, it blocks every task of that loop
-        until the database answers, and logs one WARNING per manager saying so.
+        A read-only result cut at ``max_result_rows`` / ``max_result_bytes`` ends with a
+        line saying so.  Called on a thread that runs an event loop, it blocks every task
+        of that loop until the database answers, and logs one WARNING per manager.
         """
         if asyncio._get_running_loop() is not None:
             self._warn_on_loop()
-        return super().run(command, *args, **kwargs)
+        return self._run(command, *args, **kwargs)
+
+    def _run(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
+        cut = _Cut()
+        token = _cut.set(cut)
+        try:
+            out = super().run(command, *args, **kwargs)
+        finally:
+            _cut.reset(token)
+        if cut.note and isinstance(out, str):
+            out += cut.note
+        return out
 
     async def arun(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
         """``run()`` in a worker thread, so the event loop keeps running meanwhile.
@@ -286,11 +414,11 @@ class ScopedSQLDatabase(SQLDatabase):
         Same arguments and result as ``run()``; it draws from the same budget, and
         raises ``ScopeClosedError`` once the execution has ended, as ``run()`` does.
         """
-        return await asyncio.to_thread(super().run, command, *args, **kwargs)
+        return await asyncio.to_thread(self._run, command, *args, **kwargs)
 
     async def arun_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
         """``run_no_throw()`` in a worker thread: errors come back as ``"Error: ..."`` text."""
-        return await asyncio.to_thread(self.run_no_throw, command, *args, **kwargs)
+        return await asyncio.to_thread(self._run_no_throw, command, *args, **kwargs)
 
     async def aget_table_info(self, table_names: list[str] | None = None, **kwargs: Any) -> str:
         """``get_table_info()`` in a worker thread (it may query sample rows)."""
@@ -298,13 +426,8 @@ class ScopedSQLDatabase(SQLDatabase):
 
     def _warn_on_loop(self) -> None:
         execution = getattr(self._engine, "_lsc_execution", None)
-        manager = manager_of(execution) if execution is not None else None
-        if manager is None:
+        if execution is None or not manager_of(execution).warn_once("run_on_loop"):
             return
-        with _warned_lock:
-            if manager in _warned_on_loop:
-                return
-            _warned_on_loop.add(manager)
         logger.warning(
             "ScopedSQLDatabase.run() was called on the event loop thread; it blocks every run "
             "of this loop until the database answers. Use `await db.arun(...)` (or "
@@ -312,20 +435,67 @@ class ScopedSQLDatabase(SQLDatabase):
         )
 
     def run_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Like ``SQLDatabase.run_no_throw``: errors come back as ``"Error: ..."`` text.
+        """Like ``SQLDatabase.run_no_throw``: every error comes back as ``"Error: ..."`` text.
 
-        Refusals of the read-only guard are returned the same way, so a model sees them.
+        Refusals of the read-only guard, budget errors, and errors a driver raises for
+        text it cannot send (a lone surrogate) are returned the same way, so a model
+        sees them; no password is ever in the text.
         """
+        if asyncio._get_running_loop() is not None:
+            self._warn_on_loop()
+        return self._run_no_throw(command, *args, **kwargs)
+
+    def _run_no_throw(self, command: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().run_no_throw(command, *args, **kwargs)
-        except ScopedConnectionError as exc:
-            return f"Error: {exc}"
+            return self._run(command, *args, **kwargs)
+        except Exception as exc:
+            return f"Error: {redact_url(str(exc))}"
 
     def __repr__(self) -> str:
         return (
             f"<ScopedSQLDatabase {safe_url(self._engine.url)} "
             f"execution={getattr(self._engine, 'execution_id', None)!r} "
             f"read_only={self._lsc_read_only}>"
+        )
+
+
+def _frozen_within(result: Any, max_rows: int, max_bytes: int) -> Any:
+    """``result`` frozen (``fetch="cursor"``), keeping the rows within the caps."""
+    frozen = result.freeze()
+    kept = _within(frozen.data, max_rows, max_bytes)
+    if len(kept) < len(frozen.data):
+        frozen.data = kept
+        _note_cut(max_rows, max_bytes)
+    return frozen
+
+
+def _comment(sql: str) -> str:
+    """`` /* sql */``, with anything that could end or nest the comment broken up.
+
+    Also ``%``: psycopg2 reads text it is given parameters with as a format string.
+    """
+    safe = sql.replace("*/", "* /").replace("/*", "/ *").replace("%", "%%")
+    return f" /* {safe} */"
+
+
+def _within(rows: list[Any], max_rows: int, max_bytes: int) -> list[Any]:
+    """The first rows that fit ``max_rows`` and ``max_bytes`` (always the first row)."""
+    kept = rows[:max_rows]
+    size = 0
+    for i, row in enumerate(kept):
+        size += len(repr(tuple(row)))
+        if size > max_bytes and i > 0:
+            return kept[:i]
+    return kept
+
+
+def _note_cut(max_rows: int, max_bytes: int) -> None:
+    cut = _cut.get()
+    if cut is not None:
+        cut.note = (
+            f"\n(Result cut: the query returned more than fits in max_result_rows={max_rows} "
+            f"rows / max_result_bytes={max_bytes}. Add a LIMIT, filter or aggregate to see "
+            "what you need.)"
         )
 
 
@@ -395,7 +565,7 @@ def new_scoped_sql_database(
 ) -> ScopedSQLDatabase:
     """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
     manager = manager_of(execution)
-    cache = schema_cache(manager)
+    cache = manager.schema_cache
     plain = not options  # the manager's defaults (a URL object is never kept ready)
     if plain:
         ready = cache.ready(database_url)
@@ -409,8 +579,13 @@ def new_scoped_sql_database(
             return db
     settings = manager.settings
     read_only = bool(options.pop("read_only", settings.read_only))
-    statement_timeout = options.pop("statement_timeout", settings.statement_timeout)
-    max_query_length = options.pop("max_query_length", settings.max_query_length)
+    scope_options = {
+        "_lsc_statement_timeout": options.pop("statement_timeout", settings.statement_timeout),
+        "_lsc_max_query_length": options.pop("max_query_length", settings.max_query_length),
+        "_lsc_max_result_rows": options.pop("max_result_rows", settings.max_result_rows),
+        "_lsc_max_result_bytes": options.pop("max_result_bytes", settings.max_result_bytes),
+    }
+    _check_caps(scope_options)
     engine = manager.engine_for(execution, database_url)
     if read_only and engine.dialect.name not in _READ_ONLY_DIALECTS:
         raise ConfigurationError(
@@ -423,11 +598,24 @@ def new_scoped_sql_database(
     attributes = state.copy()
     attributes["_lsc_inspector"] = None
     attributes["_lsc_read_only"] = read_only
-    attributes["_lsc_statement_timeout"] = statement_timeout
-    attributes["_lsc_max_query_length"] = max_query_length
+    attributes["_lsc_url_text"] = cache.url_text(database_url)
+    attributes.update(scope_options)
     if plain and engine._lsc_handle.strategy != "per_execution":
         cache.remember_ready(database_url, attributes.copy(), engine._lsc_handle)
     attributes["_engine"] = engine
     db.__dict__ = attributes
     execution.add("databases", db)
     return db
+
+
+def _check_caps(options: dict[str, Any]) -> None:
+    """Check per-call overrides of the settings' caps (same rules as configure())."""
+    from langgraph_scoped_conn.settings import ScopedConnSettings
+
+    names = {
+        "_lsc_statement_timeout": "statement_timeout",
+        "_lsc_max_query_length": "max_query_length",
+        "_lsc_max_result_rows": "max_result_rows",
+        "_lsc_max_result_bytes": "max_result_bytes",
+    }
+    ScopedConnSettings(**{names[k]: v for k, v in options.items()})

@@ -1,24 +1,71 @@
 """The stats payload: the guide's shape, plus pool measures and counters.
 
 Pure code over plain snapshots gathered by the manager.  Every key is documented in
-the README's stats table.  Nothing here can contain a password: pool URLs are
-rendered with the password hidden before they get here.
+the docs' stats table, and the key names the metrics modules read are constants here.
+Nothing here can contain a password: pool URLs are rendered with the password hidden
+before they get here.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["build_stats"]
+__all__ = ["RetiredCounters", "build_stats"]
+
+# -- keys of a pool row, read by the metrics modules -------------------------------------
+URL = "url"
+USED_BY = "used_by"
+STRATEGY = "strategy"
+MAX_CONNECTIONS = "max_connections"
+IN_USE = "connections_in_use"
+IDLE = "connections_idle"
+RESERVED = "connections_reserved"
+WAITING = "requests_waiting"
+WAIT_MS = "requests_wait_ms"
+WAITS = "waits"
+TIMEOUTS = "timeouts"
+USAGE_MS = "usage_ms"
+CHECKINS = "checkins"
+CONNECTIONS_MS = "connections_ms"
+OPENED = "connections_opened"
+
+#: what uses a pool's connections: the runs' tools, LangGraph's checkpointer or store
+USED_BY_TOOLS = "tools"
 
 _POOL_COUNTERS = ("opened", "closed", "checkouts", "checkins", "waits", "timeouts", "resets")
 #: counters named as psycopg_pool names them (``connections_errors``, ``requests_wait_ms``)
-_LATER_COUNTERS = ("wait_us", "connect_errors")
+_LATER_COUNTERS = ("wait_us", "connect_errors", "use_us", "create_us", "create_count")
 
 
 def _ms(micros: int) -> float:
     return round(micros / 1000, 3)
+
+
+class RetiredCounters:
+    """The summed counters of per-execution pools already disposed (kept in the totals)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = {}
+
+    def add(self, handle: Any) -> None:
+        """Keep a disposed pool handle's counters (once per handle)."""
+        values = handle.counters.snapshot()
+        with self._lock:
+            if handle.retired:
+                return
+            handle.retired = True
+            for name, value in values.items():
+                if name.startswith("peak"):
+                    self._values[name] = max(self._values.get(name, 0), value)
+                else:
+                    self._values[name] = self._values.get(name, 0) + value
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
 
 
 def build_stats(
@@ -31,17 +78,19 @@ def build_stats(
     pending_releases: int,
     tracked_runs: int,
     settings: Mapping[str, Any],
+    langgraph_pools: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Merge live measures and counters into one JSON-serialisable dict.
 
     ``pools`` are :meth:`PoolHandle.snapshot` dicts (shared pools and the pools of
     live ``per_execution`` executions); ``retired`` holds the summed counters of
-    per-execution pools already disposed.
+    per-execution pools already disposed; ``langgraph_pools`` are rows of the
+    checkpointer's and store's pools, already in the row shape.
     """
     totals = {name: retired.get(name, 0) for name in _POOL_COUNTERS + _LATER_COUNTERS}
     peak_open = retired.get("peak_open", 0)
     peak_wait = retired.get("peak_wait_us", 0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     in_use = idle = waiting = 0
     for pool in pools:
         c = pool["counters"]
@@ -53,27 +102,37 @@ def build_stats(
         idle += pool["idle"]
         waiting += pool["waiting"]
         row = {
-            "url": pool["url"],
-            "strategy": pool["strategy"],
+            URL: pool["url"],
+            USED_BY: USED_BY_TOOLS,
+            STRATEGY: pool["strategy"],
+            "strategy_reason": pool["strategy_reason"],
             "dialect": pool["dialect"],
             "driver": pool["driver"],
-            "max_connections": pool["max_connections"],
-            "connections_in_use": pool["in_use"],
-            "connections_idle": pool["idle"],
+            MAX_CONNECTIONS: pool["max_connections"],
+            RESERVED: pool["reserved"],
+            IN_USE: pool["in_use"],
+            IDLE: pool["idle"],
             "peak_connections": c["peak_open"],
             "peak_connections_in_use": c["peak_in_use"],
             **{
                 f"connections_{k}" if k in ("opened", "closed") else k: c[k] for k in _POOL_COUNTERS
             },
-            "requests_waiting": pool["waiting"],
-            "requests_wait_ms": _ms(c["wait_us"]),
+            WAITING: pool["waiting"],
+            WAIT_MS: _ms(c["wait_us"]),
             "requests_wait_max_ms": _ms(c["peak_wait_us"]),
             "connections_errors": c["connect_errors"],
+            USAGE_MS: _ms(c["use_us"]),
+            CONNECTIONS_MS: _ms(c["create_us"]),
         }
         if pool["execution_id"] is not None:
             row["execution_id"] = pool["execution_id"]
         rows.append(row)
-    strategies = sorted({r["strategy"] for r in rows})
+    for langgraph_row in langgraph_pools:
+        in_use += langgraph_row[IN_USE]
+        idle += langgraph_row[IDLE]
+        waiting += langgraph_row[WAITING]
+        rows.append(dict(langgraph_row))
+    strategies = sorted({r[STRATEGY] for r in rows if r[USED_BY] == USED_BY_TOOLS})
     return {
         "active_executions": len(executions),
         "total_tracked_connections": sum(
@@ -97,6 +156,8 @@ def build_stats(
         "requests_wait_ms": _ms(totals["wait_us"]),
         "requests_wait_max_ms": _ms(peak_wait),
         "connections_errors": totals["connect_errors"],
+        "usage_ms": _ms(totals["use_us"]),
+        "connections_ms": _ms(totals["create_us"]),
         "session_resets": totals["resets"],
         "peak_connections": peak_open,
         "draining_executions": draining,

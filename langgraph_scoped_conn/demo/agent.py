@@ -52,7 +52,7 @@ class SQLAgentState(TypedDict):
 
 def scoped_database(database_url: str | None = None, *, read_only: bool = True) -> DatabaseProvider:
     """A provider of this run's scoped SQLDatabase (the manager's URL when ``None``)."""
-    from langgraph_scoped_conn.lookup import get_scoped_sql_database
+    from langgraph_scoped_conn.scope import get_scoped_sql_database
 
     def provide(runtime: ToolRuntime) -> Any:
         return get_scoped_sql_database(runtime, database_url=database_url, read_only=read_only)

@@ -38,7 +38,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.settings import parse_url, redact_url
+from langgraph_scoped_conn.redaction import redact_url
+from langgraph_scoped_conn.urls import parse_url
 
 __all__ = [
     "SALES_ROWS",

@@ -23,7 +23,8 @@ from langchain_core.messages import AIMessage
 from langgraph_scoped_conn.demo.agent import DatabaseProvider, build_sql_agent, scoped_database
 from langgraph_scoped_conn.demo.model import QUERY_TOOL, ScriptedSQLChatModel
 from langgraph_scoped_conn.manager import ExecutionConnectionManager
-from langgraph_scoped_conn.settings import parse_url, redact_url
+from langgraph_scoped_conn.redaction import redact_url
+from langgraph_scoped_conn.urls import parse_url
 
 __all__ = ["QUESTIONS", "ROWS", "RunReport", "is_too_many_clients", "run_naive", "run_scoped"]
 

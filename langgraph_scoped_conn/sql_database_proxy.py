@@ -18,21 +18,17 @@ shows no password in its ``repr``.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.lookup import get_scoped_sql_database
+from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
 from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
-from langgraph_scoped_conn.settings import parse_url, redact_url, safe_url
+from langgraph_scoped_conn.redaction import redact_url, safe_url
+from langgraph_scoped_conn.schema_cache import SCOPE_OPTIONS, check_sql_database_options
+from langgraph_scoped_conn.scope import get_scoped_sql_database
 from langgraph_scoped_conn.sql_database import ScopedSQLDatabase
-
-with warnings.catch_warnings():  # already imported by sql_database, which silenced its warning
-    warnings.filterwarnings(
-        "ignore", message=r".*langchain-community.*", category=DeprecationWarning
-    )
-    from langchain_community.utilities.sql_database import SQLDatabase
+from langgraph_scoped_conn.urls import parse_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -63,13 +59,11 @@ _FORWARDED = frozenset(
         "read_only",
     }
 )
-#: Options get_scoped_sql_database takes besides SQLDatabase's keyword arguments.
-_SCOPE_OPTIONS = frozenset({"read_only", "statement_timeout", "max_query_length"})
 
 
 def _known_options() -> frozenset[str]:
     parameters = inspect.signature(SQLDatabase.__init__).parameters
-    return frozenset(parameters) - {"self", "engine"} | _SCOPE_OPTIONS
+    return frozenset(parameters) - {"self", "engine"} | SCOPE_OPTIONS
 
 
 class ScopedSQLDatabaseProxy(SQLDatabase):
@@ -116,11 +110,7 @@ class ScopedSQLDatabaseProxy(SQLDatabase):
                 f"it takes the options of get_scoped_sql_database: "
                 f"{', '.join(sorted(_known_options()))}"
             )
-        if options.get("lazy_table_reflection"):
-            raise ConfigurationError(
-                "lazy_table_reflection=True is not supported: scoped SQLDatabase objects share "
-                "one reflected schema"
-            )
+        check_sql_database_options(options)
         self._lsc_url = database_url
         self._lsc_manager = manager
         self._lsc_options = dict(options)

@@ -1,32 +1,58 @@
 """The reflected-schema cache: one reflection per manager, URL and SQLDatabase options.
 
 ``SQLDatabase(engine)`` reflects the schema on construction (26 statements against
-PostgreSQL).  :class:`SchemaCache` does that once per key and keeps the result as a
-template; each execution's SQLDatabase is a shallow copy of it bound to the
-execution's engine (:mod:`langgraph_scoped_conn.sql_database`).  Call
-:func:`invalidate_schema_cache` after a migration.
+PostgreSQL).  Each manager owns a :class:`SchemaCache` that does that once per key and
+keeps the result as a template; each execution's SQLDatabase is a shallow copy of it
+bound to the execution's engine (:mod:`langgraph_scoped_conn.sql_database`).  Call
+``invalidate_schema_cache()`` after a migration.
+
+langchain-community is imported on the first reflection, not with this module: the
+manager holds its cache from the start, and an app that never asks for a SQLDatabase
+never loads it.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
-import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy.engine import URL, Engine
-
-from langgraph_scoped_conn.community import SQLDatabase
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from langgraph_scoped_conn.engine import PoolHandle
+    from sqlalchemy.engine import URL, Engine
 
-__all__ = ["SCOPE_OPTIONS", "SchemaCache", "invalidate_schema_cache", "schema_cache"]
+    from langgraph_scoped_conn.engine import PoolHandle
+    from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
+    from langgraph_scoped_conn.settings import ScopedConnSettings
+
+__all__ = ["SCOPE_OPTIONS", "SchemaCache", "check_sql_database_options"]
 
 #: Options of a scoped SQLDatabase that are not SQLDatabase keyword arguments.
-SCOPE_OPTIONS = frozenset({"read_only", "statement_timeout", "max_query_length"})
+SCOPE_OPTIONS = frozenset(
+    {"read_only", "statement_timeout", "max_query_length", "max_result_rows", "max_result_bytes"}
+)
+
+
+class Pools(Protocol):
+    """What the cache needs from its manager."""
+
+    settings: ScopedConnSettings
+
+    def resolve_target(self, url: str | URL | None) -> tuple[URL, PoolHandle | None]: ...
+
+
+def check_sql_database_options(options: Mapping[str, Any]) -> None:
+    """Refuse SQLDatabase options a scoped SQLDatabase cannot honour.
+
+    Raises:
+        ConfigurationError: ``lazy_table_reflection=True``.
+    """
+    if options.get("lazy_table_reflection"):
+        raise ConfigurationError(
+            "lazy_table_reflection=True is not supported by scoped SQLDatabase objects: "
+            "they share one reflected schema; leave it False (reflection is cached anyway)"
+        )
 
 
 class SchemaCache:
@@ -40,7 +66,7 @@ class SchemaCache:
     another.
     """
 
-    def __init__(self, manager: ExecutionConnectionManager) -> None:
+    def __init__(self, manager: Pools) -> None:
         self._manager = manager
         self._lock = threading.Lock()
         self._templates: dict[Any, SQLDatabase] = {}
@@ -52,6 +78,8 @@ class SchemaCache:
         #: SQLDatabase with no options needs, so making one skips every lookup above
         self._ready: dict[str, tuple[dict[str, Any], PoolHandle]] = {}
         self._generation = 0  # bumped by clear(): a reflection begun before it is not kept
+        #: URL text -> the read-only guard's catalog of the database's functions
+        self._catalogs: dict[str, Any] = {}
 
     @staticmethod
     def options_key(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -66,8 +94,7 @@ class SchemaCache:
         The URL is keyed by its text as given (a ``URL`` object by its rendering), so the
         hot path parses and renders nothing.
         """
-        raw = self._manager.settings.resolve_url(database_url)
-        url_text = raw if isinstance(raw, str) else raw.render_as_string(hide_password=False)
+        url_text = self.url_text(database_url)
         if not options:
             return (url_text, ())
         sql_options = {k: v for k, v in options.items() if k not in SCOPE_OPTIONS}
@@ -97,11 +124,7 @@ class SchemaCache:
         self, engine: Engine, database_url: str | URL | None, options: dict[str, Any]
     ) -> SQLDatabase:
         """The reflected SQLDatabase for ``options``; ``engine`` is the asking execution's."""
-        if options.get("lazy_table_reflection"):
-            raise ValueError(
-                "lazy_table_reflection=True is not supported by scoped SQLDatabase objects: "
-                "they share one reflected schema; leave it False (reflection is cached anyway)"
-            )
+        check_sql_database_options(options)
         if not self._manager.settings.cache_reflection:
             return _reflect(engine, options)
         key = self.key(database_url, options)
@@ -166,33 +189,33 @@ class SchemaCache:
             if self._states.get((url, ())) is not None:
                 self._ready[url] = (attributes, handle)
 
+    def catalog(self, url_text: str) -> Any:
+        """The function catalog read for ``url_text``'s database, if any yet."""
+        return self._catalogs.get(url_text)
+
+    def remember_catalog(self, url_text: str, catalog: Any) -> None:
+        with self._lock:
+            self._catalogs[url_text] = catalog
+
+    def url_text(self, database_url: str | URL | None) -> str:
+        """The text a URL is keyed by (its rendering, with the password, for a URL object)."""
+        raw = self._manager.settings.resolve_url(database_url)
+        return raw if isinstance(raw, str) else raw.render_as_string(hide_password=False)
+
     def clear(self) -> None:
+        """Forget every reflected schema and function catalog (after a migration)."""
         with self._lock:
             self._templates.clear()
             self._states.clear()
             self._ready.clear()
+            self._catalogs.clear()
             self._generation += 1
 
 
-_caches: weakref.WeakKeyDictionary[ExecutionConnectionManager, SchemaCache] = (
-    weakref.WeakKeyDictionary()
-)
-_caches_lock = threading.Lock()
-
-
-def schema_cache(manager: ExecutionConnectionManager) -> SchemaCache:
-    """The schema cache of ``manager``, created on first use."""
-    cache = _caches.get(manager)
-    if cache is None:
-        with _caches_lock:
-            cache = _caches.setdefault(manager, SchemaCache(manager))
-    return cache
-
-
 def _reflect(engine: Engine, options: dict[str, Any]) -> SQLDatabase:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return SQLDatabase(engine, **options)
+    from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
+
+    return SQLDatabase(engine, **options)
 
 
 def _freeze(value: Any) -> Any:
@@ -201,8 +224,3 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return tuple(sorted(map(str, value)))
     return value
-
-
-def invalidate_schema_cache(manager: ExecutionConnectionManager | None = None) -> None:
-    """Forget reflected schemas, so the next SQLDatabase reflects again (after a migration)."""
-    schema_cache(manager or get_connection_manager()).clear()
