@@ -381,7 +381,7 @@ async def _session(
 ) -> dict[str, Any]:
     import asyncio
 
-    from langgraph_scoped_conn.settings import redact_url
+    from langgraph_scoped_conn.redaction import redact_url
 
     saver_pool: Any = None
     try:

@@ -314,12 +314,19 @@ def runs() -> Iterator[list[dict[str, Any]]]:
     yield []
 
 
-def test_execution_id_callable_gets_the_real_configurable(
+def test_execution_id_callable_gets_what_langchain_hands_the_run(
     manager: ExecutionConnectionManager, runs: list[dict[str, Any]]
 ) -> None:
+    """The callable gets the run's metadata, tags and run id (what the callback is given).
+
+    Values for the id go in ``config["metadata"]``; LangGraph copies ``thread_id`` and
+    its other coordinates from ``configurable`` into the metadata, and the callable
+    finds those under ``configurable`` too.
+    """
+
     def guide_id(run: Any) -> str:
         runs.append(dict(run))
-        return f"{run['configurable']['user_id']}_{run['configurable']['conversation_id']}"
+        return f"{run['metadata']['user_id']}_{run['metadata']['conversation_id']}"
 
     seen: list[list[str]] = []
     graph = lsc.with_scoped_connections(recording_graph(seen), execution_id=guide_id)
@@ -328,8 +335,8 @@ def test_execution_id_callable_gets_the_real_configurable(
         {"n": 0},
         {
             "run_id": run_id,
-            "configurable": {"user_id": "u-7", "conversation_id": 42, "db": object()},
-            "metadata": {"source": "test"},
+            "configurable": {"thread_id": "t-1", "db": object()},
+            "metadata": {"user_id": "u-7", "conversation_id": 42, "source": "test"},
             "tags": ["t1"],
         },
         context=Context("acme"),
@@ -337,31 +344,29 @@ def test_execution_id_callable_gets_the_real_configurable(
     assert seen == [["u-7_42"]]
     (run,) = runs
     assert run["run_id"] == run_id
-    assert run["configurable"]["user_id"] == "u-7"
-    assert run["configurable"]["conversation_id"] == 42
-    assert "db" in run["configurable"]  # not only the str/int/float/bool values
-    assert run["context"] == Context("acme")
+    assert run["metadata"]["user_id"] == "u-7"
+    assert run["metadata"]["conversation_id"] == 42
     assert run["metadata"]["source"] == "test"
+    assert run["configurable"] == {"thread_id": "t-1"}  # only what the metadata carries
+    assert "context" not in run  # the callback is not given the runtime context
     assert run["tags"] == ["t1"]
 
 
-async def test_execution_id_callable_gets_the_configurable_under_ainvoke(
+async def test_execution_id_callable_gets_the_metadata_under_ainvoke(
     manager: ExecutionConnectionManager, runs: list[dict[str, Any]]
 ) -> None:
     def guide_id(run: Any) -> str:
         runs.append(dict(run))
-        return f"{run['configurable']['user_id']}_{run['configurable']['conversation_id']}"
+        return f"{run['metadata']['user_id']}_{run['metadata']['conversation_id']}"
 
     seen: list[list[str]] = []
     graph = lsc.with_scoped_connections(recording_graph(seen), execution_id=guide_id)
-    config: RunnableConfig = {"configurable": {"user_id": "a", "conversation_id": "b"}}
+    config: RunnableConfig = {"metadata": {"user_id": "a", "conversation_id": "b"}}
     await graph.ainvoke({"n": 0}, config, context=Context("x"))
-    async for _ in graph.astream(
-        {"n": 0}, {"configurable": {"user_id": "c", "conversation_id": 1}}
-    ):
+    async for _ in graph.astream({"n": 0}, {"metadata": {"user_id": "c", "conversation_id": 1}}):
         pass
     assert seen == [["a_b"], ["c_1"]]
-    assert runs[0]["context"] == Context("x")
+    assert runs[0]["metadata"]["user_id"] == "a"
     manager.drain()
 
 
@@ -373,7 +378,7 @@ def test_execution_id_callable_that_raises_names_itself_and_the_keys(
 
     graph = lsc.with_scoped_connections(recording_graph([]), execution_id=thread_id)
     with pytest.raises(lsc.ScopeUnavailableError) as caught:
-        graph.invoke({"n": 0}, {"configurable": {"user_id": "u", "conversation_id": "c"}})
+        graph.invoke({"n": 0}, {"metadata": {"user_id": "u", "conversation_id": "c"}})
     message = str(caught.value)
     assert "thread_id" in message and "KeyError" in message, message
     assert thread_id.__qualname__ in message, message

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 
 import langgraph_scoped_conn as lsc
-from langgraph_scoped_conn import ExecutionConnectionManager
+from langgraph_scoped_conn import ExecutionConnectionManager, invalidate_schema_cache
 from langgraph_scoped_conn.errors import (
     ConfigurationError,
     ConnectionBudgetExceededError,
@@ -33,7 +33,6 @@ from langgraph_scoped_conn.errors import (
     ScopedConnectionError,
     ScopeUnavailableError,
 )
-from langgraph_scoped_conn.sql_database import invalidate_schema_cache
 from tests.conftest import Database, backend_pid, eventually, live_pids, uninstall_default
 from tests.pgcluster import free_port
 
@@ -517,7 +516,7 @@ def test_reaper_runs_when_scopes_open(
     conn = manager.engine_for(forgotten).connect()
     pid = backend_pid(conn)
     forgotten.created -= 120
-    manager._last_upkeep -= 120  # the periodic check is due
+    manager._registry._last_upkeep -= 120  # the periodic check is due
     with lsc.ExecutionScope("next"):
         # the open hands upkeep to a release thread instead of reaping inline
         assert manager.drain()

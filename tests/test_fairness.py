@@ -56,9 +56,9 @@ def _record_admissions(pool: BudgetPool) -> tuple[list[int], list[int]]:
     """Record, per admission to ``pool``, how many callers were admitted ahead of it.
 
     White-box: counts at the points where BudgetPool puts a caller in line and where
-    it lets the head of the line take a connection, so the numbers are exact.  Also
-    counts the callers served straight from the idle pool while nobody was in line
-    (they overtake nobody).
+    it hands the head of the line a connection, so the numbers are exact.  Also
+    counts the callers served without waiting (an idle connection or a free slot,
+    while nobody was in line: they overtake nobody).
     """
     overtaken: list[int] = []
     direct = [0]
@@ -66,29 +66,33 @@ def _record_admissions(pool: BudgetPool) -> tuple[list[int], list[int]]:
     admitted = [0]
 
     class Line(collections.deque[object]):
-        def append(self, ticket: object) -> None:  # called under the pool's gate
+        def append(self, ticket: object) -> None:  # called under the pool's mutex
             asked[id(ticket)] = admitted[0]
             super().append(ticket)
 
-    take = pool._get_as_head
+    hand_over = pool._hand_over
+    handed: set[int] = set()
 
-    def get_as_head(deadline: float) -> Any:
-        ticket = pool._line[0]  # only the head of the line gets here
+    def hand_over_recorded(what: Any) -> None:  # called under the pool's mutex, in order
+        ticket: Any = pool._line[0]
         overtaken.append(admitted[0] - asked.pop(id(ticket)))
         admitted[0] += 1
-        return take(deadline)
+        handed.add(ticket.thread)
+        hand_over(what)
 
-    take_idle = pool._take_idle
+    take = pool.take
 
-    def take_idle_directly() -> Any:
-        entry = take_idle()
-        if entry is not None:
+    def take_recorded() -> Any:
+        entry = take()
+        if threading.get_ident() in handed:
+            handed.discard(threading.get_ident())
+        else:
             direct[0] += 1
         return entry
 
     pool._line = Line()
-    pool._get_as_head = get_as_head  # type: ignore[method-assign]
-    pool._take_idle = take_idle_directly  # type: ignore[method-assign]
+    pool._hand_over = hand_over_recorded  # type: ignore[method-assign]
+    pool.take = take_recorded  # type: ignore[method-assign]
     return overtaken, direct
 
 
@@ -142,7 +146,9 @@ HOG_ROUNDS = 20
 
 
 def _waiting_on_pool(pool: Any) -> int:
-    """Threads blocked in the pool's underlying queue, waiting for a connection."""
+    """Threads waiting for a connection: in BudgetPool's line, or QueuePool's queue."""
+    if isinstance(pool, BudgetPool):
+        return pool.requests_waiting()
     return len(pool._pool.not_empty._waiters)
 
 

@@ -163,7 +163,9 @@ def test_without_pre_ping_a_stale_connection_would_be_handed_out() -> None:
         mgr = ExecutionConnectionManager(url, max_connections=2, pool_pre_ping=False)
         try:
             with lsc.ExecutionScope(manager=mgr):
-                lsc.get_scoped_sql_database(manager=mgr).run("select 1")
+                # read-only: the connection goes back clean, so the next execution gets it
+                # without a session reset (a reset on a dead connection replaces it too)
+                lsc.get_scoped_sql_database(manager=mgr, read_only=True).run("select 1")
             cluster.restart()
             with lsc.ExecutionScope(manager=mgr):
                 db = lsc.get_scoped_sql_database(manager=mgr)

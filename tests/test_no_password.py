@@ -35,9 +35,10 @@ from starlette.testclient import TestClient
 from typing_extensions import TypedDict
 
 import langgraph_scoped_conn as lsc
-import langgraph_scoped_conn.settings as lsc_settings
+import langgraph_scoped_conn.redaction as lsc_redaction
+import langgraph_scoped_conn.urls as lsc_urls
 from langgraph_scoped_conn.http import STATUS_PATH, create_app
-from langgraph_scoped_conn.settings import redact_url
+from langgraph_scoped_conn.redaction import redact_url
 from tests.conftest import Database, assert_clean
 from tests.pgcluster import SUPERUSER_PASSWORD, free_port
 
@@ -410,19 +411,19 @@ def test_redact_url_hides_every_form(text: str, secret: str, kept: str) -> None:
     ],
 )
 def test_safe_url_hides_the_password_and_secret_query_parameters(url: str, secret: str) -> None:
-    shown = lsc_settings.safe_url(make_url(url))
+    shown = lsc_redaction.safe_url(make_url(url))
     assert secret not in shown, shown
     assert shown.startswith(url.split("?", maxsplit=1)[0].replace(":hunter2", ":***"))
 
 
 def test_a_query_password_is_moved_to_the_urls_password() -> None:
     """So SQLAlchemy's own renderings (engine.url, reprs) hide it, and the driver gets it."""
-    parsed = lsc_settings.parse_url("postgresql+psycopg2://u@h/db?sslmode=require&password=a%26b")
+    parsed = lsc_urls.parse_url("postgresql+psycopg2://u@h/db?sslmode=require&password=a%26b")
     assert parsed.password == "a&b"
     assert dict(parsed.query) == {"sslmode": "require"}
     assert "a%26b" not in repr(parsed) and "a&b" not in str(parsed)
     # the query wins over the userinfo, as it does in the driver's keyword arguments
-    assert lsc_settings.parse_url("postgresql://u:old@h/db?password=new").password == "new"
+    assert lsc_urls.parse_url("postgresql://u:old@h/db?password=new").password == "new"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConfigurationError, UnsafeQueryError
-from langgraph_scoped_conn.settings import parse_url, resolve_strategy
+from langgraph_scoped_conn.urls import parse_url, resolve_strategy
 from tests.conftest import Database, Server, assert_clean
 from tests.pgbouncer import PgBouncer, pgbouncer_binary, run_worker, scram_secret
 
@@ -136,7 +136,7 @@ def pooler_manager(bdb: BouncedDb) -> Iterator[ExecutionConnectionManager]:
     ],
 )
 def test_auto_strategy_detects_transaction_poolers(url: str, expected: str) -> None:
-    assert resolve_strategy("auto", parse_url(url)) == expected
+    assert resolve_strategy("auto", parse_url(url))[0] == expected
 
 
 def test_pooler_strategy_is_refused_for_sqlite(tmp_path: Any) -> None:

@@ -538,33 +538,159 @@ HOSTILE_PG: list[tuple[str, str, type[Exception], str]] = [
         UNSAFE,
         "EXPLAIN DECLARE is refused",
     ),
-    # -- one plain query that the read-only transaction refuses
+    # -- one plain query calling a function that changes state: refused by the guard
+    # (before: the read-only transaction refused some, and rolled the others back)
     (
         "set_config read-write",
         "SELECT set_config('transaction_read_only', 'off', true)",
-        READ_ONLY,
-        "read-write mode",
+        UNSAFE,
+        "set_config() is volatile",
     ),
     (
         "set_config read-write for the session",
         "SELECT set_config('transaction_read_only', 'off', false)",
-        READ_ONLY,
-        "read-write mode",
+        UNSAFE,
+        "set_config() is volatile",
     ),
-    ("nextval", "SELECT nextval('s')", READ_ONLY, "nextval()"),
-    ("setval", "SELECT setval('s', 1000)", READ_ONLY, "setval()"),
+    ("nextval", "SELECT nextval('s')", UNSAFE, "nextval() is volatile"),
+    ("setval", "SELECT setval('s', 1000)", UNSAFE, "setval() is volatile"),
     (
         "delete through query_to_xml",
         "SELECT query_to_xml('DELETE FROM orders', false, false, '')",
-        DBAPIError,
-        "not allowed in a non-volatile function",
+        UNSAFE,
+        "query_to_xml() reaches other sessions, or runs SQL the guard cannot see",
     ),
     (
         "temp table through query_to_xml",
         "SELECT query_to_xml('CREATE TEMP TABLE x AS SELECT 1', false, false, '')",
-        DBAPIError,
-        "not allowed in a non-volatile function",
+        UNSAFE,
+        "query_to_xml() reaches other sessions, or runs SQL the guard cannot see",
     ),
+    # -- one SELECT that reaches other runs or the server (one role for every run):
+    # signal or watch other sessions, take locks, write WAL, notify, touch files
+    (
+        "terminate the other runs",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+        UNSAFE,
+        "the query reads pg_stat_activity",
+    ),
+    (
+        "cancel the other runs",
+        "SELECT pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity",
+        UNSAFE,
+        "the query reads pg_stat_activity",
+    ),
+    ("terminate by pid", "SELECT pg_terminate_backend(1)", UNSAFE, "pg_terminate_backend()"),
+    (
+        "cancel by pid",
+        "SELECT pg_catalog.pg_cancel_backend(1)",
+        UNSAFE,
+        "pg_catalog.pg_cancel_backend() is volatile",
+    ),
+    ("read other runs' SQL", "SELECT query FROM pg_stat_activity", UNSAFE, "pg_stat_activity"),
+    (
+        "read sessions, quoted schema",
+        'SELECT * FROM "pg_catalog".pg_stat_activity',
+        UNSAFE,
+        "pg_stat_activity",
+    ),
+    ("sessions through TABLE", "TABLE pg_stat_activity", UNSAFE, "pg_stat_activity"),
+    (
+        "sessions through a function",
+        "SELECT * FROM pg_stat_get_activity(NULL)",
+        UNSAFE,
+        "pg_stat_get_activity() reaches other sessions",
+    ),
+    (
+        "another backend's SQL",
+        "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
+        UNSAFE,
+        "reaches other sessions",
+    ),
+    ("the lock table", "SELECT * FROM pg_locks", UNSAFE, "the query reads pg_locks"),
+    ("blocking pids", "SELECT pg_blocking_pids(1)", UNSAFE, "pg_blocking_pids() reaches other"),
+    ("progress views", "SELECT * FROM pg_stat_progress_vacuum", UNSAFE, "pg_stat_progress_vacuum"),
+    (
+        "other sessions' statements",
+        "SELECT query FROM pg_stat_statements",
+        UNSAFE,
+        "pg_stat_statements",
+    ),
+    (
+        "session advisory lock",
+        "SELECT pg_advisory_lock(7)",
+        UNSAFE,
+        "pg_advisory_lock() is volatile",
+    ),
+    (
+        "shared and try advisory locks",
+        "SELECT pg_advisory_lock_shared(8), pg_try_advisory_lock(9)",
+        UNSAFE,
+        "pg_advisory_lock_shared() is volatile",
+    ),
+    (
+        "advisory lock storm",
+        "SELECT count(pg_advisory_lock(g)) FROM generate_series(1, 6600) g",
+        UNSAFE,
+        "pg_advisory_lock() is volatile",
+    ),
+    ("setseed", "SELECT setseed(0.5)", UNSAFE, "setseed() is volatile"),
+    (
+        "setseed in a CTE",
+        "WITH s AS (SELECT setseed(0.1)) SELECT random() FROM s",
+        UNSAFE,
+        "setseed() is volatile",
+    ),
+    (
+        "WAL flood",
+        "SELECT pg_logical_emit_message(true, 'x', repeat('x', 1000000))",
+        UNSAFE,
+        "pg_logical_emit_message() is volatile",
+    ),
+    ("notify from a query", "SELECT pg_notify('pwned', 'x')", UNSAFE, "pg_notify() is volatile"),
+    (
+        "session setting",
+        "SELECT set_config('search_path', 'pg_catalog', false)",
+        UNSAFE,
+        "set_config() is volatile",
+    ),
+    (
+        "role setting",
+        "SELECT set_config('role', 'pg_read_all_data', false)",
+        UNSAFE,
+        "set_config() is volatile",
+    ),
+    ("large object import", "SELECT lo_import('/etc/passwd')", UNSAFE, "lo_import() is volatile"),
+    ("large object", "SELECT lo_create(0)", UNSAFE, "lo_create() is volatile"),
+    ("large object data", "SELECT data FROM pg_largeobject", UNSAFE, "pg_largeobject"),
+    ("read a file", "SELECT pg_read_file('postgresql.conf')", UNSAFE, "pg_read_file() is volatile"),
+    ("list a directory", "SELECT * FROM pg_ls_dir('.')", UNSAFE, "pg_ls_dir() is volatile"),
+    ("config file", "SELECT * FROM pg_file_settings", UNSAFE, "pg_file_settings"),
+    (
+        "any SQL through query_to_xml",
+        "SELECT query_to_xml('select pg_advisory_lock(10)', false, false, '')",
+        UNSAFE,
+        "query_to_xml() reaches other sessions",
+    ),
+    (
+        "sessions through table_to_xml",
+        "SELECT table_to_xml('pg_stat_activity', false, false, '')",
+        UNSAFE,
+        "table_to_xml() reaches other sessions",
+    ),
+    (
+        "SQL through ts_stat",
+        "SELECT * FROM ts_stat('select to_tsvector(query) from pg_stat_activity')",
+        UNSAFE,
+        "ts_stat() reaches other sessions",
+    ),
+    (
+        "dblink",
+        "SELECT * FROM dblink('dbname=postgres', 'delete from orders') AS t(a int)",
+        UNSAFE,
+        "dblink() reaches other sessions",
+    ),
+    ("sleep via unknown function", "SELECT no_such_function(1)", UNSAFE, "not a function the"),
 ]
 
 
@@ -760,33 +886,6 @@ def test_the_reported_bypass_leaves_every_row(corpus: Corpus) -> None:
         assert cur.fetchone()[0] == 20
 
 
-#: Queries the guard lets through that try to change session state anyway: the
-#: read-only transaction and its rollback must undo every one.
-TOLERATED_PG = [
-    "select pg_advisory_lock(7)",
-    "select pg_advisory_lock_shared(8), pg_try_advisory_lock(9)",
-    "select set_config('search_path', 'pg_catalog', false)",
-    "select set_config('work_mem', '64kB', false)",
-    "select set_config('statement_timeout', '0', false)",
-    "select set_config('role', 'pg_read_all_data', false)",
-    "select set_config('TimeZone', 'Asia/Tokyo', false)",
-    "select set_config('application_name', 'pwned', false)",
-    "select query_to_xml('select pg_advisory_lock(10)', false, false, '')",
-    "select pg_notify('pwned', 'x')",
-    "select lo_create(0)",
-]
-
-
-@pytest.mark.parametrize("query", TOLERATED_PG)
-def test_state_changing_functions_are_rolled_back(corpus: Corpus, query: str) -> None:
-    before = corpus.checksum()
-    with lsc.ExecutionScope(manager=corpus.mgr):
-        db = lsc.get_scoped_sql_database(manager=corpus.mgr, read_only=True)
-        answer = db.run_no_throw(query)
-        assert not answer.startswith("Error: "), answer
-    _assert_untouched(corpus, before)
-
-
 #: Queries a model sends that must keep working.
 BENIGN_PG: list[tuple[str, str]] = [
     ("select count(*) from orders", "[(500,)]"),
@@ -828,6 +927,52 @@ BENIGN_PG: list[tuple[str, str]] = [
     ("SELECT x::int FROM generate_series(1, 2) x", "[(1,), (2,)]"),
     ("SELECT current_setting('transaction_read_only')", "[('on',)]"),
     ("SELECT U&'d\\0061t\\+000061' AS u", "[('data',)]"),
+    # ordinary analytics: functions the server marks immutable or stable, and the few
+    # harmless volatile ones (random, clock_timestamp, gen_random_uuid)
+    (
+        "SELECT customer_id, amount, sum(amount) OVER (PARTITION BY customer_id ORDER BY id) "
+        "AS running, lag(amount) OVER (ORDER BY id) FROM orders WHERE customer_id = 3 "
+        "ORDER BY id LIMIT 1",
+        "[(3, Decimal(",
+    ),
+    (
+        "SELECT date_trunc('month', created)::date AS m, count(*) FROM orders "
+        "GROUP BY 1 ORDER BY 1 LIMIT 1",
+        "[(datetime.date(2024, 1, 1), ",
+    ),
+    (
+        "SELECT extract(year FROM created), to_char(created, 'YYYY-MM'), "
+        "age(date '2025-01-01', created) > interval '0' FROM orders ORDER BY id LIMIT 1",
+        "2024-01",
+    ),
+    (
+        "SELECT upper(name), lower(city), concat(name, '/', city), substring(name from 1 for 8), "
+        "trim('  x '), regexp_replace(name, '[0-9]+', '#'), length(name), left(city, 2) "
+        "FROM customers ORDER BY id LIMIT 1",
+        "'CUSTOMER 1'",
+    ),
+    (
+        "SELECT CAST(amount AS int), amount::text, '42'::numeric + 1, round(amount, 0) "
+        "FROM orders ORDER BY id LIMIT 1",
+        "Decimal('43')",
+    ),
+    (
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY amount), "
+        "string_agg(DISTINCT city, ',' ORDER BY city), json_agg(orders.id ORDER BY orders.id)::text LIKE '[1,%' "
+        "FROM orders JOIN customers ON customers.id = orders.customer_id",
+        "'Lima,Oslo,Pune'",
+    ),
+    ("SELECT count(*) FROM (SELECT * FROM orders ORDER BY random() LIMIT 5) s", "[(5,)]"),
+    (
+        "SELECT clock_timestamp() >= now() AS a, gen_random_uuid() IS NOT NULL AS b, "
+        "random() BETWEEN 0 AND 1 AS c",
+        "[(True, True, True)]",
+    ),
+    ("SELECT sum(g) FROM generate_series(1, 10) g", "[(55,)]"),
+    ("SELECT coalesce(NULL, 'x'), nullif(1, 1), greatest(1, 3, 2)", "[('x', None, 3)]"),
+    ("SELECT current_date = now()::date AS a, version() LIKE 'PostgreSQL%' AS b", "[(True, True)]"),
+    ("SELECT pg_size_pretty(1024::bigint), current_database() <> ''", "[('1024 bytes', True)]"),
+    ("EXPLAIN SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id", "Join"),
 ]
 
 
@@ -1008,15 +1153,17 @@ def test_reads_run_in_a_read_only_transaction_with_a_timeout(
         assert writable.run("select current_setting('transaction_read_only')") == "[('off',)]"
 
 
-def test_session_settings_changed_by_a_query_are_rolled_back(
+def test_session_settings_a_query_tries_to_change_are_refused(
     manager: lsc.ExecutionConnectionManager, pg_db: Database
 ) -> None:
     with lsc.ExecutionScope():
         db = lsc.get_scoped_sql_database(read_only=True)
-        db.run("select set_config('application_name', 'pwned', false)")
-        db.run("select set_config('statement_timeout', '0', false)")
-        db.run("select set_config('default_transaction_read_only', 'off', false)")
-        # the pooled connection keeps none of it: every read-only statement is rolled back
+        for setting in ("application_name', 'pwned", "statement_timeout', '0"):
+            answer = db.run_no_throw(f"select set_config('{setting}', false)")
+            assert answer.startswith("Error: set_config() is volatile"), answer
+        answer = db.run_no_throw("select set_config('default_transaction_read_only', 'off', false)")
+        assert answer.startswith("Error: "), answer
+        # the pooled connection keeps none of it
         assert db.run("select current_setting('application_name')") == (
             "[('langgraph_scoped_conn',)]"
         )
@@ -1029,20 +1176,22 @@ def test_session_settings_changed_by_a_query_are_rolled_back(
     assert {r[0] for r in rows} == {"langgraph_scoped_conn"}
 
 
-def test_session_advisory_locks_do_not_outlive_the_statement(
+def test_session_advisory_locks_are_refused_and_none_is_held(
     manager: lsc.ExecutionConnectionManager, pg_db: Database
 ) -> None:
-    """pg_advisory_lock is allowed in a read-only transaction and survives its rollback."""
+    """pg_advisory_lock would outlive the read-only transaction's rollback: it is refused."""
     locks = "select count(*) from pg_locks where locktype = 'advisory'"
     with lsc.ExecutionScope():
         db = lsc.get_scoped_sql_database(read_only=True)
-        db.run("select pg_advisory_lock(42)")
-        assert pg_db.query(locks) == [(0,)]
-        db.run("select query_to_xml('select pg_try_advisory_lock_shared(43)', false, false, '')")
-        assert pg_db.query(locks) == [(0,)]
-        # a lock taken by a statement that then fails is dropped too
-        assert db.run_no_throw("select pg_advisory_lock(44), 1/0").startswith("Error: ")
-        assert pg_db.query(locks) == [(0,)]
+        for query in (
+            "select pg_advisory_lock(42)",
+            "select query_to_xml('select pg_try_advisory_lock_shared(43)', false, false, '')",
+            "select pg_advisory_lock(44), 1/0",
+            "select pg_try_advisory_xact_lock(45)",
+        ):
+            with pytest.raises(UnsafeQueryError):
+                db.run(query)
+            assert pg_db.query(locks) == [(0,)]
         assert db.run("select 1") == "[(1,)]"
     assert pg_db.query(locks) == [(0,)]
 

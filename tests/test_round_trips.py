@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 import langgraph_scoped_conn as lsc
 import langgraph_scoped_conn.engine as engine_module
+from langgraph_scoped_conn.session import RESET_SQL
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import UnsafeQueryError
 from tests.conftest import Database, eventually
@@ -100,9 +101,11 @@ def test_read_only_query_costs_three_statements(
         assert _scoped_run(rt_manager, QUERY, read_only=True) == "[(50,)]"
     sent = log.count(APP, lambda: _scoped_run(rt_manager, QUERY, read_only=True))
     assert len(sent) <= 3, sent
+    # the query runs as a cursor, its rows fetched within the caps; the fetch names it
     assert sent == [
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = 30000",
-        QUERY,
+        f"BEGIN READ ONLY; SET LOCAL statement_timeout = 30000; "
+        f"DECLARE lsc_result NO SCROLL CURSOR FOR {QUERY}",
+        f"FETCH FORWARD 100 FROM lsc_result /* {QUERY} */",
         "ROLLBACK; SELECT pg_advisory_unlock_all()",
     ]
     assert rt_manager.get_stats().get("session_resets", 0) == 0
@@ -128,8 +131,8 @@ def test_plain_query_of_a_new_execution_costs_no_more_than_an_unscoped_run(
     _scoped_run(rt_manager, QUERY)  # warm: reflection and the pool's connection
     sent = log.count(APP, lambda: _scoped_run(rt_manager, QUERY))
     assert len(sent) <= len(bare), sent
-    # the lone statement commits on its own; the session reset still runs
-    assert sent == [QUERY, "DISCARD ALL"]
+    # the lone statement commits on its own; the session reset runs as the execution ends
+    assert sent[0] == QUERY and sent[1].startswith(RESET_SQL) and len(sent) == 2, sent
 
 
 @pytest.mark.parametrize("rt_manager", DRIVERS, indirect=True)
@@ -141,10 +144,12 @@ def test_a_schema_and_several_statements_keep_their_transaction(
     _scoped_run(rt_manager, QUERY, schema="public")  # reflects the schema for this option
     sent = log.count(APP, lambda: _scoped_run(rt_manager, QUERY, schema="public"))
     assert len(sent) == 5, sent
-    assert sent[0] == "BEGIN" and sent[-3:] == [QUERY, "COMMIT", "DISCARD ALL"], sent
+    assert sent[0] == "BEGIN" and sent[-3:-1] == [QUERY, "COMMIT"], sent
+    assert sent[-1].startswith(RESET_SQL), sent
     assert "set_config('search_path'" in sent[1], sent
     sent = log.count(APP, lambda: _scoped_run(rt_manager, "select 1; select 2"))
-    assert sent == ["BEGIN", "select 1; select 2", "COMMIT", "DISCARD ALL"], sent
+    assert sent[:3] == ["BEGIN", "select 1; select 2", "COMMIT"], sent
+    assert len(sent) == 4 and sent[3].startswith(RESET_SQL), sent
 
 
 @pytest.mark.parametrize("rt_manager", DRIVERS, indirect=True)
@@ -238,7 +243,8 @@ def test_read_only_runs_leave_the_session_as_they_found_it(
 ) -> None:
     with lsc.ExecutionScope():
         db = lsc.get_scoped_sql_database(read_only=True, statement_timeout=0.2)
-        assert db.run("select pg_advisory_lock(7), 1") == "[('', 1)]"
+        # the guard refuses a session advisory lock before it reaches the server
+        assert db.run_no_throw("select pg_advisory_lock(7), 1").startswith("Error: ")
         assert db.run("select count(*) from orders") == "[(500,)]"
         assert db.run_no_throw("select pg_sleep(5)").startswith("Error: ")  # timed out
         assert db.run_no_throw("select nextval('no_such_seq')").startswith("Error: ")
