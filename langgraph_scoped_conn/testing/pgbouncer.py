@@ -182,6 +182,12 @@ class PgBouncer:
         self._wait_ready()
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The PgBouncer process id while this object's process runs, else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def _wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
