@@ -9,7 +9,8 @@ worktree, removed afterwards) or a checkout's directory; this checkout's
 any other side first, so both run the same harness.
 
 Run: ``python -m benchmarks.compare_commits acquire --old HEAD~1`` (new: this
-checkout), ``--new <commit or dir>``, ``--rounds 4``, ``--args "--n 1000"``.
+checkout), ``--new <commit or dir>``, ``--rounds 4``, ``--args="--n 1000"`` (with ``=``:
+the value starts with a dash).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def checkout(side: str) -> Iterator[Path]:
     finally:
         if made:
             git("worktree", "remove", "--force", str(path))
+            path.parent.rmdir()
 
 
 def git(*args: str) -> None:
