@@ -1,213 +1,135 @@
-"""Compare two checkouts of the package, old against new, in alternating processes.
+"""Compare two commits on one benchmark: the same scripts, alternating processes, ratios.
 
-Each benchmark runs once per side per round, every run in its own process with the
-same arguments; the order flips every round (old, new, new, old, old, new, ...), so
-drift in the machine's load hits both sides alike.  A round's ``new / old`` pairs the
-two runs next to each other.  The old checkout is a ``git worktree``; this copies the
-current ``benchmarks/*.py`` into it first, so both sides run the same scripts.
+Each round runs the benchmark once per side, each in its own process, the order
+flipped every round (old, new, new, old, ...), so drift in the machine's load hits
+both alike; every figure of the benchmark (``figures.py``) is reported per round as
+``new / old``, with the median.  A side is a commit (checked out into a temporary
+worktree, removed afterwards) or a checkout's directory; this checkout's
+``benchmarks/*.py`` (and the support package, if the side predates it) are copied into
+any other side first, so both run the same harness.
 
-Run::
-
-    git worktree add /tmp/bench-old bc9acd4
-    python benchmarks/compare_commits.py --old /tmp/bench-old --rounds 4
-    git worktree remove --force /tmp/bench-old
-
-Writes ``benchmarks/results/compare.json`` (render with ``render_results.py``).
+Run: ``python -m benchmarks.compare_commits acquire --old HEAD~1`` (new: this
+checkout), ``--new <commit or dir>``, ``--rounds 4``, ``--args="--n 1000"`` (with ``=``:
+the value starts with a dash).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import harness
+from benchmarks.figures import BENCHMARKS, figures, fmt
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from common import console, median, table, write_result  # noqa: E402
-
-#: benchmark -> (default arguments, {metric: path in its result JSON})
-BENCHMARKS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
-    "overhead": (
-        "--rounds 300 --per-round 20 --warmup 300",
-        {
-            "wrapped / bare": ("ratio_wrapped_over_bare",),
-            "wrapped / bare, median of per-round": ("median_paired_ratio",),
-            "no-op handler / bare": ("ratio_noop_handler_over_bare",),
-            "wrapped / no-op handler": ("ratio_wrapped_over_noop_handler",),
-        },
-    ),
-    "acquire": (
-        "--n 3000 --warmup 200 --slow-every 100000",
-        {
-            "shared / unscoped warm": ("summary", "shared", "vs_unscoped_warm"),
-            "shared us": ("summary", "shared", "median_us"),
-            "unscoped warm us": ("summary", "unscoped_warm", "median_us"),
-        },
-    ),
-    "reset": (
-        "--n 3000 --warmup 200 --count 200",
-        {
-            "read_only / unscoped warm": ("summary", "read_only", "vs_unscoped_warm"),
-            "write / unscoped warm": ("summary", "write", "vs_unscoped_warm"),
-            "write / read_only": ("write_over_read_only",),
-            "read_only us": ("summary", "read_only", "median_us"),
-            "write us": ("summary", "write", "median_us"),
-            "unscoped warm us": ("summary", "unscoped_warm", "median_us"),
-            "read_only round trips": ("summary", "read_only", "round_trips_per_call"),
-            "write round trips": ("summary", "write", "round_trips_per_call"),
-            "unscoped warm round trips": ("summary", "unscoped_warm", "round_trips_per_call"),
-        },
-    ),
-}
+ROOT = HERE.parent
+SUPPORT = Path("langgraph_scoped_conn") / "testing"
 
 
-def dig(data: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
+@contextlib.contextmanager
+def checkout(side: str) -> Iterator[Path]:
+    """A directory holding ``side``: itself if it is one, else a temporary worktree."""
+    made = not Path(side).is_dir()
+    path = Path(tempfile.mkdtemp(prefix="lsc-compare-")) / "tree" if made else Path(side).resolve()
+    if made:
+        git("worktree", "add", "--detach", str(path), side)
+    try:
+        if path != ROOT:
+            for script in HERE.glob("*.py"):
+                shutil.copy2(script, path / "benchmarks" / script.name)
+            if not (path / SUPPORT).exists():
+                shutil.copytree(ROOT / SUPPORT, path / SUPPORT)
+        yield path
+    finally:
+        if made:
+            git("worktree", "remove", "--force", str(path))
+            path.parent.rmdir()
 
 
-def run_side(root: Path, bench: str, args: list[str], out: str) -> dict[str, Any]:
-    script = root / "benchmarks" / f"bench_{bench}.py"
-    cmd = [sys.executable, str(script), *args, "--out", out]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, cwd=root, capture_output=True, text=True)
-    path = root / "benchmarks" / "results" / f"{out}.json"
+def git(*args: str) -> None:
+    subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True)
+
+
+def run_side(root: Path, bench: str, args: list[str], out: Path) -> dict[str, Any]:
+    """One run of ``bench`` in ``root``'s checkout; its result."""
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{bench}", *args]
+    cmd += ["--out", "compare", "--results", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    path = out / "compare.json"
     if not path.exists():
-        console.print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"{bench} on {root} wrote no result (exit code {proc.returncode})")
-    data = json.loads(path.read_text())
+        harness.console.print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"{bench} in {root} wrote no result (exit code {proc.returncode})")
+    result: dict[str, Any] = json.loads(path.read_text())
     path.unlink()
-    data["_seconds"] = round(time.perf_counter() - t0, 1)
-    data["_rc"] = proc.returncode
-    return data
+    return result
 
 
-def report(
-    args: argparse.Namespace,
-    sides: dict[str, Path],
-    names: list[str],
-    runs: dict[str, list[dict[str, Any]]],
-    machine: dict[str, Any],
-    show: bool,
-) -> None:
-    """Summarise the rounds so far and write the result file (after every round)."""
-    summary: dict[str, dict[str, Any]] = {}
-    for name in names:
-        rows = runs[name]
-        summary[name] = {}
-        for metric in BENCHMARKS[name][1]:
-            old = [x["old"][metric] for x in rows if x["old"][metric] is not None]
-            new = [x["new"][metric] for x in rows if x["new"][metric] is not None]
-            pairs = [
-                x["new"][metric] / x["old"][metric]
-                for x in rows
-                if x["new"][metric] is not None and x["old"][metric]
-            ]
-            summary[name][metric] = {
-                "old": old,
-                "new": new,
-                "old_median": median(old) if old else None,
-                "new_median": median(new) if new else None,
-                "new_over_old_per_round": [round(p, 3) for p in pairs],
-                "new_over_old_median": round(median(pairs), 3) if pairs else None,
-            }
-        if show:
-            console.print(
-                table(
-                    f"{name}: old {rows[0]['old']['code']} vs new {rows[0]['new']['code']}, "
-                    f"{len(rows)} rounds, separate processes, order flipped every round",
-                    [
-                        "metric",
-                        "old per round",
-                        "new per round",
-                        "new/old per round",
-                        "new/old med",
-                    ],
-                    [
-                        (
-                            m,
-                            " ".join(
-                                f"{x:.3f}" if isinstance(x, float) else str(x) for x in s["old"]
-                            ),
-                            " ".join(
-                                f"{x:.3f}" if isinstance(x, float) else str(x) for x in s["new"]
-                            ),
-                            " ".join(f"{x:.3f}" for x in s["new_over_old_per_round"]),
-                            s["new_over_old_median"],
-                        )
-                        for m, s in summary[name].items()
-                    ],
-                )
-            )
-    write_result(
-        args.out,
-        {
-            "benchmark": "compare",
-            "machine": machine,
-            "params": {
-                "rounds": len(runs[names[0]]),
-                "old": str(sides["old"]),
-                "new": str(sides["new"]),
-                "args": {n: getattr(args, f"{n.replace('-', '_')}_args") for n in names},
-            },
-            "runs": runs,
-            "summary": summary,
-        },
-    )
+def compare(bench: str, sides: dict[str, Path], rounds: int, args: list[str]) -> dict[str, Any]:
+    """``rounds`` alternating rounds; per figure, each side's values and new/old per round."""
+    values: dict[str, dict[str, list[Any]]] = {"old": {}, "new": {}}
+    codes = {}
+    with tempfile.TemporaryDirectory(prefix="lsc-compare-out-") as tmp:
+        for r in range(rounds):
+            for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                result = run_side(sides[side], bench, args, Path(tmp))
+                codes[side] = result["machine"]["code"]
+                for f in figures(bench):
+                    values[side].setdefault(f.label, []).append(f.value(result))
+                harness.console.print(f"round {r + 1} {side}: {codes[side]}")
+    summary = {}
+    for f in figures(bench):
+        old, new = values["old"][f.label], values["new"][f.label]
+        pairs = [n / o for o, n in zip(old, new, strict=True) if _number(o) and _number(n) and o]
+        summary[f.label] = {"old": old, "new": new, "new_over_old": [round(p, 3) for p in pairs]}
+    return {"benchmark": bench, "codes": codes, "rounds": rounds, "args": args, "figures": summary}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def report(result: dict[str, Any]) -> None:
+    rows = [
+        (
+            label,
+            " ".join(fmt(x) for x in s["old"]),
+            " ".join(fmt(x) for x in s["new"]),
+            " ".join(f"{x:.3f}" for x in s["new_over_old"]),
+            harness.median(s["new_over_old"]) if s["new_over_old"] else None,
+        )
+        for label, s in result["figures"].items()
+    ]
+    title = f"{result['benchmark']}: old {result['codes']['old']} vs new {result['codes']['new']}"
+    columns = ["figure", "old per round", "new per round", "new/old per round", "median"]
+    harness.console.print(harness.table(title, columns, rows))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", default="/tmp/bench-old", help="the old checkout (a worktree)")
-    parser.add_argument("--new", default=str(HERE.parent), help="the new checkout (this one)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per side")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help="benchmarks to compare")
-    for name, (default, _) in BENCHMARKS.items():
-        parser.add_argument(f"--{name}-args", default=default, help=f"({default})")
-    parser.add_argument("--out", default="compare", help="results file name (compare)")
+    parser.add_argument("bench", choices=list(BENCHMARKS))
+    parser.add_argument("--old", default="HEAD~1", help="a commit or a checkout (HEAD~1)")
+    parser.add_argument("--new", default=str(ROOT), help="a commit or a checkout (this one)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, each runs both sides")
+    parser.add_argument("--args", default="", help="the benchmark's arguments, one string")
     args = parser.parse_args(argv)
-    sides = {"old": Path(args.old).resolve(), "new": Path(args.new).resolve()}
-    if sides["old"] != sides["new"]:
-        for script in HERE.glob("*.py"):  # the same scripts on both sides
-            shutil.copy2(script, sides["old"] / "benchmarks" / script.name)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    machine: dict[str, Any] = {}
-    for r in range(args.rounds):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        for name in names:
-            bench_args = shlex.split(getattr(args, f"{name.replace('-', '_')}_args"))
-            row: dict[str, Any] = {"round": r + 1, "order": "/".join(order)}
-            for side in order:
-                data = run_side(sides[side], name, bench_args, f"cmp_{name}_{side}_r{r + 1}")
-                metrics = {m: dig(data, p) for m, p in BENCHMARKS[name][1].items()}
-                row[side] = {
-                    "code": data["machine"].get("code"),
-                    "load_avg_at_start": data["machine"].get("load_avg_at_start"),
-                    "seconds": data["_seconds"],
-                    **metrics,
-                }
-                if side == "new" and not machine:
-                    machine = data["machine"]
-                console.print(
-                    f"round {r + 1} {name:9} {side}: "
-                    + ", ".join(
-                        f"{m} {v:.3f}" if isinstance(v, float) else f"{m} {v}"
-                        for m, v in metrics.items()
-                    )
-                )
-            runs[name].append(row)
-        report(args, sides, names, runs, machine, show=r == args.rounds - 1)
+    with checkout(args.old) as old, checkout(args.new) as new:
+        result = compare(args.bench, {"old": old, "new": new}, args.rounds, shlex.split(args.args))
+    report(result)
+    out = harness.RESULTS_DIR / f"compare_{args.bench}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.console.print(f"[dim]wrote {out}[/dim]")
     return 0
 
 

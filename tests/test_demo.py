@@ -25,8 +25,8 @@ from langgraph_scoped_conn.demo import ScriptedSQLChatModel, build_query, ensure
 from langgraph_scoped_conn.demo.data import SALES_ROWS, sample_rows
 from langgraph_scoped_conn.demo.runner import is_too_many_clients
 from langgraph_scoped_conn.errors import ConfigurationError
+from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD, PostgresCluster, free_port
 from tests.conftest import eventually
-from tests.pgcluster import SUPERUSER_PASSWORD, PostgresCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,8 +39,8 @@ import langgraph_scoped_conn.redaction as lsc_redaction
 import langgraph_scoped_conn.urls as lsc_urls
 from langgraph_scoped_conn.http import STATUS_PATH, create_app
 from langgraph_scoped_conn.redaction import redact_url
+from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD, free_port
 from tests.conftest import Database, assert_clean
-from tests.pgcluster import SUPERUSER_PASSWORD, free_port
 
 
 @dataclass

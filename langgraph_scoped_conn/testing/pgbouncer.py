@@ -1,25 +1,20 @@
-"""A throwaway PgBouncer in transaction mode, and the multi-process workload run through it.
+"""A throwaway PgBouncer in transaction mode, in front of a throwaway PostgreSQL.
 
 :class:`PgBouncer` writes a ``pgbouncer.ini`` and a ``userlist.txt`` into a temporary
-directory and starts the Debian ``pgbouncer`` binary in the foreground on 127.0.0.1 and
-a free port (never a Unix socket, never a well-known port).  PgBouncer refuses to run
-as root, so as root it runs as the ``postgres`` system user, like ``tests.pgcluster``.
+directory and starts the ``pgbouncer`` binary in the foreground on 127.0.0.1 and a free
+port (never a Unix socket, never a well-known port).  PgBouncer refuses to run as root,
+so as root it runs as the same non-root user as the PostgreSQL clusters
+(:func:`~langgraph_scoped_conn.testing.binaries.server_user`).
 
 Authentication matches the cluster's: ``auth_type = scram-sha-256`` with the role's
 SCRAM *secret* (``pg_authid.rolpassword``) in the userlist, so no plaintext password is
 written to disk; PgBouncer reuses the client's SCRAM proof to log in to the server.
-
-The second half, :func:`run_worker`, is what each spawned worker process runs: K/4
-executions of a wrapped LangGraph graph whose SQL tool queries through PgBouncer.  It
-lives here, not in a test module, so ``multiprocessing`` (spawn) can import it cheaply
-and ``benchmarks/bench_pgbouncer.py`` can reuse it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -30,22 +25,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# module level: the tool's and node's annotations are resolved from these globals
-from langchain_core.runnables import RunnableConfig
-from langgraph.graph import MessagesState
+from langgraph_scoped_conn.testing.binaries import server_user
+from langgraph_scoped_conn.testing.postgres import free_port
 
-from tests.pgcluster import free_port
-
-__all__ = ["PgBouncer", "pgbouncer_binary", "run_worker", "scram_secret"]
+__all__ = ["DEBIAN_PACKAGE", "ENV_BINARY", "PgBouncer", "pgbouncer_binary", "scram_secret"]
 
 _ADMIN_COMMANDS = frozenset({"RECONNECT", "PAUSE", "RESUME", "KILL", "RELOAD"})
 
 #: The Debian/Ubuntu package that provides the binary (``apt-get install -y pgbouncer``).
 DEBIAN_PACKAGE = "pgbouncer"
+#: The path of the binary to use; when set, nothing else is tried (a path that does not
+#: exist hides PgBouncer, to run the suite as on a machine without it).
+ENV_BINARY = "LSC_PGBOUNCER_BINARY"
 
 
 def pgbouncer_binary() -> str | None:
-    """Path of the ``pgbouncer`` binary, or ``None`` when it is not installed."""
+    """Path of the ``pgbouncer`` binary, or ``None`` when it is not installed.
+
+    ``LSC_PGBOUNCER_BINARY`` when set, else ``pgbouncer`` on PATH, else the usual
+    Debian and local install paths.
+    """
+    explicit = os.environ.get(ENV_BINARY)
+    if explicit is not None:
+        return explicit if os.access(explicit, os.X_OK) else None
     found = shutil.which("pgbouncer")
     if found:
         return found
@@ -95,10 +97,13 @@ class PgBouncer:
         max_client_conn: int = 400,
         pool_mode: str = "transaction",
     ) -> None:
-        if pgbouncer_binary() is None:
+        binary = pgbouncer_binary()
+        if binary is None:
             raise RuntimeError(
                 f"pgbouncer is not installed; install it with `apt-get install -y {DEBIAN_PACKAGE}`"
+                f" (or set {ENV_BINARY})"
             )
+        self.binary = binary
         self.server_host = server_host
         self.server_port = server_port
         self.users = dict(users)
@@ -150,10 +155,10 @@ class PgBouncer:
         )
         os.chmod(self.root, 0o700)
         os.chmod(self.userlist, 0o600)
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
+        user = server_user()
+        if user is not None:
             for p in (self.root, self.ini, self.userlist):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
+                os.chown(p, user.pw_uid, user.pw_gid)
 
     # -- process -----------------------------------------------------------------------
 
@@ -163,14 +168,12 @@ class PgBouncer:
             raise RuntimeError("PgBouncer is already running")
         self.port = free_port()
         self._write_files()
-        binary = pgbouncer_binary()
-        assert binary is not None
         kwargs: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        user = server_user()
+        if user is not None:
+            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         self._proc = subprocess.Popen(
-            [binary, str(self.ini)],
+            [self.binary, str(self.ini)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -179,6 +182,12 @@ class PgBouncer:
         )
         self._wait_ready()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The PgBouncer process id while this object's process runs, else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -208,15 +217,17 @@ class PgBouncer:
             proc.wait(timeout=10)
 
     def destroy(self) -> None:
+        """Stop the process and delete its directory (config, userlist, log)."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     @classmethod
     @contextlib.contextmanager
     def running(cls, **kwargs: Any) -> Iterator[PgBouncer]:
-        bouncer = cls(**kwargs).start()
+        """A started PgBouncer (``kwargs`` go to the constructor), destroyed on exit."""
+        bouncer = cls(**kwargs)
         try:
-            yield bouncer
+            yield bouncer.start()
         finally:
             bouncer.destroy()
 
@@ -261,191 +272,3 @@ class PgBouncer:
     def __repr__(self) -> str:
         state = "running" if self._proc is not None else "stopped"
         return f"PgBouncer(127.0.0.1:{self.port}, pool_size={self.pool_size}, {state})"
-
-
-# -- the workload of one worker process -------------------------------------------------------
-
-#: Each tool call runs this many statements, like the storm benchmark's tool.
-QUERIES_PER_TOOL_CALL = 3
-
-
-def build_graph(checkpointer: Any = None) -> Any:
-    """A wrapped ToolNode graph: agent -> SQL tool (3 queries) -> agent -> end."""
-    from langchain_core.messages import AIMessage, ToolMessage
-    from langchain_core.tools import tool
-    from langgraph.graph import END, START, StateGraph
-    from langgraph.prebuilt import ToolNode, tools_condition
-
-    from langgraph_scoped_conn import get_scoped_sql_database, with_scoped_connections
-
-    @tool
-    def count_orders(customer_id: int, config: RunnableConfig) -> str:
-        """Count the orders of one customer."""
-        db = get_scoped_sql_database(config)
-        result = ""
-        for _ in range(QUERIES_PER_TOOL_CALL):
-            # the same text again and again: psycopg 3 would prepare it server-side
-            result = db.run(f"select count(*) from orders where customer_id = {customer_id}")
-        return result
-
-    def agent(state: MessagesState) -> dict[str, Any]:
-        last = state["messages"][-1]
-        if isinstance(last, ToolMessage):
-            return {"messages": [AIMessage(content=f"orders: {last.content}")]}
-        customer = int(str(last.content))
-        call = {"name": "count_orders", "args": {"customer_id": customer}, "id": f"c{customer}"}
-        return {"messages": [AIMessage(content="", tool_calls=[call])]}
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode([count_orders]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition, ["tools", END])
-    builder.add_edge("tools", "agent")
-    return with_scoped_connections(builder.compile(checkpointer=checkpointer))
-
-
-def expected_answer(customer_id: int) -> str:
-    """The graph's answer for ``customer_id`` on the sample schema (500 orders, 50 customers)."""
-    count = sum(1 for g in range(1, 501) if 1 + g % 50 == customer_id)
-    return f"orders: [({count},)]"
-
-
-def run_worker(
-    worker: int,
-    url: str,
-    runs: int,
-    concurrency: int,
-    max_connections: int,
-    barrier: Any = None,
-    results: Any = None,
-    options: dict[str, Any] | None = None,
-    checkpointer_conninfo: str | None = None,
-    checkpointer_pool_size: int = 0,
-) -> dict[str, Any]:
-    """Run ``runs`` executions of the graph with ``concurrency`` in flight; report the outcome.
-
-    Meant to be the target of a spawned process: it configures its own process-default
-    manager on ``url`` (the strategy is detected from the URL), waits at ``barrier`` so
-    every worker starts together, and puts its report on ``results`` when given.  The
-    report never contains the URL.
-
-    With ``checkpointer_conninfo``, the graph also checkpoints every step with
-    langgraph-checkpoint-postgres' ``AsyncPostgresSaver`` over a psycopg
-    ``AsyncConnectionPool`` of ``checkpointer_pool_size`` connections (its tables must
-    exist already), as a deployed agent does: that pool counts against the server's
-    max_connections too.
-    """
-    import asyncio
-
-    import langgraph_scoped_conn as lsc
-
-    manager = lsc.configure(url, max_connections=max_connections, **(options or {}))
-    try:
-        report = asyncio.run(
-            _session(
-                worker,
-                runs,
-                concurrency,
-                barrier,
-                checkpointer_conninfo,
-                checkpointer_pool_size,
-            )
-        )
-        manager.drain(timeout=30)
-        stats = manager.get_stats()
-        report.update(
-            worker=worker,
-            pid=os.getpid(),
-            strategy=stats["strategy"],
-            active_executions=stats["active_executions"],
-            connections_in_use=stats["connections_in_use"],
-            peak_open=stats["peak_connections"],
-            checkout_waits=stats["checkout_waits"],
-            tracked_runs=manager.tracked_runs(),
-        )
-    finally:
-        manager.close()
-    if results is not None:
-        results.put(report)
-    return report
-
-
-async def _session(
-    worker: int,
-    runs: int,
-    concurrency: int,
-    barrier: Any,
-    checkpointer_conninfo: str | None,
-    checkpointer_pool_size: int,
-) -> dict[str, Any]:
-    import asyncio
-
-    from langgraph_scoped_conn.redaction import redact_url
-
-    saver_pool: Any = None
-    try:
-        checkpointer = None
-        if checkpointer_conninfo:
-            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-            from psycopg.rows import dict_row
-            from psycopg_pool import AsyncConnectionPool
-
-            saver_pool = AsyncConnectionPool(
-                checkpointer_conninfo,
-                min_size=1,
-                max_size=checkpointer_pool_size,
-                kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-                open=False,
-            )
-            await saver_pool.open(wait=True)
-            checkpointer = AsyncPostgresSaver(saver_pool)
-        graph = build_graph(checkpointer)
-        # warm the imports and the reflection cache before the clock starts
-        config = {"configurable": {"thread_id": f"w{worker}-warm"}}
-        await graph.ainvoke({"messages": [("user", "1")]}, config)
-    except BaseException:
-        if barrier is not None:
-            barrier.abort()  # the parent and the other workers stop waiting at once
-        if saver_pool is not None:
-            await saver_pool.close()
-        raise
-
-    errors: dict[str, int] = {}
-    wrong = 0
-    latencies: list[float] = []
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        nonlocal wrong
-        customer = 1 + (worker + i) % 5  # few distinct texts: each repeats on a connection
-        config = {"configurable": {"thread_id": f"w{worker}-{i}"}}
-        async with gate:
-            start = time.perf_counter()
-            try:
-                out = await graph.ainvoke({"messages": [("user", str(customer))]}, config)
-            except Exception as exc:
-                key = redact_url(f"{type(exc).__name__}: {exc}").splitlines()[0][:200]
-                errors[key] = errors.get(key, 0) + 1
-                return
-            latencies.append(time.perf_counter() - start)
-            if out["messages"][-1].content != expected_answer(customer):
-                wrong += 1
-
-    try:
-        if barrier is not None:
-            await asyncio.to_thread(barrier.wait, 180)
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(runs)))
-        elapsed = time.perf_counter() - started
-    finally:
-        if saver_pool is not None:
-            await saver_pool.close()
-    return {
-        "ok": len(latencies) - wrong,
-        "wrong": wrong,
-        "failed": sum(errors.values()),
-        "errors": errors,
-        "elapsed": elapsed,
-        "latencies": latencies,
-    }

@@ -1,0 +1,1 @@
+"""The benchmarks: run them from the repository root as ``python -m benchmarks.<name>``."""
