@@ -38,9 +38,9 @@ from benchmarks.common import (
     APP_PASSWORD,
     APP_USER,
     BENCH_DB,
-    BackendSampler,
     BenchServer,
     Verdict,
+    backend_sampler,
     bench_server,
     console,
     machine_info,
@@ -51,7 +51,8 @@ from benchmarks.common import (
     table,
     write_result,
 )
-from tests.pgbouncer import PgBouncer, pgbouncer_binary, run_worker, scram_secret
+from langgraph_scoped_conn.testing import PgBouncer, pgbouncer_binary, scram_secret
+from tests.pgbouncer_worker import run_worker
 
 SERVER_MAX_CONNECTIONS = 30
 RESERVED = 3  # superuser_reserved_connections of the throwaway cluster
@@ -147,7 +148,7 @@ def run_mode(
     ]
     result = ModeResult(name, per_worker * WORKERS)
     reports: list[dict[str, Any]] = []
-    sampler = BackendSampler(server, interval=0.01)
+    sampler = backend_sampler(server, interval=0.01)
     clients = _ClientSampler(bouncer) if bouncer is not None else None
     try:
         for p in procs:

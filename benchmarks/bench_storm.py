@@ -71,6 +71,7 @@ from common import (
     BenchServer,
     ServerStatementLog,
     Verdict,
+    backend_sampler,
     bench_server,
     console,
     error_text,
@@ -384,7 +385,7 @@ def run_mode(
         "failed": sum(errors.values()),
         "errors": dict(errors.most_common(5)),
         "peak_backends": sampler.peak,
-        "samples": sampler.samples,
+        "samples": len(sampler.samples),
         "in_use_after": in_use_after,
         "open_scopes_after": open_scopes_after,
         "backends_after": backends_after,
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     round_trips: dict[str, dict[str, Any]] = {}
     with bench_server(max_connections=SERVER_MAX_CONNECTIONS) as server:
-        sampler = BackendSampler(server)
+        sampler = backend_sampler(server)
         try:
             for rnd in range(args.rounds):
                 for mode in round_order(modes, rnd, args.slow_rounds, args.cold):

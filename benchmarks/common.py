@@ -1,6 +1,6 @@
 """Shared plumbing of the benchmarks: a throwaway PostgreSQL, machine facts, sampling, output.
 
-Every benchmark starts its own PostgreSQL (``tests.pgcluster``) on a free loopback
+Every benchmark starts its own PostgreSQL (``langgraph_scoped_conn.testing``) on a free loopback
 port, creates a non-superuser role ``app`` for the code under test (so the server's
 ``superuser_reserved_connections`` stay free for the backend sampler), prints rich
 tables and writes one JSON file into ``benchmarks/results/``.
@@ -18,7 +18,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -39,7 +38,14 @@ import psycopg2  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tests.pgcluster import SAMPLE_SQL, SUPERUSER, SUPERUSER_PASSWORD, PostgresCluster  # noqa: E402
+from langgraph_scoped_conn.testing import (  # noqa: E402
+    SAMPLE_SQL,
+    SUPERUSER,
+    SUPERUSER_PASSWORD,
+    BackendSampler,
+    PostgresCluster,
+    count_backends,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 APP_USER = "app"
@@ -92,9 +98,7 @@ class BenchServer:
         """Client backends of the app role right now."""
         conn = self.admin()
         try:
-            with conn.cursor() as cur:
-                cur.execute(_COUNT_SQL, (APP_USER,))
-                return int(cur.fetchone()[0])
+            return count_backends(conn, user=APP_USER)
         finally:
             conn.close()
 
@@ -109,11 +113,6 @@ class BenchServer:
 
     def server_version(self) -> str:
         return self.cluster.psql("show server_version")
-
-
-_COUNT_SQL = (
-    "select count(*) from pg_stat_activity where backend_type = 'client backend' and usename = %s"
-)
 
 
 @contextlib.contextmanager
@@ -249,49 +248,14 @@ def _entries(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
 
 
-class BackendSampler:
-    """Samples the app role's backend count from pg_stat_activity on its own thread/connection.
+def backend_sampler(server: BenchServer, interval: float = 0.005) -> BackendSampler:
+    """Samples the app role's backend count from pg_stat_activity on its own thread.
 
     The sampler connects as the superuser, so it uses a reserved slot and never
-    competes with the code under test for the app's connection slots.
+    competes with the code under test for the app's connection slots.  It connects
+    now and keeps its connection for every ``with sampler:`` block until ``close()``.
     """
-
-    def __init__(self, server: BenchServer, interval: float = 0.005) -> None:
-        self.server = server
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self.cpu_seconds = 0.0  # CPU time the sampler thread itself used in the last run
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn = server.admin()
-
-    def __enter__(self) -> BackendSampler:
-        self.peak = 0
-        self.samples = 0
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        t0 = time.thread_time()
-        with self._conn.cursor() as cur:
-            while not self._stop.is_set():
-                cur.execute(_COUNT_SQL, (APP_USER,))
-                n = int(cur.fetchone()[0])
-                self.peak = max(self.peak, n)
-                self.samples += 1
-                self._stop.wait(self.interval)
-        self.cpu_seconds = time.thread_time() - t0
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def close(self) -> None:
-        self._conn.close()
+    return BackendSampler(server.admin, user=APP_USER, interval=interval).open()
 
 
 # -- the unscoped anchors ---------------------------------------------------------------

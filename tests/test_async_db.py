@@ -18,7 +18,7 @@ import pytest
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ScopeClosedError
-from tests.conftest import BackendSampler, Database
+from tests.conftest import Database
 
 
 async def _ticker(ticks: list[float], stop: asyncio.Event) -> None:
@@ -62,7 +62,7 @@ async def test_fifty_async_tools_share_the_budget(
             )
             return result
 
-    with BackendSampler(pg_db) as sampler:
+    with pg_db.sampler() as sampler:
         results = await asyncio.gather(*(tool(i) for i in range(50)))
     assert results == [f"[('', {i})]" for i in range(50)]
     # sync run() on the loop would serialize them on one connection: peak 1

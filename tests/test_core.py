@@ -34,8 +34,8 @@ from langgraph_scoped_conn.errors import (
     ScopeUnavailableError,
 )
 from langgraph_scoped_conn.sql_database import invalidate_schema_cache
+from langgraph_scoped_conn.testing import free_port
 from tests.conftest import Database, backend_pid, eventually, live_pids, uninstall_default
-from tests.pgcluster import free_port
 
 # -- leaks ------------------------------------------------------------------------
 

@@ -35,10 +35,13 @@ from langgraph_scoped_conn.demo.data import SALES_ROWS, SAMPLE_COMMENT, sample_r
 from langgraph_scoped_conn.demo.runner import RunReport, is_too_many_clients
 from langgraph_scoped_conn.demo.summary import strategy_line
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD, BackendSampler, PostgresCluster
-from tests.conftest import BackendSampler as DatabaseSampler
+from langgraph_scoped_conn.testing import (
+    SUPERUSER_PASSWORD,
+    BackendSampler,
+    PostgresCluster,
+    free_port,
+)
 from tests.conftest import eventually
-from tests.pgcluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOO_MANY = "FATAL: sorry, too many clients already"
@@ -336,7 +339,7 @@ def test_in_a_schema_of_its_own_it_stays_in_budget_and_drops_the_schema(
     before = fingerprint(pg_db)
     schema = f"lsc_demo_{uuid.uuid4().hex[:8]}"
     # every 5th run's query tool forgets a connection: 4 leaks the scopes must reclaim
-    with DatabaseSampler(pg_db, app_like="lsc-demo-scoped") as sampler:
+    with pg_db.sampler(app_like="lsc-demo-scoped") as sampler:
         proc = run_demo(
             "-n", "20", "--max-connections", "5", "--leak-every", "5",
             "--database-url", pg_db.url, "--schema", schema, tmp_path=tmp_path,

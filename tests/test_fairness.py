@@ -31,7 +31,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError
 from langgraph_scoped_conn.pool import BudgetPool
-from tests.conftest import BackendSampler, Database, assert_clean, eventually
+from tests.conftest import Database, assert_clean, eventually
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_every_thread_gets_connections_under_contention(
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    with BackendSampler(pg_db, "lsc-fair%") as sampler:
+    with pg_db.sampler("lsc-fair%") as sampler:
         for t in threads:
             t.start()
         for t in threads:

@@ -28,8 +28,8 @@ from typing_extensions import TypedDict
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
+from langgraph_scoped_conn.testing import SAMPLE_SQL, SUPERUSER_PASSWORD, PostgresCluster
 from tests.conftest import Database, assert_clean
-from tests.pgcluster import SAMPLE_SQL, SUPERUSER_PASSWORD, PostgresCluster
 
 APP = "langgraph_scoped_conn"
 

@@ -30,7 +30,7 @@ from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError, ScopeClosedError
-from tests.conftest import BackendSampler, Database, backend_pid, eventually, live_pids
+from tests.conftest import Database, backend_pid, eventually, live_pids
 
 DRIVERS = ("psycopg2", "psycopg")
 CLEANUP_PATH = "/api/memory/debug/connections/cleanup"
@@ -344,7 +344,7 @@ def test_releasing_a_live_execution_cancels_its_query(
         except BaseException as exc:
             outcome["release_error"] = exc
 
-    with BackendSampler(pg_db) as sampler:
+    with pg_db.sampler() as sampler:
         worker = threading.Thread(target=sleeper, daemon=True)
         worker.start()
         assert started.wait(30)

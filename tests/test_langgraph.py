@@ -32,7 +32,7 @@ from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
-from tests.conftest import BackendSampler, Database, eventually
+from tests.conftest import Database, eventually
 
 APP = "langgraph_scoped_conn%"
 
@@ -1160,7 +1160,7 @@ def test_hundred_concurrent_ainvoke_runs_stay_within_the_budget(
             *(graph.ainvoke({"tag": f"r{i}"}) for i in range(runs)), return_exceptions=True
         )
 
-    with BackendSampler(pg_db) as sampler:
+    with pg_db.sampler() as sampler:
         results = asyncio.run(main())
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures == []

@@ -38,8 +38,8 @@ import langgraph_scoped_conn as lsc
 import langgraph_scoped_conn.settings as lsc_settings
 from langgraph_scoped_conn.http import STATUS_PATH, create_app
 from langgraph_scoped_conn.settings import redact_url
+from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD, free_port
 from tests.conftest import Database, assert_clean
-from tests.pgcluster import SUPERUSER_PASSWORD, free_port
 
 
 @dataclass

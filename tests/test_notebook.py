@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.pgcluster import SUPERUSER_PASSWORD
+from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "notebooks" / "quickstart.ipynb"
 

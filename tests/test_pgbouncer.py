@@ -1,7 +1,9 @@
 """Pooler mode through a real PgBouncer (transaction mode), and scale-out over processes.
 
 One PgBouncer per module (``default_pool_size = 3``) sits in front of the session's
-PostgreSQL; every test database gets its own (database, user) pool there.  The code
+PostgreSQL; every test database gets its own (database, user) pool there.  The tests
+that start it are marked ``pgbouncer`` (conftest skips them when the binary is
+missing); the detection and configuration tests need no server and always run.  The code
 under test logs in as a non-superuser role, so server backends it causes are counted
 from ``pg_stat_activity`` by ``usename``; the samplers use the superuser.
 """
@@ -25,16 +27,9 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConfigurationError, UnsafeQueryError
 from langgraph_scoped_conn.settings import parse_url, resolve_strategy
+from langgraph_scoped_conn.testing import PgBouncer, scram_secret
 from tests.conftest import Database, Server, assert_clean
-from tests.pgbouncer import PgBouncer, pgbouncer_binary, run_worker, scram_secret
-
-pytestmark = [
-    pytest.mark.pgbouncer,
-    pytest.mark.skipif(
-        pgbouncer_binary() is None,
-        reason="the pgbouncer binary is not installed (apt-get install -y pgbouncer)",
-    ),
-]
+from tests.pgbouncer_worker import run_worker
 
 ROLE = "lsc_bouncer"
 ROLE_PASSWORD = "Bouncer-pw-7c1e0d"  # a throwaway cluster's password
@@ -144,6 +139,7 @@ def test_pooler_strategy_is_refused_for_sqlite(tmp_path: Any) -> None:
         resolve_strategy("pooler", parse_url(f"sqlite:///{tmp_path}/agent.db"))
 
 
+@pytest.mark.pgbouncer
 def test_startup_options_are_refused_in_pooler_mode(bdb: BouncedDb) -> None:
     mgr = ExecutionConnectionManager(
         bdb.url(),
@@ -167,6 +163,7 @@ def test_startup_options_are_refused_in_pooler_mode(bdb: BouncedDb) -> None:
 # -- one process through PgBouncer ------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer
 def test_pgbouncer_flag_is_stripped_and_queries_go_through_the_pooler(
     bdb: BouncedDb, pooler_manager: ExecutionConnectionManager
 ) -> None:
@@ -193,6 +190,7 @@ def test_pgbouncer_flag_is_stripped_and_queries_go_through_the_pooler(
     assert bdb.pool()["cl_active"] >= 1  # our idle client connection, held by PgBouncer only
 
 
+@pytest.mark.pgbouncer
 @pytest.mark.parametrize("threshold", ["package default", 5])
 def test_psycopg3_prepared_statements_are_off_behind_the_pooler(
     bdb: BouncedDb, threshold: Any
@@ -235,6 +233,7 @@ def test_psycopg3_prepared_statements_are_off_behind_the_pooler(
     assert bdb.server_backends() <= POOL_SIZE
 
 
+@pytest.mark.pgbouncer
 def test_transaction_local_settings_do_not_leak_through_the_pooler(
     bdb: BouncedDb, pooler_manager: ExecutionConnectionManager
 ) -> None:
@@ -302,6 +301,7 @@ class _Sampler:
         self._thread.join(timeout=30)
 
 
+@pytest.mark.pgbouncer
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_four_processes_share_a_small_pgbouncer_pool(bdb: BouncedDb, driver: str) -> None:

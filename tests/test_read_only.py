@@ -30,8 +30,8 @@ from typing_extensions import TypedDict
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.errors import ReadOnlyViolationError, UnsafeQueryError
 from langgraph_scoped_conn.guard import check_read_only_sql, split_sqlite_statements
+from langgraph_scoped_conn.testing import SAMPLE_SQL
 from tests.conftest import Database, Server, assert_clean
-from tests.pgcluster import SAMPLE_SQL
 
 PG_CHECKSUM = """
 select md5(string_agg(x, '|' order by x)) from (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgcluster import SUPERUSER_PASSWORD
+from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- quickstart -->"

@@ -26,8 +26,8 @@ import langgraph_scoped_conn as lsc
 import langgraph_scoped_conn.engine as engine_module
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import UnsafeQueryError
+from langgraph_scoped_conn.testing import SAMPLE_SQL, PostgresCluster
 from tests.conftest import Database, eventually
-from tests.pgcluster import SAMPLE_SQL, PostgresCluster
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -23,8 +23,8 @@ from sqlalchemy.pool.base import reset_commit
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
-from tests.conftest import BackendSampler, Database, backend_pid, eventually
-from tests.pgcluster import PostgresCluster
+from langgraph_scoped_conn.testing import PostgresCluster
+from tests.conftest import Database, backend_pid, eventually
 
 APP = "langgraph_scoped_conn"
 
@@ -167,7 +167,7 @@ def test_shared_total_stays_within_the_budget_under_load(
         except BaseException as exc:
             errors.append(exc)
 
-    with BackendSampler(pg_db, f"{APP}%", interval=0) as sampler:
+    with pg_db.sampler(f"{APP}%", interval=0) as sampler:
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(12)]
         for t in threads:
             t.start()

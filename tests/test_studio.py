@@ -25,9 +25,9 @@ import pytest
 from langgraph_sdk import get_client
 from sqlalchemy.engine import make_url
 
+from langgraph_scoped_conn.testing import free_port
 from tests.conftest import Database
 from tests.devserver import langgraph_dev
-from tests.pgcluster import free_port
 
 pytestmark = [pytest.mark.studio, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -46,9 +46,9 @@ from sqlalchemy.engine import make_url
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import NoActiveScopeError, ScopedSQLDatabaseProxy
 from langgraph_scoped_conn.demo import ScriptedSQLChatModel
-from tests.conftest import BackendSampler, Database, assert_clean, eventually
+from langgraph_scoped_conn.testing import free_port
+from tests.conftest import Database, assert_clean, eventually
 from tests.devserver import langgraph_dev
-from tests.pgcluster import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "examples" / "sql_toolkit" / "langgraph.json"
@@ -96,7 +96,7 @@ async def test_thirty_concurrent_runs_share_a_budget_of_three(
     manager = configure_default(max_connections=3, pool_timeout=60)
     graph = lsc.with_scoped_connections(build_agent(kind))
     questions = ["How many orders are there?", "How many customers are there?"] * 15
-    with BackendSampler(pg_db, app_like="%") as sampler:
+    with pg_db.sampler(app_like="%") as sampler:
         states = await asyncio.gather(
             *(graph.ainvoke({"messages": [("user", q)]}) for q in questions)
         )

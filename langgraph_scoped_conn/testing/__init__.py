@@ -11,17 +11,19 @@ or ``system`` forces the choice); :class:`PostgresCluster` runs a cluster with t
 
 from __future__ import annotations
 
+from langgraph_scoped_conn.testing.binaries import (
+    Binaries,
+    PostgresNotFoundError,
+    find_binaries,
+    server_user,
+)
 from langgraph_scoped_conn.testing.pgbouncer import PgBouncer, pgbouncer_binary, scram_secret
 from langgraph_scoped_conn.testing.postgres import (
     SAMPLE_SQL,
     SUPERUSER,
     SUPERUSER_PASSWORD,
-    Binaries,
     PostgresCluster,
-    PostgresNotFoundError,
-    find_binaries,
     free_port,
-    server_user,
 )
 from langgraph_scoped_conn.testing.sampler import BackendSampler, count_backends
 

@@ -4,7 +4,7 @@
 directory and starts the ``pgbouncer`` binary in the foreground on 127.0.0.1 and a free
 port (never a Unix socket, never a well-known port).  PgBouncer refuses to run as root,
 so as root it runs as the same non-root user as the PostgreSQL clusters
-(:func:`~langgraph_scoped_conn.testing.postgres.server_user`).
+(:func:`~langgraph_scoped_conn.testing.binaries.server_user`).
 
 Authentication matches the cluster's: ``auth_type = scram-sha-256`` with the role's
 SCRAM *secret* (``pg_authid.rolpassword``) in the userlist, so no plaintext password is
@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from langgraph_scoped_conn.testing.postgres import free_port, server_user
+from langgraph_scoped_conn.testing.binaries import server_user
+from langgraph_scoped_conn.testing.postgres import free_port
 
 __all__ = ["DEBIAN_PACKAGE", "ENV_BINARY", "PgBouncer", "pgbouncer_binary", "scram_secret"]
 
@@ -181,6 +182,12 @@ class PgBouncer:
         )
         self._wait_ready()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The PgBouncer process id while this object's process runs, else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
