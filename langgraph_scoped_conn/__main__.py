@@ -68,12 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "-n",
         "--executions",
         type=_bounded_int("--executions", 1, _MAX_EXECUTIONS),
+        metavar="N",
         default=50,
         help="concurrent runs per mode (default 50)",
     )
     demo.add_argument(
         "--max-connections",
         type=_bounded_int("--max-connections", 1, 1000),
+        metavar="N",
         default=5,
         help="the connection budget the scoped runs share (default 5)",
     )
@@ -81,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         "--server-max-connections",
         type=_bounded_int("--server-max-connections", 5, 1000),
         default=None,
-        help="max_connections of the embedded PostgreSQL (default 20; 3 are kept for superusers)",
+        metavar="N",
+        help="max_connections of the embedded PostgreSQL (default 20; the sampler takes one)",
     )
     where = demo.add_mutually_exclusive_group()
     where.add_argument(
@@ -105,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_schema_name,
         default=None,
         help=(
-            "with --database-url: load the sample into this schema, created when missing and "
-            "then dropped at the end"
+            "with --database-url: load the sample into this schema; one the demo creates (or "
+            "created before) is dropped at the end"
         ),
     )
     demo.add_argument(
