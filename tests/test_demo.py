@@ -237,6 +237,21 @@ def stop_servers(tmp: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_a_budget_above_the_servers_free_slots_is_refused_before_any_run(tmp_path: Path) -> None:
+    proc = run_demo(
+        "--server-max-connections", "5", "--max-connections", "5", tmp_path=tmp_path
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        "error: the server has 4 free connection slots, fewer than the budget "
+        "--max-connections 5: the scoped runs would be refused too; lower --max-connections "
+        "or raise --server-max-connections"
+    ) in proc.stderr
+    assert "runs answered" not in proc.stdout
+    assert no_leftovers(tmp_path)
+
+
 def test_without_the_embedded_wheel_it_says_so_in_one_line_and_runs_on_sqlite(
     tmp_path: Path,
 ) -> None:

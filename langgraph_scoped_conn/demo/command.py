@@ -95,7 +95,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
     """Run the demo and return the exit code (0: every scoped run answered within budget).
 
     Raises:
-        DemoFailed: the database could not be started, reached or prepared, or refused.
+        DemoFailed: the database could not be started, reached or prepared, or refused,
+            or it has fewer free connection slots than the budget.
     """
     console = console or Console()
     with _terminate_cleanly(), _database(options, console) as database:
@@ -107,6 +108,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         )
         with sampler or contextlib.nullcontext():
             free = free_slots(database)  # with the sampler's own connection already open
+            if free is not None and free < options.max_connections:
+                raise DemoFailed(
+                    f"the server has {free} free connection slots, fewer than the budget "
+                    f"--max-connections {options.max_connections}: the scoped runs would be "
+                    "refused too; lower --max-connections"
+                    + (" or raise --server-max-connections" if database.kind == "embedded" else "")
+                )
             _print_header(console, options, database, compare, free)
             naive, scoped = asyncio.run(_run(options, database, compare, sampler, console))
     return _report(
