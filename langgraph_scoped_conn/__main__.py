@@ -1,30 +1,33 @@
 """Command line: ``python -m langgraph_scoped_conn demo`` (also ``langgraph-scoped-conn demo``).
 
-The demo runs N concurrent executions of the example SQL agent through one scoped
-budget pool, on the embedded SQLite sample or on ``--database-url``/``DATABASE_URL``,
-then prints a table and the stats JSON.  ``--compare`` also runs the naive way
-(``SQLDatabase.from_uri`` per tool call, never disposed) and shows the difference.
-Needs the ``demo`` extra (rich).
+The demo starts an embedded PostgreSQL with a low ``max_connections`` and runs N
+concurrent executions of the example SQL agent twice: the naive way (an engine per
+run), which the server refuses with ``too many clients already``, and the scoped way
+(one pool under a budget), which finishes every run.  It shows a progress bar, a
+table with a legend and the server's backends over time (see
+:mod:`langgraph_scoped_conn.demo.command`).  Needs the ``demo`` extra (rich); the PNG
+needs the ``plot`` extra (matplotlib).  This module only parses the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
-import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
 
 _RICH_MISSING = (
-    "the demo needs rich for its progress bar and tables; install it with:\n"
+    "the demo needs rich for its progress bar and table; install it with:\n"
     "    pip install 'langgraph-scoped-conn[demo]'"
 )
 _MAX_EXECUTIONS = 10_000
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_STRATEGIES = ("auto", "shared", "pooler")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "demo":
         parser.print_help(sys.stderr)
         return 2
+    problem = _conflict(args)
+    if problem:
+        return _fail(problem)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -49,36 +55,76 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="run N concurrent SQL agent executions and show what the connections did",
+        help="run N concurrent SQL agent runs the naive way and the scoped way, side by side",
         description=(
-            "Run N concurrent executions of the example SQL agent (offline scripted model) "
-            "through one scoped connection budget, then print a table and the stats JSON. "
-            "The database is the embedded SQLite sample unless --database-url or "
-            "DATABASE_URL names one; the sample store/sales tables are loaded if missing."
+            "Start an embedded PostgreSQL with a low max_connections, run N concurrent "
+            "executions of the example SQL agent (offline scripted model) the naive way (an "
+            "engine per run) and the scoped way (one pool under a budget), and show what the "
+            "server saw: a table and its backends over time. The server and its directory "
+            "are removed at the end."
         ),
     )
     demo.add_argument(
         "-n",
         "--executions",
         type=_bounded_int("--executions", 1, _MAX_EXECUTIONS),
+        metavar="N",
         default=50,
-        help="concurrent executions to run (default 50)",
-    )
-    demo.add_argument(
-        "--database-url",
-        default=None,
-        help="SQLAlchemy URL to run against (default: DATABASE_URL, else the SQLite sample)",
+        help="concurrent runs per mode (default 50)",
     )
     demo.add_argument(
         "--max-connections",
         type=_bounded_int("--max-connections", 1, 1000),
+        metavar="N",
         default=5,
-        help="the connection budget the scoped executions share (default 5)",
+        help="the connection budget the scoped runs share (default 5)",
+    )
+    demo.add_argument(
+        "--server-max-connections",
+        type=_bounded_int("--server-max-connections", 5, 1000),
+        default=None,
+        metavar="N",
+        help="max_connections of the embedded PostgreSQL (default 20; the sampler takes one)",
+    )
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument(
+        "--sqlite",
+        action="store_true",
+        help="run on the SQLite sample instead (no server, so no connection limit to hit)",
+    )
+    where.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=None,
+        help=(
+            "run on this PostgreSQL instead (DATABASE_URL is not read). The demo refuses a "
+            "schema holding tables it did not create; see --schema. The naive runs are off "
+            "there unless --compare"
+        ),
+    )
+    demo.add_argument(
+        "--schema",
+        metavar="NAME",
+        type=_schema_name,
+        default=None,
+        help=(
+            "with --database-url: load the sample into this schema; one the demo creates (or "
+            "created before) is dropped at the end"
+        ),
     )
     demo.add_argument(
         "--compare",
-        action="store_true",
-        help="also run the naive way (SQLDatabase.from_uri per tool call) and compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "also run the naive way before the scoped way (default: on, except with --database-url)"
+        ),
+    )
+    demo.add_argument(
+        "--strategy",
+        choices=_STRATEGIES,
+        default="auto",
+        help="the scoped pool's strategy (default auto: picked from the URL's host and port)",
     )
     demo.add_argument(
         "--leak-every",
@@ -86,15 +132,26 @@ def _parser() -> argparse.ArgumentParser:
         type=_bounded_int("--leak-every", 0, _MAX_EXECUTIONS),
         default=0,
         help=(
-            "make every K-th execution's query tool check out a connection and never return "
-            "it, to show leaks being reclaimed (default 0: no leaks)"
+            "make every K-th run's query tool check out a connection and never return it, "
+            "to show the scope reclaiming it (default 0: no leaks)"
+        ),
+    )
+    demo.add_argument(
+        "--png",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help=(
+            "where to save the chart (needs the plot extra; default demo-backends.png in the "
+            "cache directory, $LSC_CACHE_DIR or ~/.cache/langgraph_scoped_conn)"
         ),
     )
     demo.add_argument(
         "--report-json",
         metavar="PATH",
+        type=Path,
         default=None,
-        help="also write both reports (and the stats) as JSON to PATH",
+        help="also write the reports, the stats and the sampled backends as JSON to PATH",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
@@ -117,6 +174,26 @@ def _bounded_int(name: str, low: int, high: int) -> Any:
     return parse
 
 
+def _schema_name(text: str) -> str:
+    if not _SCHEMA_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"--schema must be a lowercase SQL name (letters, digits, _; at most 63), got {text!r}"
+        )
+    if text.startswith("pg_") or text in ("public", "information_schema"):
+        raise argparse.ArgumentTypeError(
+            f"--schema {text!r} is not the demo's to create or drop; pick a new name"
+        )
+    return text
+
+
+def _conflict(args: argparse.Namespace) -> str | None:
+    if args.schema and not args.database_url:
+        return "--schema goes with --database-url (the embedded server is the demo's own)"
+    if args.server_max_connections is not None and (args.sqlite or args.database_url):
+        return "--server-max-connections sets the embedded server; it does not apply here"
+    return None
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -124,113 +201,32 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        from rich.console import Console
+        import rich  # noqa: F401
     except ImportError:
         return _fail(_RICH_MISSING, 1)
 
-    from sqlalchemy.exc import SQLAlchemyError
+    from langgraph_scoped_conn.demo.command import DemoFailed, DemoOptions, run_demo
+    from langgraph_scoped_conn.demo.data import default_sample_path
 
-    from langgraph_scoped_conn.demo.data import ensure_sample_database
-    from langgraph_scoped_conn.errors import ConfigurationError
-    from langgraph_scoped_conn.redaction import redact_url
-
-    requested = args.database_url or os.environ.get("DATABASE_URL") or None
-    shown = redact_url(requested) if requested else "the embedded SQLite sample"
-    try:
-        url = ensure_sample_database(requested)
-    except ConfigurationError as exc:
-        return _fail(str(exc))
-    except (SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return _fail(
-            f"cannot reach or prepare the database {shown}: {redact_url(reason)}\n"
-            "check --database-url (or DATABASE_URL), or leave it unset to use the SQLite sample"
-        )
-
-    console = Console()
-    if not requested:
-        shown = f"the embedded SQLite sample ({url.removeprefix('sqlite:///')})"
-    console.print(
-        f"Running [bold]{args.executions}[/] concurrent SQL agent executions on {shown}, "
-        f"budget max_connections={args.max_connections}"
+    options = DemoOptions(
+        executions=args.executions,
+        max_connections=args.max_connections,
+        server_max_connections=args.server_max_connections or 20,
+        database_url=args.database_url,
+        schema=args.schema,
+        sqlite=args.sqlite,
+        compare=args.compare,
+        strategy=args.strategy,
+        leak_every=args.leak_every,
+        report_json=args.report_json,
+        png=args.png or default_sample_path().parent / "demo-backends.png",
     )
     try:
-        scoped, naive = asyncio.run(_run(args, url, console))
+        return run_demo(options)
+    except DemoFailed as exc:
+        return _fail(str(exc), exc.code)
     except KeyboardInterrupt:
-        return _fail("interrupted; every connection was released", 130)
-
-    _print_table(console, scoped, naive, args.max_connections)
-    print("Stats of the scoped run (get_connection_stats()):")
-    print(json.dumps(scoped.stats, indent=2, sort_keys=True, default=str))
-    if args.report_json:
-        reports = {"scoped": scoped.as_dict(), "naive": naive.as_dict() if naive else None}
-        with open(args.report_json, "w", encoding="utf-8") as f:
-            json.dump(reports, f, indent=2, default=str)
-    if scoped.failed:
-        return _fail(
-            f"{scoped.failed} scoped execution(s) failed: {'; '.join(scoped.errors)}", code=1
-        )
-    return 0
-
-
-async def _run(args: argparse.Namespace, url: str, console: Any) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from langgraph_scoped_conn.demo.runner import run_naive, run_scoped
-
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("scoped executions", total=args.executions)
-        scoped = await run_scoped(
-            url,
-            args.executions,
-            max_connections=args.max_connections,
-            progress=lambda done, _total: progress.update(task, completed=done),
-            leak_every=args.leak_every,
-        )
-        naive = None
-        if args.compare:
-            naive_task = progress.add_task("naive executions ", total=args.executions)
-            naive = await run_naive(
-                url,
-                args.executions,
-                progress=lambda done, _total: progress.update(naive_task, completed=done),
-                leak_every=args.leak_every,
-            )
-    return scoped, naive
-
-
-def _print_table(console: Any, scoped: Any, naive: Any, budget: int) -> None:
-    from rich.table import Table
-
-    table = Table(title="Connections per mode")
-    table.add_column("measure")
-    table.add_column("scoped", justify="right")
-    if naive is not None:
-        table.add_column("naive (from_uri per call)", justify="right")
-    from langgraph_scoped_conn.demo.runner import ROWS
-
-    for label, key in ROWS:
-        row = [label, str(getattr(scoped, key))]
-        if naive is not None:
-            row.append(str(getattr(naive, key)))
-        table.add_row(*row)
-    console.print(table)
-    if naive is None:
-        return
-    for error in naive.errors[:3]:
-        console.print(f"naive error: {error}", markup=False, highlight=False)
-    if naive.too_many_clients:
-        console.print(
-            f"The naive run failed {naive.too_many_clients} execution(s) with 'too many clients'; "
-            f"the scoped run never held more than {scoped.peak_connections} connection(s) "
-            f"(budget {budget})."
-        )
-    else:
-        console.print(
-            f"The naive run opened {naive.connections_opened} connection(s) and left "
-            f"{naive.open_after_runs} open; the scoped run opened {scoped.connections_opened}."
-        )
+        return _fail("interrupted; the demo's server and connections were cleaned up", 130)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,21 @@ class SQLAgentState(TypedDict):
     require_approval: NotRequired[bool]
 
 
-def scoped_database(database_url: str | None = None, *, read_only: bool = True) -> DatabaseProvider:
-    """A provider of this run's scoped SQLDatabase (the manager's URL when ``None``)."""
+def scoped_database(
+    database_url: str | None = None, *, read_only: bool = True, schema: str | None = None
+) -> DatabaseProvider:
+    """A provider of this run's scoped SQLDatabase (the manager's URL when ``None``).
+
+    ``schema`` names the PostgreSQL schema the tools see (``None``: the connection's own).
+    """
     from langgraph_scoped_conn.scope import get_scoped_sql_database
 
+    options: dict[str, Any] = {"read_only": read_only}
+    if schema is not None:
+        options["schema"] = schema
+
     def provide(runtime: ToolRuntime) -> Any:
-        return get_scoped_sql_database(runtime, database_url=database_url, read_only=read_only)
+        return get_scoped_sql_database(runtime, database_url=database_url, **options)
 
     return provide
 

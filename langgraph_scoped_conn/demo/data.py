@@ -2,9 +2,11 @@
 
 Four tables, about 3,200 rows: ``regions``, ``stores``, ``products`` and ``sales``.
 The same seed gives the same rows on every machine, so answers are reproducible.
-By default the data goes into a SQLite file under the user's cache directory (the
-embedded default); :func:`ensure_sample_database` loads it into PostgreSQL instead
-when given a ``postgresql://`` URL.  Loading is idempotent and safe to race.
+By default the data goes into a SQLite file under the user's cache directory;
+:func:`ensure_sample_database` loads it into PostgreSQL instead when given a
+``postgresql://`` URL (optionally into one schema).  Loading is idempotent and safe to
+race.  On PostgreSQL each table carries the comment :data:`SAMPLE_COMMENT`, so the
+demo can tell the tables it created from a user's own.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from langgraph_scoped_conn.urls import parse_url
 
 __all__ = [
     "SALES_ROWS",
+    "SAMPLE_COMMENT",
     "SAMPLE_TABLES",
     "default_sample_path",
     "ensure_sample_database",
@@ -56,6 +59,8 @@ DATA_VERSION = 1
 SEED = 20240601
 SALES_ROWS = 3000
 SAMPLE_TABLES = ("products", "regions", "sales", "stores")
+#: The table comment (PostgreSQL) that marks a table as this module's sample data.
+SAMPLE_COMMENT = "sample data of the langgraph_scoped_conn demo"
 
 _money = Numeric(10, 2).with_variant(Float(), "sqlite")
 metadata = MetaData()
@@ -64,6 +69,7 @@ regions = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(40), nullable=False),
+    comment=SAMPLE_COMMENT,
 )
 stores = Table(
     "stores",
@@ -73,6 +79,7 @@ stores = Table(
     Column("city", String(40), nullable=False),
     Column("region_id", Integer, ForeignKey("regions.id"), nullable=False),
     Column("opened_on", Date, nullable=False),
+    comment=SAMPLE_COMMENT,
 )
 products = Table(
     "products",
@@ -81,6 +88,7 @@ products = Table(
     Column("name", String(80), nullable=False),
     Column("category", String(40), nullable=False),
     Column("unit_price", _money, nullable=False),
+    comment=SAMPLE_COMMENT,
 )
 sales = Table(
     "sales",
@@ -91,6 +99,7 @@ sales = Table(
     Column("sold_on", Date, nullable=False),
     Column("quantity", Integer, nullable=False),
     Column("amount", _money, nullable=False),
+    comment=SAMPLE_COMMENT,
 )
 
 _REGIONS = ("North", "South", "East", "West")
@@ -161,41 +170,47 @@ def default_sample_path() -> Path:
     return root / f"store-v{DATA_VERSION}.sqlite"
 
 
-def ensure_sample_database(database_url: str | None = None) -> str:
+def ensure_sample_database(database_url: str | None = None, *, schema: str | None = None) -> str:
     """Make sure the sample store/sales data exists and return the URL to reach it.
 
     Args:
         database_url: a PostgreSQL URL to load the sample into (tables are created
             when missing, rows inserted when ``sales`` is empty), or ``None`` for the
-            embedded SQLite file (see :func:`default_sample_path`), created on first use.
+            SQLite file (see :func:`default_sample_path`), created on first use.
+        schema: PostgreSQL only: the schema (which must exist) to load into instead of
+            the connection's current one.
 
     Returns:
         The database URL (with its password, for connecting; never log it unredacted).
 
     Raises:
-        ConfigurationError: the URL is invalid, or some sample tables exist but not all.
+        ConfigurationError: the URL is invalid, some sample tables exist but not all,
+            or ``schema`` was given for SQLite.
         sqlalchemy.exc.OperationalError: the database cannot be reached.
     """
-    if database_url is None:
+    url = parse_url(database_url) if database_url is not None else None
+    if schema is not None and (url is None or url.get_backend_name() == "sqlite"):
+        raise ConfigurationError("the sample's schema= is for PostgreSQL; SQLite has one schema")
+    if url is None:
         return _ensure_sqlite(default_sample_path())
-    url = parse_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ConfigurationError(
                 "the sample database needs a SQLite file, e.g. sqlite:///store.db, not :memory:"
             )
         _ensure_sqlite(Path(str(url.database)))
-        return database_url
+        return str(database_url)
     engine = create_engine(url, poolclass=NullPool)
+    where = redact_url(str(database_url)) + (f" (schema {schema})" if schema else "")
     try:
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 # one loader at a time; the lock ends with the transaction
                 conn.execute(text("select pg_advisory_xact_lock(72010601)"))
-            _load(conn, redact_url(database_url))
+            _load(conn, where, schema)
     finally:
         engine.dispose()
-    return database_url
+    return str(database_url)
 
 
 def _ensure_sqlite(path: Path) -> str:
@@ -210,7 +225,7 @@ def _ensure_sqlite(path: Path) -> str:
     engine = create_engine(f"sqlite:///{tmp}", poolclass=NullPool)
     try:
         with engine.begin() as conn:
-            _load(conn, str(path))
+            _load(conn, str(path), None)
     finally:
         engine.dispose()
     if path.exists():  # another process won the race; its file is identical
@@ -221,13 +236,15 @@ def _ensure_sqlite(path: Path) -> str:
     return url
 
 
-def _load(conn: Connection, where: str) -> None:
-    existing = set(inspect(conn).get_table_names()) & set(SAMPLE_TABLES)
+def _load(conn: Connection, where: str, schema: str | None) -> None:
+    existing = set(inspect(conn).get_table_names(schema=schema)) & set(SAMPLE_TABLES)
     if existing and existing != set(SAMPLE_TABLES):
         raise ConfigurationError(
             f"{where} has some sample tables ({', '.join(sorted(existing))}) but not all of "
             f"{', '.join(SAMPLE_TABLES)}; drop them or use an empty database"
         )
+    if schema is not None:  # the tables carry no schema: put them (and their DDL) in this one
+        conn = conn.execution_options(schema_translate_map={None: schema})
     metadata.create_all(conn, checkfirst=True)
     if conn.execute(select(func.count()).select_from(sales)).scalar_one():
         return  # loaded before

@@ -1,12 +1,13 @@
-"""The demo's workload: N concurrent agent executions, scoped or the naive way.
+"""The demo's workload: N concurrent agent runs, the naive way or the scoped way.
 
-:func:`run_scoped` runs the SQL agent wrapped with ``with_scoped_connections`` on a
-manager of its own, so every connection comes from one budget pool and is released
-when each run ends.  :func:`run_naive` runs the same agent the way the guide's
-original code did: every tool call builds ``SQLDatabase.from_uri(...)`` and never
-disposes it.  Those engines are kept for the length of the run (as a module-level
-cache or a long-lived object would keep them), then disposed at the end so the demo
-itself leaves nothing behind.  Both return a :class:`RunReport`.
+:func:`run_naive` runs the SQL agent the way users of the execution-scoped cleanup
+guide write it: each run creates its own engine (``pool_size=2, max_overflow=3``) and
+``SQLDatabase`` on its first tool call and disposes the engine when the run ends.
+Every run in flight holds a server connection, so N concurrent runs want N
+connections.  :func:`run_scoped` runs the same agent wrapped with
+``with_scoped_connections`` on a manager of its own: every run draws from one pool
+of ``max_connections`` and gives its connections back when it ends.  Both return a
+:class:`RunReport`; neither raises for a failed run, they count it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +28,19 @@ from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.redaction import redact_url
 from langgraph_scoped_conn.urls import parse_url
 
-__all__ = ["QUESTIONS", "ROWS", "RunReport", "is_too_many_clients", "run_naive", "run_scoped"]
+__all__ = [
+    "NAIVE_APPLICATION",
+    "NAIVE_MAX_OVERFLOW",
+    "NAIVE_POOL_SIZE",
+    "QUESTIONS",
+    "SCOPED_APPLICATION",
+    "RunReport",
+    "is_too_many_clients",
+    "run_naive",
+    "run_scoped",
+]
 
-#: The questions the demo's executions ask, in turn.
+#: The questions the demo's runs ask, in turn.
 QUESTIONS: tuple[str, ...] = (
     "How many sales are there?",
     "What is the total revenue by store?",
@@ -40,19 +52,29 @@ QUESTIONS: tuple[str, ...] = (
     "Show the regions",
 )
 
-#: Called after each execution finishes, with (finished, total).
-Progress = Callable[[int, int], None]
+#: The guide's engine per execution: a pool of 2 plus 3 overflow connections.
+NAIVE_POOL_SIZE = 2
+NAIVE_MAX_OVERFLOW = 3
+#: ``application_name`` of each mode's connections, as pg_stat_activity shows them.
+NAIVE_APPLICATION = "lsc-demo-naive"
+SCOPED_APPLICATION = "lsc-demo-scoped"
 
 _TOO_MANY = ("too many clients", "remaining connection slots are reserved", "max client conn")
+_KEPT_ERRORS = 5
 
 
 @dataclasses.dataclass
 class RunReport:
     """What one mode of the demo did.
 
-    ``too_many_clients`` counts executions that failed because the server refused a
-    connection; ``connections_refused`` counts the refused connection attempts.
-    ``stats`` is the scoped manager's stats (``None`` for the naive run).
+    ``too_many_clients`` counts runs that failed because the server refused a
+    connection.  ``peak_connections`` is the client's own count of connections open
+    at once; ``peak_backends`` is the same measured from the server
+    (``pg_stat_activity``, filled in by the demo's sampler; ``None`` without one).
+    ``idle_after_runs`` counts connections still open, idle in a pool, once every run
+    has ended (before the demo closes them).  ``errors`` maps each distinct failure
+    (the server's ``FATAL:`` line when there is one) to the runs it ended.  ``stats`` is
+    the scoped manager's ``get_stats()`` (``None`` for the naive run).
     """
 
     mode: str
@@ -60,37 +82,29 @@ class RunReport:
     succeeded: int = 0
     failed: int = 0
     too_many_clients: int = 0
-    connections_refused: int = 0
     connections_opened: int = 0
-    connections_reused: int = 0
-    connections_returned: int = 0
-    connections_closed: int = 0
-    leaks_reclaimed: int = 0
     peak_connections: int = 0
-    open_after_runs: int = 0
-    errors: list[str] = dataclasses.field(default_factory=list)
+    peak_backends: int | None = None
+    idle_after_runs: int = 0
+    leaks_reclaimed: int = 0
+    seconds: float = 0.0
+    strategy: str | None = None
+    strategy_reason: str | None = None
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
     stats: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> int:
+        """Runs that have ended, well or not."""
+        return self.succeeded + self.failed
 
     def as_dict(self) -> dict[str, Any]:
         """The report as a JSON-safe dict."""
         return dataclasses.asdict(self)
 
 
-#: The demo table's rows: (label, :class:`RunReport` field).  Each label says what the
-#: row counts, the same way in both modes.
-ROWS: tuple[tuple[str, str], ...] = (
-    ("executions", "executions"),
-    ("succeeded", "succeeded"),
-    ("failed", "failed"),
-    ("failed with 'too many clients'", "too_many_clients"),
-    ("connections opened", "connections_opened"),
-    ("connections reused", "connections_reused"),
-    ("connections returned to a pool", "connections_returned"),
-    ("connections closed", "connections_closed"),
-    ("leaks reclaimed", "leaks_reclaimed"),
-    ("peak connections", "peak_connections"),
-    ("connections open after the runs", "open_after_runs"),
-)
+#: Called after each run ends, with the report so far.
+Progress = Callable[[RunReport], None]
 
 
 def is_too_many_clients(error: BaseException) -> bool:
@@ -108,6 +122,8 @@ async def run_scoped(
     executions: int,
     *,
     max_connections: int = 5,
+    strategy: str = "auto",
+    schema: str | None = None,
     questions: Sequence[str] = QUESTIONS,
     progress: Progress | None = None,
     leak_every: int = 0,
@@ -118,8 +134,10 @@ async def run_scoped(
         database_url: the database (the sample data must be loaded already).
         executions: how many runs to start at once.
         max_connections: the budget of the manager the runs share.
+        strategy: the manager's ``strategy`` (``auto`` picks one from the URL).
+        schema: the PostgreSQL schema holding the sample tables (``None``: the default).
         questions: asked in turn, one per run.
-        progress: called after each run finishes.
+        progress: called after each run ends.
         leak_every: when above 0, every ``leak_every``-th run's query tool checks out
             a connection and never returns it (a buggy tool); the scope reclaims it.
 
@@ -129,7 +147,10 @@ async def run_scoped(
     from langgraph_scoped_conn.graph import with_scoped_connections
 
     manager = ExecutionConnectionManager(
-        database_url, max_connections=max_connections, application_name="lsc-demo"
+        database_url,
+        max_connections=max_connections,
+        strategy=strategy,
+        application_name=SCOPED_APPLICATION,
     )
     report = RunReport("scoped", executions)
     leaked: list[Any] = []
@@ -137,24 +158,24 @@ async def run_scoped(
         graph = with_scoped_connections(
             build_sql_agent(
                 ScriptedSQLChatModel(),
-                database=_leaky(scoped_database(), leak_every, leaked),
+                database=_leaky(scoped_database(schema=schema), leak_every, leaked),
                 name="sql_agent_scoped",
             ),
             manager=manager,
         )
-        await _run_all(graph, executions, questions, report, progress)
+        await _run_all(graph, executions, questions, report, progress=progress)
         await manager.adrain()
         stats = manager.get_stats()
     finally:
         await manager.aclose()
     report.stats = stats
     report.connections_opened = stats["connections_opened"]
-    report.connections_reused = stats["connections_reused"]
-    report.connections_returned = stats["checkins"]
-    report.connections_closed = stats["connections_closed"]
     report.leaks_reclaimed = stats["leaks_reclaimed"]
     report.peak_connections = stats["peak_connections"]
-    report.open_after_runs = stats["connections_in_use"] + stats["connections_idle"]
+    report.idle_after_runs = stats["connections_idle"] + stats["connections_in_use"]
+    pool: dict[str, Any] = next(iter(stats["pools"]), {})
+    report.strategy = pool.get("strategy", stats.get("strategy"))
+    report.strategy_reason = pool.get("strategy_reason")
     return report
 
 
@@ -162,16 +183,19 @@ async def run_naive(
     database_url: str,
     executions: int,
     *,
+    schema: str | None = None,
     questions: Sequence[str] = QUESTIONS,
     progress: Progress | None = None,
     leak_every: int = 0,
 ) -> RunReport:
-    """Run the same agent the naive way: ``SQLDatabase.from_uri`` per tool call, never disposed.
+    """Run the same agent the naive way: an engine and ``SQLDatabase`` per run.
 
-    Failures (such as PostgreSQL's "too many clients already") are counted, not raised.
-    ``leak_every`` makes the same runs as in :func:`run_scoped` leak a connection.
+    Each run's engine is created on its first tool call and disposed when the run
+    ends, as the guide does.  Failures (such as PostgreSQL's "too many clients
+    already") are counted, not raised.  ``leak_every`` makes the same runs as in
+    :func:`run_scoped` leak a connection (closed when the demo ends).
     """
-    naive = _NaiveDatabases(database_url)
+    naive = _EnginePerRun(database_url, schema)
     report = RunReport("naive", executions)
     try:
         graph = build_sql_agent(
@@ -179,16 +203,14 @@ async def run_naive(
             database=_leaky(naive.provide, leak_every, naive.leaked),
             name="sql_agent_naive",
         )
-        await _run_all(graph, executions, questions, report, progress)
-        report.connections_opened = naive.opened
-        report.connections_reused = max(naive.checkouts - naive.opened, 0)
-        report.connections_returned = naive.checkins
-        report.connections_closed = naive.closed
-        report.peak_connections = naive.peak
-        report.open_after_runs = naive.opened - naive.closed
+        await _run_all(
+            graph, executions, questions, report, progress=progress, after_run=naive.end_run
+        )
     finally:
         await asyncio.to_thread(naive.dispose_all)
-    report.connections_refused = naive.refused
+    report.connections_opened = naive.opened
+    report.peak_connections = naive.peak
+    report.idle_after_runs = 0  # every run disposed its engine
     return report
 
 
@@ -197,7 +219,9 @@ async def _run_all(
     executions: int,
     questions: Sequence[str],
     report: RunReport,
+    *,
     progress: Progress | None,
+    after_run: Callable[[int], None] | None = None,
 ) -> None:
     async def one(i: int) -> None:
         question = questions[i % len(questions)]
@@ -210,80 +234,120 @@ async def _run_all(
             report.failed += 1
             if is_too_many_clients(exc):
                 report.too_many_clients += 1
-            if len(report.errors) < 5:
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                report.errors.append(redact_url(f"{type(exc).__name__}: {first_line}")[:300])
+            _keep(report, _describe(exc))
             return
+        finally:
+            if after_run is not None:
+                await asyncio.to_thread(after_run, i)
         answer = out["messages"][-1]
         if isinstance(answer, AIMessage) and str(answer.content).startswith("Result:"):
             report.succeeded += 1
         else:
             report.failed += 1
-            if len(report.errors) < 5:
-                report.errors.append(str(answer.content)[:300])
+            _keep(report, str(answer.content)[:300])
 
+    started = time.perf_counter()
     tasks = [asyncio.ensure_future(one(i)) for i in range(executions)]
-    for done, task in enumerate(asyncio.as_completed(tasks), 1):
+    for task in asyncio.as_completed(tasks):
         await task
+        report.seconds = time.perf_counter() - started
         if progress is not None:
-            progress(done, executions)
+            progress(report)
 
 
-class _NaiveDatabases:
-    """``SQLDatabase.from_uri`` per call, kept and never disposed until :meth:`dispose_all`."""
+def _keep(report: RunReport, error: str) -> None:
+    if error in report.errors or len(report.errors) < _KEPT_ERRORS:
+        report.errors[error] = report.errors.get(error, 0) + 1
 
-    def __init__(self, database_url: str) -> None:
-        self.url = database_url
+
+def _describe(error: BaseException) -> str:
+    """The server's ``FATAL:`` line when it refused, else the error's type and first line."""
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [""]
+    fatal = next((line for line in lines if "FATAL:" in line), None)
+    if fatal is not None:
+        return " ".join(fatal[fatal.index("FATAL:") :].split())[:300]
+    return redact_url(f"{type(error).__name__}: {lines[0]}")[:300]
+
+
+class _EnginePerRun:
+    """The guide's design: one engine + ``SQLDatabase`` per run, disposed when the run ends."""
+
+    def __init__(self, database_url: str, schema: str | None) -> None:
+        self.url = parse_url(database_url)
+        self.schema = schema
         self.lock = threading.Lock()
-        self.engines: list[Any] = []
+        self.engines: dict[int, Any] = {}
+        self.databases: dict[int, Any] = {}
         self.leaked: list[Any] = []
-        self.opened = self.closed = self.checkouts = self.checkins = self.peak = self.refused = 0
+        self.opened = self.closed = self.peak = 0
 
     def provide(self, runtime: Any) -> Any:
-        from sqlalchemy import event
+        """This run's SQLDatabase, built (engine, schema reflection) on its first call."""
+        index = _execution_index(runtime)
+        with self.lock:
+            db = self.databases.get(index)
+            if db is not None:
+                return db
+            engine = self.engines.get(index)
+            if engine is None:
+                engine = self.engines[index] = self._create_engine()
+        # SQLDatabase(engine) reflects the schema: the run's first connection
+        db = _sql_database_class()(engine, schema=self.schema)
+        with self.lock:
+            return self.databases.setdefault(index, db)
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            from langchain_community.utilities.sql_database import SQLDatabase
-        from sqlalchemy import create_engine
+    def _create_engine(self) -> Any:
+        from sqlalchemy import create_engine, event
 
-        url = parse_url(self.url)
-        connect_args = {"application_name": "lsc-demo-naive"} if _is_pg(url) else {}
-        # SQLDatabase.from_uri(url) does exactly this; the events count connections
-        engine = create_engine(url, connect_args=connect_args)
+        is_pg = self.url.get_backend_name() == "postgresql"
+        engine = create_engine(
+            self.url,
+            pool_size=NAIVE_POOL_SIZE,
+            max_overflow=NAIVE_MAX_OVERFLOW,
+            connect_args={"application_name": NAIVE_APPLICATION} if is_pg else {},
+        )
         event.listen(engine.pool, "connect", lambda *_: self._count(opened=1))
         event.listen(engine.pool, "close", lambda *_: self._count(closed=1))
         event.listen(engine.pool, "close_detached", lambda *_: self._count(closed=1))
-        event.listen(engine.pool, "checkout", lambda *_: self._count(checkouts=1))
-        event.listen(engine.pool, "checkin", lambda *_: self._count(checkins=1))
-        with self.lock:
-            self.engines.append(engine)
-        try:
-            return SQLDatabase(engine)
-        except Exception as exc:
-            if is_too_many_clients(exc):
-                with self.lock:
-                    self.refused += 1
-            raise
+        return engine
 
-    def _count(
-        self, opened: int = 0, closed: int = 0, checkouts: int = 0, checkins: int = 0
-    ) -> None:
+    def _count(self, opened: int = 0, closed: int = 0) -> None:
         with self.lock:
             self.opened += opened
             self.closed += closed
-            self.checkouts += checkouts
-            self.checkins += checkins
             self.peak = max(self.peak, self.opened - self.closed)
+
+    def end_run(self, index: int) -> None:
+        """The guide's cleanup at the end of an execution: dispose its engine."""
+        with self.lock:
+            engine = self.engines.pop(index, None)
+            self.databases.pop(index, None)
+        if engine is not None:
+            engine.dispose()
 
     def dispose_all(self) -> None:
         with self.lock:
-            engines, self.engines = self.engines, []
+            engines, self.engines = list(self.engines.values()), {}
             leaked, self.leaked = self.leaked, []
         for connection in leaked:
             connection.close()
         for engine in engines:
             engine.dispose()
+
+
+def _sql_database_class() -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        from langchain_community.utilities.sql_database import SQLDatabase
+    return SQLDatabase
+
+
+def _execution_index(runtime: Any) -> int:
+    config = getattr(runtime, "config", None) or {}
+    index = (config.get("metadata") or {}).get("demo_execution")
+    if not isinstance(index, int):
+        raise RuntimeError("the naive demo database needs the run's demo_execution metadata")
+    return index
 
 
 def _leaky(provide: DatabaseProvider, every: int, leaked: list[Any]) -> DatabaseProvider:
@@ -324,7 +388,3 @@ class _LeakAfterQuery:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._db, name)
-
-
-def _is_pg(url: Any) -> bool:
-    return bool(url.get_backend_name() == "postgresql")
