@@ -43,7 +43,7 @@ from langgraph_scoped_conn.session import (
 from langgraph_scoped_conn.settings import ScopedConnSettings
 from langgraph_scoped_conn.urls import resolve_strategy, shown_url
 
-__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean"]
+__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean", "pool_name"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
@@ -186,6 +186,8 @@ class PoolHandle:
         self.retired = False
         self.counters = PoolCounters()
         self.safe_url = safe_url(url)
+        #: ``host:port/database`` (OpenTelemetry's ``db.client.connection.pool.name``)
+        self.pool_name = pool_name(url)
         is_pg = url.get_backend_name() == "postgresql"
         #: SET application_name to name the execution at each checkout (shared PostgreSQL only)
         self.tag_connections = settings.tag_connections and self.strategy == "shared" and is_pg
@@ -501,6 +503,13 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
+
+
+def pool_name(url: URL) -> str:
+    """``server.address:server.port/db.namespace`` of ``url``: no user, no password."""
+    host = url.host or "localhost"
+    port = f":{url.port}" if url.port else ""
+    return f"{host}{port}/{url.database or ''}"
 
 
 def _check_no_session_state(url: URL, connect_args: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from langgraph_scoped_conn.errors import ConfigurationError, ScopeUnavailableError
@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("langgraph_scoped_conn")
+
+#: ``(pool name, used by, event, seconds)``: see :meth:`ExecutionConnectionManager.observe_pools`
+PoolObserver = Callable[[str, str, str, float], None]
 
 
 class ExecutionConnectionManager:
@@ -86,6 +89,8 @@ class ExecutionConnectionManager:
         self._targets: dict[str, tuple[URL, PoolHandle | None]] = {}
         #: pools of LangGraph's checkpointer and store on this manager's budgets, for stats
         self._langgraph_pools: dict[int, tuple[str, Any]] = {}
+        #: told (pool name, used by, "wait" | "use" | "create", seconds) of every pool event
+        self._observers: list[PoolObserver] = []
         #: reflected schemas, one reflection per URL and options
         self.schema_cache = SchemaCache(self)
         #: warnings logged once per manager (see :meth:`warn_once`)
@@ -265,6 +270,7 @@ class ExecutionConnectionManager:
                     on_pressure=self._relieve_pressure,
                 )
                 self._handles[key] = handle
+                self._observe(handle)
                 created = True
             found = (parsed, handle)
             self._targets[text] = found
@@ -304,12 +310,14 @@ class ExecutionConnectionManager:
             key = parsed.render_as_string(hide_password=True)
 
             def create() -> PoolHandle:
-                return PoolHandle(
+                made = PoolHandle(
                     parsed,
                     self.settings,
                     describe_holders=self.describe_holders,
                     per_execution_id=execution.execution_id,
                 )
+                self._observe(made)
+                return made
 
             handle = execution.handle_for(key, create)
         engine = handle.scoped_engine(execution, **options)
@@ -508,6 +516,35 @@ class ExecutionConnectionManager:
         if len(rows) > limit:
             text += f", and {len(rows) - limit} more"
         return text
+
+    def observe_pools(self, observer: PoolObserver) -> None:
+        """Tell ``observer(pool_name, used_by, event, seconds)`` of every pool's events.
+
+        ``event`` is ``"wait"`` (a checkout waited for the budget), ``"use"`` (a
+        connection came back after that long) or ``"create"`` (a server connection took
+        that long to open).  Pools of every strategy, now and later; per checkout, so
+        keep it cheap (OpenTelemetry histograms).
+        """
+        with self._lock:
+            self._observers.append(observer)
+            handles = list(self._handles.values())
+        for handle in handles:
+            self._observe(handle)
+
+    def notify_observers(self, pool_name: str, used_by: str, event: str, seconds: float) -> None:
+        """Pass a pool event on to the observers (pools outside the manager call this)."""
+        for observer in self._observers:
+            observer(pool_name, used_by, event, seconds)
+
+    def _observe(self, handle: PoolHandle) -> None:
+        if not self._observers:
+            return
+        name = handle.pool_name
+
+        def observe(event: str, seconds: float) -> None:
+            self.notify_observers(name, "tools", event, seconds)
+
+        handle.engine.pool.observe = observe  # type: ignore[attr-defined]
 
     def add_langgraph_pool(self, used_by: str, pool: Any) -> None:
         """Show a checkpointer's or store's pool (see :mod:`.checkpoint`) in the stats."""
