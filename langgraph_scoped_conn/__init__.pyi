@@ -1,6 +1,9 @@
 # The package's public names: the one list.  ``__init__.py`` loads each on first use
 # (lazy_loader reads this stub), and type checkers read it as the package's interface.
 from ._version import __version__ as __version__
+from .configure import aconfigure as aconfigure
+from .configure import configure as configure
+from .configure import get_connection_manager as get_connection_manager
 from .current import current_execution as current_execution
 from .engine import ScopedEngine as ScopedEngine
 from .errors import ConfigurationError as ConfigurationError
@@ -16,9 +19,6 @@ from .errors import UnsafeQueryError as UnsafeQueryError
 from .graph import with_scoped_connections as with_scoped_connections
 from .handler import ScopedConnectionHandler as ScopedConnectionHandler
 from .manager import ExecutionConnectionManager as ExecutionConnectionManager
-from .manager import aconfigure as aconfigure
-from .manager import configure as configure
-from .manager import get_connection_manager as get_connection_manager
 from .scope import ExecutionScope as ExecutionScope
 from .scope import close_database_connections as close_database_connections
 from .scope import create_execution_scoped_engine as create_execution_scoped_engine

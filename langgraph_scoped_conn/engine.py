@@ -28,9 +28,10 @@ from sqlalchemy.engine import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from langgraph_scoped_conn.checkout import Activity, Checkout
 from langgraph_scoped_conn.compat import EngineView, ReclaimAwareConnection
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
-from langgraph_scoped_conn.execution import Activity, Checkout, Execution
+from langgraph_scoped_conn.execution import Execution
 from langgraph_scoped_conn.pool import BudgetPool, CountingPool, PoolCounters
 from langgraph_scoped_conn.redaction import safe_url
 from langgraph_scoped_conn.runs import current_tool_call
@@ -229,7 +230,10 @@ class PoolHandle:
 
     def in_use(self) -> int:
         """Connections checked out right now."""
-        return int(self.engine.pool.checkedout()) if isinstance(self.engine.pool, QueuePool) else 0
+        pool = self.engine.pool
+        if isinstance(pool, BudgetPool):
+            return pool.in_use()
+        return int(pool.checkedout()) if isinstance(pool, QueuePool) else 0
 
     def idle(self) -> int:
         """Connections open and waiting in the pool."""
@@ -299,7 +303,7 @@ class PoolHandle:
             else:  # a broken session: close it; the slot reconnects when next used
                 record.invalidate()
         finally:
-            pool.give_back(record)
+            pool.unclaim(record)
 
     def _tag(self, fairy: PoolProxiedConnection, execution: Execution) -> bool:
         """Name the execution (and the tool call, if known) in ``application_name``."""

@@ -24,7 +24,8 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.configure import get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
 __all__ = [
     "COUNTERS",

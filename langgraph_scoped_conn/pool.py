@@ -254,6 +254,8 @@ class BudgetPool(CountingPool):
         self.on_pressure: Callable[[], None] = _nothing
         self._mutex = threading.Lock()
         self._disposed = False  # a connection that comes back after dispose() is closed
+        #: idle records taken out to reset their session (not in use by anyone)
+        self.claimed = 0
         self._line: collections.deque[_Ticket] = collections.deque()
         self._slots_freed = threading.Condition(self._mutex)
 
@@ -388,9 +390,21 @@ class BudgetPool(CountingPool):
             self._hand_over(_NEW_SLOT)
 
     def claim_idle(self, record: ConnectionPoolEntry) -> bool:
-        """Take an idle ``record`` out of the pool to work on it (give it back after)."""
+        """Take an idle ``record`` out of the pool to work on it (then :meth:`unclaim`)."""
         with self._mutex:
-            return self.idle_remove(record)
+            claimed = self.idle_remove(record)
+            self.claimed += claimed
+            return claimed
+
+    def unclaim(self, record: ConnectionPoolEntry) -> None:
+        """Put a record :meth:`claim_idle` took back (to the head of the line, or idle)."""
+        with self._mutex:
+            self.claimed -= 1
+        self.give_back(record)
+
+    def in_use(self) -> int:
+        """Connections checked out right now (not those taken out to be reset)."""
+        return int(self.checkedout()) - self.claimed
 
     # -- slots set aside ---------------------------------------------------------------
 
