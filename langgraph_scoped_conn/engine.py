@@ -164,7 +164,7 @@ class PoolHandle:
         describe_holders: names the executions holding connections (for errors).
         find_deadlock: given this handle, names the executions that hold every
             connection while waiting for another, or ``None``.
-        on_pressure: called when a caller has waited for the budget a moment.
+        on_wait: called each time a caller has waited for the budget a while.
         per_execution_id: the execution that owns this pool (strategy ``per_execution``).
     """
 
@@ -175,7 +175,7 @@ class PoolHandle:
         *,
         describe_holders: Callable[[], str],
         find_deadlock: Callable[[PoolHandle], str | None] | None = None,
-        on_pressure: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
         per_execution_id: str | None = None,
     ) -> None:
         self.url = url
@@ -212,8 +212,8 @@ class PoolHandle:
             pool.describe_holders = describe_holders
             if find_deadlock is not None:
                 pool.find_deadlock = lambda: find_deadlock(self)
-            if on_pressure is not None:
-                pool.on_pressure = on_pressure
+            if on_wait is not None:
+                pool.on_wait = on_wait
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
 

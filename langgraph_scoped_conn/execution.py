@@ -42,8 +42,8 @@ State = Literal["open", "draining", "closed"]
 
 #: Seconds a connection another thread holds inside a transaction, between statements,
 #: stays that thread's after its execution ended (a sync node still running after its
-#: run was cancelled); then, or as soon as another run waits for its slot, it is taken
-#: as abandoned and closed, which rolls the transaction back on the server.
+#: run was cancelled); then it is taken as abandoned and closed, which rolls the
+#: transaction back on the server.
 END_GRACE = 1.0
 
 #: serial numbers of executions: unique within the process, never reused (an id may be)
@@ -489,13 +489,6 @@ class Execution:
             if self.state != "draining" or time.monotonic() >= self._grace_until:
                 return False
             return any(c.activity() == "transaction" for c in self.checkouts.values())
-
-    def end_grace(self) -> bool:
-        """End the grace now (another run needs the slots); True if it was running."""
-        with self._lock:
-            running = self._grace_until > time.monotonic()
-            self._grace_until = 0.0
-            return running
 
     def still_out(self, checkouts: Sequence[Checkout]) -> bool:
         """True while any of ``checkouts`` has not been returned."""

@@ -82,7 +82,7 @@ class ExecutionConnectionManager:
             self.settings,
             describe_holders=self.describe_holders,
             find_deadlock=self._find_deadlock,
-            on_pressure=self._relieve_pressure,
+            on_wait=self._schedule_upkeep,
         )
         #: reflected schemas, one reflection per URL and options
         self.schema_cache = SchemaCache(self)
@@ -226,11 +226,6 @@ class ExecutionConnectionManager:
         self.reclaim_abandoned()
         if self.settings.max_scope_lifetime is not None:
             self.reap(wait=False)
-
-    def _relieve_pressure(self) -> None:
-        """A caller waits for the budget: ended runs' connections lose their grace now."""
-        if self._registry.end_graces():
-            self._releaser.call(self.reclaim_abandoned)
 
     def reap_interval(self) -> float:
         """Seconds between two passes of a periodic reaper (the HTTP app's lifespan)."""

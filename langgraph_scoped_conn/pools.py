@@ -38,7 +38,7 @@ class Pools:
         settings: the manager's settings.
         describe_holders: names the executions holding connections (for errors).
         find_deadlock: given a shared pool, names a budget deadlock, or ``None``.
-        on_pressure: called when a caller has waited for a shared pool's budget.
+        on_wait: called each time a caller has waited for a shared pool's budget a while.
     """
 
     def __init__(
@@ -47,12 +47,12 @@ class Pools:
         *,
         describe_holders: Callable[[], str],
         find_deadlock: Callable[[PoolHandle], str | None],
-        on_pressure: Callable[[], None],
+        on_wait: Callable[[], None],
     ) -> None:
         self.settings = settings
         self._describe_holders = describe_holders
         self._find_deadlock = find_deadlock
-        self._on_pressure = on_pressure
+        self._on_wait = on_wait
         self._lock = threading.Lock()
         self._closed = False
         self._handles: dict[str, PoolHandle] = {}
@@ -89,7 +89,7 @@ class Pools:
                     self.settings,
                     describe_holders=self._describe_holders,
                     find_deadlock=self._find_deadlock,
-                    on_pressure=self._on_pressure,
+                    on_wait=self._on_wait,
                 )
                 self._handles[key] = handle
                 self._attach_observers(handle)
