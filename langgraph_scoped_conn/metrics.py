@@ -141,6 +141,7 @@ POOL_SUMMARIES: dict[str, tuple[str, str, str]] = {
     ),
 }
 _LABELS = ["pool", "strategy", "used_by"]
+_LABEL_KEYS = (keys.URL, keys.STRATEGY, keys.USED_BY)
 
 
 class ScopedConnCollector:
@@ -203,18 +204,8 @@ _POOL_KEYS = {
 }
 
 
-def _by_pool(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
-    """Rows summed by (URL, strategy, used_by), per key the rows have.
-
-    Strategy ``per_execution`` has a pool per execution: their rows add up.
-    """
-    out: dict[tuple[str, str, str], dict[str, float]] = {}
-    for row in rows:
-        labels = (row[keys.URL], row.get(keys.STRATEGY, ""), row[keys.USED_BY])
-        total = out.setdefault(labels, {})
-        for key in _POOL_KEYS & row.keys():
-            total[key] = total.get(key, 0.0) + float(row[key])
-    return out
+def _by_pool(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str, float]]:
+    return keys.sum_rows(rows, _LABEL_KEYS, _POOL_KEYS)
 
 
 def render_latest(manager: ExecutionConnectionManager | None = None) -> tuple[bytes, str]:

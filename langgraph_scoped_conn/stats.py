@@ -9,11 +9,11 @@ before they get here.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["RetiredCounters", "build_stats"]
+__all__ = ["RetiredCounters", "build_stats", "sum_rows"]
 
 # -- keys of a pool row, read by the metrics modules -------------------------------------
 URL = "url"
@@ -57,6 +57,24 @@ def _pool_name_of(url: str) -> str:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.hostname or 'localhost'}{port}/{parts.path.lstrip('/')}"
+
+
+def sum_rows(
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str], keys: Iterable[str]
+) -> dict[tuple[str, ...], dict[str, float]]:
+    """Pool rows summed by their values of ``by``, for each of ``keys`` the rows have.
+
+    Strategy ``per_execution`` has a pool per execution, all under one URL: their rows
+    add up.  A key no row of a group has is left out of that group's sums (the
+    checkpointer's rows have psycopg_pool's keys, the runs' pools their own).
+    """
+    wanted = set(keys)
+    out: dict[tuple[str, ...], dict[str, float]] = {}
+    for row in rows:
+        total = out.setdefault(tuple(str(row.get(label, "")) for label in by), {})
+        for key in wanted & row.keys():
+            total[key] = total.get(key, 0.0) + float(row[key])
+    return out
 
 
 class RetiredCounters:
