@@ -227,19 +227,23 @@ def test_pools_on_one_database_stay_apart_by_what_uses_them(
     name = pool_name(pg_db)
     (row,) = mgr.get_stats()["pools"]
     checkpointer = CheckpointerPool(row["url"], name)
+    mgr.pool_for().reserve(1, timeout=5)  # its slot, set aside from the budget of 3
     mgr.add_langgraph_pool("checkpointer", checkpointer)
     mgr.notify_observers(name, "checkpointer", "create", 0.25)  # as the checkpointer's pool does
     try:
         m = collect(otel.reader)
     finally:
         mgr.remove_langgraph_pool(checkpointer)
+        mgr.pool_for().unreserve(1)
 
     tools = {POOL_NAME: name, USED_BY: "tools"}
     cp = {POOL_NAME: name, USED_BY: "checkpointer"}
     assert value(m, "db.client.connection.count", **tools, **{STATE: "idle"}) == 1
     assert value(m, "db.client.connection.count", **cp, **{STATE: "used"}) == 1
     assert value(m, "db.client.connection.pending_requests", **cp) == 2
-    assert value(m, "db.client.connection.max", **tools) == 3
+    # each pool's share of the budget: together, the budget
+    assert value(m, "db.client.connection.max", **tools) == 2
+    assert value(m, "db.client.connection.idle.max", **tools) == 2
     assert value(m, "db.client.connection.max", **cp) == 1
     assert points(m["db.client.connection.timeouts"], **cp) == []  # its row has no timeouts
     created = histogram(m, "db.client.connection.create_time", **cp)
