@@ -348,6 +348,7 @@ class PoolHandle:
         pool = self.budget_pool
         return {
             "url": shown_url(self.url),
+            "pool_name": self.pool_name,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
             "dialect": self.dialect_name,

@@ -466,6 +466,10 @@ class ExecutionConnectionManager:
         """True once something observes the pools (pools outside the manager then report)."""
         return self.pools.has_observers()
 
+    def unobserve_pools(self, observer: PoolObserver) -> None:
+        """Stop telling ``observer`` of pool events (no error if it was not observing)."""
+        self.pools.unobserve(observer)
+
     def notify_observers(self, pool_name: str, used_by: str, event: str, seconds: float) -> None:
         """Pass a pool event on to the observers (pools outside the manager call this)."""
         self.pools.notify(pool_name, used_by, event, seconds)

@@ -60,8 +60,9 @@ class Pools:
         self._targets: dict[str, tuple[URL, PoolHandle | None]] = {}
         #: pools of LangGraph's checkpointer and store on these budgets, for stats
         self._langgraph: dict[int, tuple[str, Any]] = {}
-        #: told (pool name, used by, "wait" | "use" | "create", seconds) of every event
-        self._observers: list[PoolObserver] = []
+        #: told (pool name, used by, "wait" | "use" | "create", seconds) of every event;
+        #: replaced, never changed in place, so pool threads iterate it without the lock
+        self._observers: tuple[PoolObserver, ...] = ()
 
     def resolve(self, url: str | URL | None) -> tuple[URL, PoolHandle | None]:
         """The parsed URL and its shared pool (``None`` for strategy per_execution).
@@ -161,10 +162,15 @@ class Pools:
     def observe(self, observer: PoolObserver) -> None:
         """Tell ``observer`` of every pool's events, now and later (see the manager)."""
         with self._lock:
-            self._observers.append(observer)
+            self._observers = (*self._observers, observer)
             handles = list(self._handles.values())
         for handle in handles:
             self._attach_observers(handle)
+
+    def unobserve(self, observer: PoolObserver) -> None:
+        """Stop telling ``observer`` of pool events (no error if it was not observing)."""
+        with self._lock:
+            self._observers = tuple(o for o in self._observers if o != observer)
 
     def has_observers(self) -> bool:
         return bool(self._observers)
