@@ -160,13 +160,16 @@ class FunctionCatalog:
 
     Args:
         rows: ``pg_proc`` joined with ``pg_namespace``.
-        allowed: names (``fn`` or ``schema.fn``, lower case) allowed whatever they are.
+        allowed: names allowed whatever they are, lower case: ``fn`` (in any schema) or
+            ``schema.fn`` (called so, or unqualified when every ``fn`` is allowed).
     """
 
     def __init__(self, rows: Iterable[tuple[str, str, str]], allowed: Iterable[str] = ()) -> None:
         self._any: dict[str, str] = {}
         self._qualified: dict[tuple[str, str], str] = {}
+        self._schemas: dict[str, set[str]] = {}
         for schema, name, volatility in rows:
+            self._schemas.setdefault(name, set()).add(schema)
             if _worse(volatility, self._any.get(name)):
                 self._any[name] = volatility
             if _worse(volatility, self._qualified.get((schema, name))):
@@ -178,6 +181,9 @@ class FunctionCatalog:
         shown = f"{schema}.{name}" if schema else name
         if name in self.allowed or shown in self.allowed:
             return None
+        schemas = self._schemas.get(name, ())
+        if not schema and schemas and all(f"{s}.{name}" in self.allowed for s in schemas):
+            return None  # unqualified, and every function of that name is allowed
         if name in SESSION_FUNCTIONS or name.startswith(_SESSION_PREFIXES):
             return (
                 f"{shown}() reaches other sessions, or runs SQL the guard cannot see, "

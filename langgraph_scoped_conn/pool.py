@@ -432,12 +432,13 @@ class BudgetPool(CountingPool):
             while True:
                 with self._mutex:
                     extra = []
-                    while self.over_capacity() and self.idle_count():
+                    excess = self.records() - self.capacity()
+                    while len(extra) < excess:
                         record = self.idle_take()
                         if record is None:
                             break
                         extra.append(record)
-                    done = not self.over_capacity() and not extra
+                    done = excess <= 0
                 for record in extra:
                     try:
                         record.close()

@@ -33,13 +33,11 @@ _SECRET_KEY = re.compile(
 )
 #: a text that is one URL or one keyword DSN (nothing else): values may hold spaces then
 _WHOLE = re.compile(r"\s*(?:(?:[a-zA-Z][\w+.-]*:)?//|[\w.-]+\s*=)")
-# a doubled quote does not end the value either (in doubt, hide more)
-_QUOTED = {
-    q: re.compile(rf"{q}(?:[^{q}\\\n]|\\.|{q}{q})*(?:(?P<close>{q})|(?=\n)|\Z)") for q in "'\""
-}
-#: a control character inside a value (a raw line break in a password) keeps the value
-#: going when something that is not white space follows it
-_CONTROL = r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029](?=\S)"
+# a doubled quote does not end the value either, nor a line break (in doubt, hide more)
+_QUOTED = {q: re.compile(rf"{q}(?:[^{q}\\]|\\.|{q}{q})*(?:(?P<close>{q})|\Z)", re.S) for q in "'\""}
+#: a control character inside a value (a raw line break or tab in a password) keeps the value
+#: going, across white space, up to the next ``name=`` (or the end): in doubt, hide more
+_CONTROL = r"[\x00-\x1f\x7f\x85\u2028\u2029](?:(?!\s+[\w%.+-]+[ \t]*[=:&])[\s\S])*"
 #: where an unquoted value ends, by (in a query string?, the whole text is one URL/DSN?).
 #: In a query string a value runs to the next ``&name=``, so a raw "&" does not end it.
 _VALUE = {

@@ -386,3 +386,35 @@ def test_execution_id_callable_that_raises_names_itself_and_the_keys(
     assert manager.get_stats()["scope_open_failures"] == 1
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(thread_id.__qualname__ in m for m in logged), logged
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        # reproductions: each was accepted, then broke every query or the pool later
+        ({"statement_timeout": 3e6}, "statement_timeout=3000000.0"),
+        ({"pool_timeout": 1e300}, "pool_timeout=1e+300"),
+        ({"max_scope_lifetime": 1e12}, "max_scope_lifetime=1000000000000.0"),
+        ({"max_connections": 10**6}, "max_connections=1000000"),
+        ({"engine_options": {"pool_timeout": 1e300}}, "engine_options may not set pool_timeout"),
+        ({"engine_options": {"pool_pre_ping": False}}, "engine_options may not set pool_pre_ping"),
+        ({"engine_options": {"pool_recycle": -1}}, "engine_options may not set pool_recycle"),
+        (
+            {"engine_options": {"pool_reset_on_return": None}},
+            "engine_options may not set pool_reset_on_return",
+        ),
+    ],
+)
+def test_absurd_settings_are_refused_at_configure(
+    options: dict[str, Any],
+    named: str,
+    pg_db: Database,
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    kept = configure_default()
+    with pytest.raises(ConfigurationError) as caught:
+        lsc.configure(pg_db.url, **options)
+    assert named in str(caught.value), str(caught.value)
+    assert installed_default() is kept  # nothing changed: the old manager stays
+    with lsc.ExecutionScope():
+        assert lsc.get_scoped_sql_database(read_only=True).run("select 1") == "[(1,)]"

@@ -275,6 +275,39 @@ def test_unauthenticated_cleanup_is_an_explicit_opt_in(
         assert manager.active_executions() == []
 
 
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        pytest.param('{"max_age": 0}', {"content-type": "text/plain"}, id="text/plain body"),
+        pytest.param("max_age=0", {"content-type": "application/x-www-form-urlencoded"}, id="form"),
+        pytest.param("", {}, id="no body, no content type"),
+    ],
+)
+def test_unauthenticated_cleanup_refuses_what_a_web_page_can_send(
+    manager: ExecutionConnectionManager,
+    monkeypatch: pytest.MonkeyPatch,
+    body: str,
+    headers: dict[str, str],
+) -> None:
+    """Reproduction: a cross-origin text/plain POST of {"max_age": 0} released every run.
+
+    A browser sends such a "simple request" from any page without asking the server
+    first; JSON or a custom header makes it ask (a CORS preflight the app refuses).
+    """
+    monkeypatch.delenv(http.TOKEN_ENV, raising=False)
+    app = http.create_app(allow_unauthenticated_cleanup=True)
+    with TestClient(app) as client, lsc.ExecutionScope("live"):
+        url = CLEANUP if body else f"{CLEANUP}?max_age=0"
+        response = client.post(url, content=body, headers=headers)
+        assert response.status_code == 415, response.text
+        assert http.CLEANUP_HEADER in response.json()["error"]
+        assert manager.active_executions() == ["live"]  # nothing released
+        # the same request with the custom header (or as JSON) is served
+        response = client.post(f"{CLEANUP}?execution_id=live", headers={http.CLEANUP_HEADER: "1"})
+        assert response.status_code == 200, response.text
+        assert manager.active_executions() == []
+
+
 def test_a_token_still_applies_with_the_opt_in(
     manager: ExecutionConnectionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:

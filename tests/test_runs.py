@@ -1,0 +1,164 @@
+"""One live execution per run (langgraph_scoped_conn.runs).
+
+Reproductions: two concurrent invocations with the same ``config["run_id"]`` left an
+execution open, holding 2 leaked connections, until ``max_scope_lifetime``; and with the
+execution id taken from ``thread_id``, a second client naming the same thread joined the
+first client's live execution (its SQLDatabase, its per-run cap).  Now a colliding id
+gets a clear error naming it, and everything is released at each run's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from sqlalchemy import text
+from typing_extensions import TypedDict
+
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
+from tests.conftest import Database, eventually
+
+
+class State(TypedDict, total=False):
+    name: str
+    out: str
+
+
+def holding_graph(entered: threading.Barrier, **wrap: Any) -> Any:
+    """A node that takes a connection, waits for the other run, then queries."""
+
+    def node(state: State, config: RunnableConfig) -> State:
+        try:
+            db = lsc.get_scoped_sql_database(config)
+            engine = lsc.get_scoped_engine(config)
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+                entered.wait()
+                return {"out": f"{id(db)}:{db.run('select count(*) from orders')}"}
+        except lsc.ScopedConnectionError as exc:
+            entered.abort()
+            return {"out": f"error: {exc}"}
+
+    builder = StateGraph(State)
+    builder.add_node("node", node)
+    builder.add_edge(START, "node")
+    builder.add_edge("node", END)
+    return lsc.with_scoped_connections(builder.compile(), **wrap)
+
+
+def assert_released(mgr: ExecutionConnectionManager, pg_db: Database) -> None:
+    assert mgr.drain(30)
+    stats = mgr.get_stats()
+    assert stats["active_executions"] == 0
+    assert stats["connections_in_use"] == 0
+    assert mgr.tracked_runs() == 0
+    eventually(
+        lambda: (
+            not pg_db.query(
+                "select 1 from pg_stat_activity where datname = current_database() "
+                "and application_name like 'langgraph_scoped_conn%' and state <> 'idle'"
+            )
+        ),
+        "no package backend is busy",
+    )
+
+
+def test_two_live_invocations_with_one_run_id_get_a_clear_error_and_leak_nothing(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    entered = threading.Barrier(2, timeout=10)
+    graph = holding_graph(entered)
+    run_id = uuid.uuid4()
+
+    async def main() -> list[Any]:
+        config: RunnableConfig = {"run_id": run_id}
+        return await asyncio.gather(
+            graph.ainvoke({"name": "a"}, config),
+            graph.ainvoke({"name": "b"}, config),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    outs = [r["out"] if isinstance(r, dict) else f"error: {r}" for r in results]
+    errors = [o for o in outs if o.startswith("error")]
+    assert errors, outs  # they never silently share one execution
+    assert any(str(run_id) in e for e in errors), errors  # the error names the id
+    assert_released(manager, pg_db)
+    stats = manager.get_stats()
+    assert stats["scopes_opened"] == stats["scopes_closed"]
+
+
+def test_an_execution_id_from_thread_id_cannot_join_another_live_run(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    opened, release_first = threading.Event(), threading.Event()
+
+    def node(state: State, config: RunnableConfig) -> State:
+        try:
+            db = lsc.get_scoped_sql_database(config)
+        except lsc.ScopedConnectionError as exc:
+            return {"out": f"error: {exc}"}
+        opened.set()
+        release_first.wait(30)  # the first run stays live while the second starts
+        return {"out": db.run("select count(*) from orders")}
+
+    builder = StateGraph(State)
+    builder.add_node("node", node)
+    builder.add_edge(START, "node")
+    builder.add_edge("node", END)
+    graph = lsc.with_scoped_connections(
+        builder.compile(), execution_id=lambda run: run["configurable"]["thread_id"]
+    )
+    config: RunnableConfig = {"configurable": {"thread_id": "t-1"}}
+    outs: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outs.update(first=graph.invoke({}, config)))
+    worker.start()
+    assert opened.wait(30)
+    second = graph.invoke({}, config)  # a second client names the same thread
+    release_first.set()
+    worker.join(30)
+    assert second["out"].startswith("error: ") and "'t-1'" in second["out"], second
+    assert "already used by a live run" in second["out"]
+    assert outs["first"]["out"] == "[(500,)]"  # the first run was not disturbed
+    assert_released(manager, pg_db)
+
+
+def test_runs_share_an_execution_on_purpose_inside_one_scope(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    """An enclosing ExecutionScope is the way to share: both runs join it."""
+    entered = threading.Barrier(2, timeout=10)
+    graph = holding_graph(entered)
+
+    async def main() -> list[Any]:
+        async with lsc.ExecutionScope("shared-on-purpose"):
+            return await asyncio.gather(graph.ainvoke({"name": "a"}), graph.ainvoke({"name": "b"}))
+
+    results = asyncio.run(main())
+    dbs = {r["out"].split(":")[0] for r in results}
+    assert len(dbs) == 1  # the same SQLDatabase: one execution
+    assert all(r["out"].endswith("[(500,)]") for r in results)
+    assert_released(manager, pg_db)
+
+
+@pytest.mark.parametrize("reuse", ["same execution id", "same run id"])
+def test_sequential_runs_may_reuse_an_id_once_the_first_ended(
+    manager: ExecutionConnectionManager, pg_db: Database, reuse: str
+) -> None:
+    entered = threading.Barrier(1)
+    if reuse == "same execution id":
+        graph = holding_graph(entered, execution_id=lambda run: "same-id")
+        configs: list[RunnableConfig] = [{"run_id": uuid.uuid4()} for _ in range(3)]
+    else:
+        graph = holding_graph(entered)
+        run_id = uuid.uuid4()
+        configs = [{"run_id": run_id} for _ in range(3)]
+    for config in configs:
+        assert graph.invoke({"name": "a"}, config)["out"].endswith("[(500,)]")
+    assert_released(manager, pg_db)
