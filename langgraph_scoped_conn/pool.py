@@ -431,7 +431,7 @@ class BudgetPool(CountingPool):
         try:
             while True:
                 with self._mutex:
-                    extra = []
+                    extra: list[ConnectionPoolEntry] = []
                     excess = self.records() - self.capacity()
                     while len(extra) < excess:
                         record = self.idle_take()
