@@ -198,6 +198,10 @@ class PoolHandle:
         #: caches of the layers above that belong to this pool (e.g. the read-only guard's
         #: function catalog); cleared with the schema cache
         self.catalog: dict[str, Any] = {}
+        #: the first connection was checked for a transaction pooler in between
+        self.pooler_checked = False
+        #: a pooler answered where the strategy is ``shared`` (see _check_for_a_pooler)
+        self.pooler_detected = False
         self._prototype: ScopedEngine | None = None
         #: thread id -> the execution it checks a connection out for, while it does
         self.connecting: dict[int, Execution] = {}
@@ -351,6 +355,7 @@ class PoolHandle:
             "pool_name": self.pool_name,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
+            "pooler_detected": self.pooler_detected,
             "dialect": self.dialect_name,
             "driver": self.url.get_driver_name(),
             "waiting": pool.requests_waiting() if pool is not None else 0,
@@ -442,6 +447,8 @@ class PoolHandle:
 
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_open()
+            if resets and not self.pooler_checked:
+                self._check_for_a_pooler(dbapi_connection)
 
         def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_close()
@@ -486,6 +493,43 @@ class PoolHandle:
             event.listen(pool, "checkout", ping_if_stale)
         pool.counters = counters
         pool.on_return = on_return
+
+    def _check_for_a_pooler(self, dbapi_connection: Any) -> None:
+        """Warn once if a ``shared`` pool's server answers through a transaction pooler.
+
+        A pooler (PgBouncer, Supavisor) hands the client a made-up backend key: the pid
+        the driver got at login is not the pid the server reports.  Behind one, session
+        resets and prepared statements reach whatever server connection the pooler picks
+        next.  One query, on the pool's first connection.
+        """
+        self.pooler_checked = True
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        info = getattr(driver, "info", None)
+        login_pid = getattr(info, "backend_pid", None)  # psycopg 3
+        if login_pid is None and hasattr(driver, "get_backend_pid"):
+            login_pid = driver.get_backend_pid()  # psycopg2
+        try:
+            cursor = driver.cursor()
+            try:
+                cursor.execute("SELECT pg_backend_pid()")
+                server_pid = cursor.fetchone()[0]
+            finally:
+                cursor.close()
+            driver.rollback()
+        except Exception as exc:  # the caller's own query will report a broken connection
+            logger.debug("could not check for a pooler: %s", type(exc).__name__)
+            return
+        if login_pid is None or login_pid == server_pid:
+            return
+        self.pooler_detected = True
+        logger.warning(
+            "%s answers through a connection pooler (PgBouncer or Supavisor: the backend "
+            "pid given at login is not the server's), but the strategy is 'shared' (%s). "
+            "Session resets and prepared statements would reach other clients' server "
+            "connections: use strategy='pooler', or add ?pgbouncer=true to the URL",
+            self.safe_url,
+            self.strategy_reason,
+        )
 
     def scoped_engine(self, execution: Execution, **options: Any) -> ScopedEngine:
         """A new :class:`ScopedEngine` of this pool for ``execution``."""
