@@ -531,6 +531,10 @@ class ExecutionConnectionManager:
         for handle in handles:
             self._observe(handle)
 
+    def has_observers(self) -> bool:
+        """True once an observer is registered; outside pools skip their work till then."""
+        return bool(self._observers)
+
     def notify_observers(self, pool_name: str, used_by: str, event: str, seconds: float) -> None:
         """Pass a pool event on to the observers (pools outside the manager call this)."""
         for observer in self._observers:
