@@ -1,6 +1,10 @@
 # The package's public names: the one list.  ``__init__.py`` loads each on first use
 # (lazy_loader reads this stub), and type checkers read it as the package's interface.
 from ._version import __version__ as __version__
+from .checkpoint import apostgres_checkpointer as apostgres_checkpointer
+from .checkpoint import apostgres_store as apostgres_store
+from .checkpoint import postgres_checkpointer as postgres_checkpointer
+from .checkpoint import postgres_store as postgres_store
 from .current import current_execution as current_execution
 from .engine import ScopedEngine as ScopedEngine
 from .errors import ConfigurationError as ConfigurationError
