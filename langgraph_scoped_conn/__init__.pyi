@@ -23,6 +23,7 @@ from .manager import ExecutionConnectionManager as ExecutionConnectionManager
 from .manager import aconfigure as aconfigure
 from .manager import configure as configure
 from .manager import get_connection_manager as get_connection_manager
+from .middleware import ScopedConnectionMiddleware as ScopedConnectionMiddleware
 from .scope import ExecutionScope as ExecutionScope
 from .scope import close_database_connections as close_database_connections
 from .scope import create_execution_scoped_engine as create_execution_scoped_engine
