@@ -39,38 +39,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
-import time
-import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any
 
-from psycopg import AsyncConnection, Connection
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg.rows import dict_row
 
-from langgraph_scoped_conn.engine import PRE_PING_IDLE
-from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
-from langgraph_scoped_conn.session import has_input
-from langgraph_scoped_conn.stats import (
-    CHECKINS,
-    CONNECTIONS_MS,
-    IDLE,
-    IN_USE,
-    MAX_CONNECTIONS,
-    OPENED,
-    RESERVED,
-    STRATEGY,
-    TIMEOUTS,
-    URL,
-    USAGE_MS,
-    USED_BY,
-    WAIT_MS,
-    WAITING,
-    WAITS,
+from langgraph_scoped_conn.checkpoint_pool import (
+    AsyncBudgetedConnectionPool,
+    BudgetedConnectionPool,
+    PoolMeter,
+    UsedBy,
 )
-from langgraph_scoped_conn.urls import shown_url
+from langgraph_scoped_conn.errors import ConfigurationError
+from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
 
 if TYPE_CHECKING:
     from langgraph.checkpoint.postgres import PostgresSaver
@@ -79,12 +60,7 @@ if TYPE_CHECKING:
     from langgraph.store.postgres import AsyncPostgresStore, PostgresStore
     from sqlalchemy.engine import URL as SQLAlchemyURL
 
-    from langgraph_scoped_conn.engine import PoolHandle
-
 __all__ = [
-    "AsyncBudgetedConnectionPool",
-    "BudgetedConnectionPool",
-    "PoolMeter",
     "apostgres_checkpointer",
     "apostgres_store",
     "postgres_checkpointer",
@@ -92,271 +68,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("langgraph_scoped_conn")
-
-UsedBy = Literal["checkpointer", "store"]
-
-
-class PoolMeter:
-    """Counts one budgeted pool's checkouts, uses and connections, and tells the observers.
-
-    Shared by the sync and the async pool; no I/O.  psycopg_pool keeps the counters it
-    has (waits in its queue, connection errors, lost connections); this keeps what it
-    does not: connections in use, when each came back (for the idle check), peaks.
-    """
-
-    def __init__(
-        self,
-        manager: ExecutionConnectionManager,
-        handle: PoolHandle,
-        used_by: UsedBy,
-        reserve: int,
-    ) -> None:
-        self.manager = manager
-        self.used_by = used_by
-        self.reserve = reserve
-        self.pool_name = handle.pool_name
-        self.url = shown_url(handle.url)
-        self.strategy = handle.strategy
-        self.strategy_reason = handle.strategy_reason
-        #: ping a connection idle longer than this before handing it out (None: never)
-        self.pre_ping_idle = PRE_PING_IDLE if handle.settings.pool_pre_ping else None
-        self._lock = threading.Lock()
-        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self._taken_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.opened = 0
-        self.checkouts = 0
-        self.checkins = 0
-        self.timeouts = 0
-        self.in_use = 0
-        self.peak_in_use = 0
-        self.peak_open = 0
-        self.use_us = 0
-        self.create_us = 0
-        self.peak_wait_us = 0
-
-    # -- events ------------------------------------------------------------------------
-
-    def connected(self, conn: Any, seconds: float) -> None:
-        """A new server connection: it counts as idle from now."""
-        with self._lock:
-            self.opened += 1
-            self.create_us += int(seconds * 1_000_000)
-            self._live.add(conn)
-            self._idle_since[conn] = time.monotonic()
-            self.peak_open = max(self.peak_open, self._open_now())
-        self._notify("create", seconds)
-
-    def checked_out(self, conn: Any, waited: float) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.checkouts += 1
-            self.in_use += 1
-            self.peak_in_use = max(self.peak_in_use, self.in_use)
-            self.peak_wait_us = max(self.peak_wait_us, int(waited * 1_000_000))
-            self._taken_at[conn] = now
-        self._notify("wait", waited)
-
-    def checked_in(self, conn: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            taken = self._taken_at.pop(conn, None)
-            self.checkins += 1
-            self.in_use -= 1
-            used = now - taken if taken is not None else 0.0
-            self.use_us += int(used * 1_000_000)
-            self._idle_since[conn] = now
-        self._notify("use", used)
-
-    def timed_out(self) -> None:
-        with self._lock:
-            self.timeouts += 1
-
-    def _notify(self, event: str, seconds: float) -> None:
-        if self.manager.has_observers():
-            self.manager.notify_observers(self.pool_name, self.used_by, event, seconds)
-
-    # -- decisions -----------------------------------------------------------------------
-
-    def needs_ping(self, conn: Any) -> bool:
-        """Ping ``conn`` before use: idle past the threshold, or the server said goodbye."""
-        limit = self.pre_ping_idle
-        if limit is None:
-            return False
-        with self._lock:
-            since = self._idle_since.get(conn)
-        if since is None or time.monotonic() - since > limit:
-            return True
-        return has_input(conn)
-
-    def budget_error(self, timeout: float, errors: int) -> ConnectionBudgetExceededError:
-        return ConnectionBudgetExceededError(
-            f"the {self.used_by} got none of its {self.reserve} connection(s) set aside from "
-            f"the budget of {self.pool_name} within pool_timeout={timeout:.2f}s: all stayed in "
-            f"use, or the server could not be reached ({errors} failed connection attempts so "
-            f"far). Raise reserve= of the {self.used_by} (and max_connections with it)"
-        )
-
-    # -- stats ---------------------------------------------------------------------------
-
-    def _open_now(self) -> int:
-        return sum(1 for conn in list(self._live) if not conn.closed)
-
-    def row(self, pool_stats: dict[str, int], max_size: int) -> dict[str, Any]:
-        """A stats row in the tools' rows' shape (see :mod:`.stats`), plus psycopg_pool's own."""
-        with self._lock:
-            open_now = self._open_now()
-            values = {
-                "opened": self.opened,
-                "checkouts": self.checkouts,
-                "checkins": self.checkins,
-                "timeouts": self.timeouts,
-                "in_use": self.in_use,
-                "peak_in_use": self.peak_in_use,
-                "peak_open": self.peak_open,
-                "use_us": self.use_us,
-                "create_us": self.create_us,
-                "peak_wait_us": self.peak_wait_us,
-            }
-        return {
-            URL: self.url,
-            USED_BY: self.used_by,
-            STRATEGY: self.strategy,
-            "strategy_reason": self.strategy_reason,
-            "dialect": "postgresql",
-            "driver": "psycopg",
-            MAX_CONNECTIONS: max_size,
-            RESERVED: self.reserve,
-            IN_USE: values["in_use"],
-            IDLE: int(pool_stats.get("pool_available", 0)),
-            "peak_connections": values["peak_open"],
-            "peak_connections_in_use": values["peak_in_use"],
-            OPENED: values["opened"],
-            "connections_closed": max(values["opened"] - open_now, 0),
-            "checkouts": values["checkouts"],
-            CHECKINS: values["checkins"],
-            WAITS: int(pool_stats.get("requests_queued", 0)),
-            TIMEOUTS: values["timeouts"],
-            "resets": 0,
-            WAITING: int(pool_stats.get("requests_waiting", 0)),
-            WAIT_MS: float(pool_stats.get("requests_wait_ms", 0)),
-            "requests_wait_max_ms": round(values["peak_wait_us"] / 1000, 3),
-            "connections_errors": int(pool_stats.get("connections_errors", 0)),
-            USAGE_MS: round(values["use_us"] / 1000, 3),
-            CONNECTIONS_MS: round(values["create_us"] / 1000, 3),
-            "returns_bad": int(pool_stats.get("returns_bad", 0)),
-            "connections_lost": int(pool_stats.get("connections_lost", 0)),
-        }
-
-
-# -- the pools ---------------------------------------------------------------------------
-
-
-def _metered_connection(meter: PoolMeter) -> type[Connection[DictRow]]:
-    class MeteredConnection(Connection[DictRow]):
-        """A psycopg connection that tells its pool's meter how long it took to open."""
-
-        @classmethod
-        def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-            start = time.monotonic()
-            conn = super().connect(conninfo, **kwargs)
-            meter.connected(conn, time.monotonic() - start)
-            return conn
-
-    return MeteredConnection
-
-
-def _ametered_connection(meter: PoolMeter) -> type[AsyncConnection[DictRow]]:
-    class AsyncMeteredConnection(AsyncConnection[DictRow]):
-        """An async psycopg connection that tells its pool's meter how long it took to open."""
-
-        @classmethod
-        async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-            start = time.monotonic()
-            conn = await super().connect(conninfo, **kwargs)
-            meter.connected(conn, time.monotonic() - start)
-            return conn
-
-    return AsyncMeteredConnection
-
-
-class BudgetedConnectionPool(ConnectionPool[Connection[DictRow]]):
-    """A psycopg_pool ``ConnectionPool`` of the slots a checkpointer or store set aside.
-
-    LangGraph's savers accept it as a ``ConnectionPool``.  Every checkout and return is
-    metered (:class:`PoolMeter`); a checkout that times out raises
-    :class:`~langgraph_scoped_conn.errors.ConnectionBudgetExceededError`.
-    """
-
-    def __init__(self, meter: PoolMeter, **options: Any) -> None:
-        self.meter = meter
-
-        def check(conn: Connection[DictRow]) -> None:
-            if not meter.needs_ping(conn):
-                return
-            try:
-                conn.execute("", prepare=False)
-            except Exception:
-                conn.close()  # psycopg_pool discards it and hands out another
-                raise
-
-        super().__init__(connection_class=_metered_connection(meter), check=check, **options)
-
-    def getconn(self, timeout: float | None = None) -> Connection[DictRow]:
-        start = time.monotonic()
-        try:
-            conn = super().getconn(timeout)
-        except PoolTimeout:
-            self.meter.timed_out()
-            errors = self.get_stats().get("connections_errors", 0)
-            raise self.meter.budget_error(timeout or self.timeout, errors) from None
-        self.meter.checked_out(conn, time.monotonic() - start)
-        return conn
-
-    def putconn(self, conn: Connection[DictRow]) -> None:
-        self.meter.checked_in(conn)
-        super().putconn(conn)
-
-    def snapshot(self, used_by: str) -> dict[str, Any]:
-        """This pool's row of the stats (``get_connection_stats()["pools"]``)."""
-        return self.meter.row(self.get_stats(), self.max_size)
-
-
-class AsyncBudgetedConnectionPool(AsyncConnectionPool[AsyncConnection[DictRow]]):
-    """The async twin of :class:`BudgetedConnectionPool` (an ``AsyncConnectionPool``)."""
-
-    def __init__(self, meter: PoolMeter, **options: Any) -> None:
-        self.meter = meter
-
-        async def check(conn: AsyncConnection[DictRow]) -> None:
-            if not meter.needs_ping(conn):
-                return
-            try:
-                await conn.execute("", prepare=False)
-            except Exception:
-                await conn.close()  # psycopg_pool discards it and hands out another
-                raise
-
-        super().__init__(connection_class=_ametered_connection(meter), check=check, **options)
-
-    async def getconn(self, timeout: float | None = None) -> AsyncConnection[DictRow]:  # noqa: ASYNC109
-        start = time.monotonic()
-        try:
-            conn = await super().getconn(timeout)
-        except PoolTimeout:
-            self.meter.timed_out()
-            errors = self.get_stats().get("connections_errors", 0)
-            raise self.meter.budget_error(timeout or self.timeout, errors) from None
-        self.meter.checked_out(conn, time.monotonic() - start)
-        return conn
-
-    async def putconn(self, conn: AsyncConnection[DictRow]) -> None:
-        self.meter.checked_in(conn)
-        await super().putconn(conn)
-
-    def snapshot(self, used_by: str) -> dict[str, Any]:
-        """This pool's row of the stats (``get_connection_stats()["pools"]``)."""
-        return self.meter.row(self.get_stats(), self.max_size)
 
 
 # -- what both pools are built from ------------------------------------------------------
@@ -440,7 +151,14 @@ class _Plan:
 
 
 @contextlib.contextmanager
-def _budgeted_pool(plan: _Plan) -> Iterator[BudgetedConnectionPool]:
+def _budgeted_pool(
+    used_by: UsedBy,
+    database_url: str | SQLAlchemyURL | None,
+    manager: ExecutionConnectionManager | None,
+    reserve: int,
+) -> Iterator[BudgetedConnectionPool]:
+    """Set the slots aside, open the pool, show it in the stats; undo it all on exit."""
+    plan = _Plan(used_by, database_url, manager, reserve)
     plan.set_aside()
     try:
         pool = BudgetedConnectionPool(plan.meter, **plan.pool_options())
@@ -463,9 +181,17 @@ def _give_back_if_set(plan: _Plan, setting_aside: asyncio.Future[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _abudgeted_pool(plan: _Plan) -> AsyncIterator[AsyncBudgetedConnectionPool]:
-    # setting aside may wait for tool connections: on a thread, and never lost to a
-    # cancellation (the slots are given back once the thread has them)
+async def _abudgeted_pool(
+    used_by: UsedBy,
+    database_url: str | SQLAlchemyURL | None,
+    manager: ExecutionConnectionManager | None,
+    reserve: int,
+) -> AsyncIterator[AsyncBudgetedConnectionPool]:
+    """The async twin of :func:`_budgeted_pool`; the blocking steps run on a thread."""
+    # the first pool_for() of a URL creates the tools' engine (imports, no I/O on the loop)
+    plan = await asyncio.to_thread(_Plan, used_by, database_url, manager, reserve)
+    # setting aside may wait for tool connections; a cancellation meanwhile cannot lose
+    # the slots (they are given back once the thread has them)
     setting_aside = asyncio.ensure_future(asyncio.to_thread(plan.set_aside))
     try:
         await asyncio.shield(setting_aside)
@@ -524,7 +250,7 @@ def postgres_checkpointer(
     """
     from langgraph.checkpoint.postgres import PostgresSaver
 
-    with _budgeted_pool(_Plan("checkpointer", database_url, manager, reserve)) as pool:
+    with _budgeted_pool("checkpointer", database_url, manager, reserve) as pool:
         saver = PostgresSaver(pool, serde=serde)
         if setup:
             saver.setup()
@@ -553,7 +279,7 @@ async def apostgres_checkpointer(
     """
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-    async with _abudgeted_pool(_Plan("checkpointer", database_url, manager, reserve)) as pool:
+    async with _abudgeted_pool("checkpointer", database_url, manager, reserve) as pool:
         saver = AsyncPostgresSaver(pool, serde=serde)
         if setup:
             await saver.setup()
@@ -577,7 +303,7 @@ def postgres_store(
     """
     from langgraph.store.postgres import PostgresStore
 
-    with _budgeted_pool(_Plan("store", database_url, manager, reserve)) as pool:
+    with _budgeted_pool("store", database_url, manager, reserve) as pool:
         store = PostgresStore(pool, **store_options)
         if setup:
             store.setup()
@@ -601,7 +327,7 @@ async def apostgres_store(
     """
     from langgraph.store.postgres import AsyncPostgresStore
 
-    async with _abudgeted_pool(_Plan("store", database_url, manager, reserve)) as pool:
+    async with _abudgeted_pool("store", database_url, manager, reserve) as pool:
         store = AsyncPostgresStore(pool, **store_options)
         if setup:
             await store.setup()
