@@ -229,7 +229,9 @@ def postgres_checkpointer(
 
     Args:
         database_url: the URL; the manager's configured URL by default.
-        manager: the manager whose budget it draws from; the process default by default.
+        manager: the manager whose budget it draws from; by default the process default
+            at entry (enter it after ``configure()``: a manager installed later has a
+            budget of its own).
         reserve: connections set aside from ``max_connections`` for it (at least 1,
             leaving at least 1 to the tools).  The saver runs one statement at a time.
         setup: run LangGraph's idempotent migrations (``saver.setup()``) on entry.

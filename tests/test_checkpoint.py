@@ -198,6 +198,23 @@ async def test_entering_waits_for_tool_connections_and_gives_up_after_pool_timeo
         held[1].close()
 
 
+async def test_a_checkpointer_that_waits_out_pool_timeout_names_its_reserve(
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    manager = configure_default(max_connections=2, pool_timeout=0.3)
+    async with lsc.apostgres_checkpointer() as saver:
+        taken = await saver.conn.getconn()  # its one connection, held elsewhere
+        try:
+            with pytest.raises(ConnectionBudgetExceededError, match="got none of its 1 conn"):
+                await saver.aget_tuple(thread(1))
+        finally:
+            await saver.conn.putconn(taken)
+        assert await saver.aget_tuple(thread(1)) is None  # and it goes on afterwards
+        saver_row = row(manager, "checkpointer")
+    assert saver_row["timeouts"] == 1
+    assert saver_row["checkouts"] == saver_row["checkins"]
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
