@@ -439,6 +439,24 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
     assert not [r for r in manager.get_stats()["pools"] if r["used_by"] != "tools"]
 
 
+def test_a_sync_store_serves_threads_at_once_within_its_reserve(
+    pg_db: Database, configure_default: Callable[..., ExecutionConnectionManager]
+) -> None:
+    manager = configure_default(max_connections=BUDGET, pool_timeout=60)
+    with (
+        pg_db.sampler("langgraph_scoped_conn:store", interval=0.01) as sampler,
+        lsc.postgres_store(reserve=2) as store,
+        ThreadPoolExecutor(8) as executor,
+    ):
+        list(executor.map(lambda i: store.put(("users", str(i)), "n", {"n": i}), range(200)))
+        found = list(executor.map(lambda i: store.get(("users", str(i)), "n"), range(200)))
+        store_row = row(manager, "store")
+    assert [item.value for item in found if item is not None] == [{"n": i} for i in range(200)]
+    assert 1 <= sampler.peak <= 2, sampler.samples
+    assert store_row["peak_connections"] <= 2
+    assert store_row["checkouts"] == store_row["checkins"] >= 400
+
+
 async def test_pooler_strategy_turns_prepared_statements_off_and_shared_keeps_them(
     configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
 ) -> None:
