@@ -5,6 +5,9 @@ from .checkpoint import apostgres_checkpointer as apostgres_checkpointer
 from .checkpoint import apostgres_store as apostgres_store
 from .checkpoint import postgres_checkpointer as postgres_checkpointer
 from .checkpoint import postgres_store as postgres_store
+from .configure import aconfigure as aconfigure
+from .configure import configure as configure
+from .configure import get_connection_manager as get_connection_manager
 from .current import current_execution as current_execution
 from .engine import ScopedEngine as ScopedEngine
 from .errors import ConfigurationError as ConfigurationError
@@ -20,9 +23,6 @@ from .errors import UnsafeQueryError as UnsafeQueryError
 from .graph import with_scoped_connections as with_scoped_connections
 from .handler import ScopedConnectionHandler as ScopedConnectionHandler
 from .manager import ExecutionConnectionManager as ExecutionConnectionManager
-from .manager import aconfigure as aconfigure
-from .manager import configure as configure
-from .manager import get_connection_manager as get_connection_manager
 from .middleware import ScopedConnectionMiddleware as ScopedConnectionMiddleware
 from .scope import ExecutionScope as ExecutionScope
 from .scope import close_database_connections as close_database_connections

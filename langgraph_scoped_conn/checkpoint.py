@@ -50,8 +50,9 @@ from langgraph_scoped_conn.checkpoint_pool import (
     PoolMeter,
     UsedBy,
 )
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
 if TYPE_CHECKING:
     from langgraph.checkpoint.postgres import PostgresSaver

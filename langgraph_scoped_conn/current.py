@@ -28,8 +28,9 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.errors import NoActiveScopeError, ScopeClosedError
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
 if TYPE_CHECKING:
     from langgraph_scoped_conn.execution import Execution

@@ -28,9 +28,10 @@ from sqlalchemy.engine import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from langgraph_scoped_conn.checkout import Activity, Checkout
 from langgraph_scoped_conn.compat import EngineView, ReclaimAwareConnection
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
-from langgraph_scoped_conn.execution import Activity, Checkout, Execution
+from langgraph_scoped_conn.execution import Execution
 from langgraph_scoped_conn.pool import BudgetPool, CountingPool, PoolCounters
 from langgraph_scoped_conn.redaction import safe_url
 from langgraph_scoped_conn.runs import current_tool_call
@@ -163,7 +164,7 @@ class PoolHandle:
         describe_holders: names the executions holding connections (for errors).
         find_deadlock: given this handle, names the executions that hold every
             connection while waiting for another, or ``None``.
-        on_pressure: called when a caller has waited for the budget a moment.
+        on_wait: called each time a caller has waited for the budget a while.
         per_execution_id: the execution that owns this pool (strategy ``per_execution``).
     """
 
@@ -174,7 +175,7 @@ class PoolHandle:
         *,
         describe_holders: Callable[[], str],
         find_deadlock: Callable[[PoolHandle], str | None] | None = None,
-        on_pressure: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
         per_execution_id: str | None = None,
     ) -> None:
         self.url = url
@@ -211,8 +212,8 @@ class PoolHandle:
             pool.describe_holders = describe_holders
             if find_deadlock is not None:
                 pool.find_deadlock = lambda: find_deadlock(self)
-            if on_pressure is not None:
-                pool.on_pressure = on_pressure
+            if on_wait is not None:
+                pool.on_wait = on_wait
         self.dialect_name = self.engine.dialect.name
         self._install_listeners()
 
@@ -229,7 +230,10 @@ class PoolHandle:
 
     def in_use(self) -> int:
         """Connections checked out right now."""
-        return int(self.engine.pool.checkedout()) if isinstance(self.engine.pool, QueuePool) else 0
+        pool = self.engine.pool
+        if isinstance(pool, BudgetPool):
+            return pool.in_use()
+        return int(pool.checkedout()) if isinstance(pool, QueuePool) else 0
 
     def idle(self) -> int:
         """Connections open and waiting in the pool."""
@@ -299,7 +303,7 @@ class PoolHandle:
             else:  # a broken session: close it; the slot reconnects when next used
                 record.invalidate()
         finally:
-            pool.give_back(record)
+            pool.unclaim(record)
 
     def _tag(self, fairy: PoolProxiedConnection, execution: Execution) -> bool:
         """Name the execution (and the tool call, if known) in ``application_name``."""
@@ -346,6 +350,7 @@ class PoolHandle:
         pool = self.budget_pool
         return {
             "url": shown_url(self.url),
+            "pool_name": self.pool_name,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
             "dialect": self.dialect_name,

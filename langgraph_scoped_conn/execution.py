@@ -17,22 +17,19 @@ until it has returned them all.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
+from langgraph_scoped_conn.checkout import Checkout
 from langgraph_scoped_conn.errors import ExecutionConnectionLimitError, ScopeClosedError
 from langgraph_scoped_conn.settings import ScopedConnSettings
 
 __all__ = [
     "END_GRACE",
-    "Activity",
-    "Checkout",
     "Execution",
     "ExecutionOwner",
     "FailedScope",
@@ -42,14 +39,11 @@ __all__ = [
 logger = logging.getLogger("langgraph_scoped_conn")
 
 State = Literal["open", "draining", "closed"]
-#: What a connection is doing, read from the driver: a statement in flight, a transaction
-#: open between statements, nothing, or closed.
-Activity = Literal["active", "transaction", "idle", "gone"]
 
 #: Seconds a connection another thread holds inside a transaction, between statements,
 #: stays that thread's after its execution ended (a sync node still running after its
-#: run was cancelled); then, or as soon as another run waits for its slot, it is taken
-#: as abandoned and closed, which rolls the transaction back on the server.
+#: run was cancelled); then it is taken as abandoned and closed, which rolls the
+#: transaction back on the server.
 END_GRACE = 1.0
 
 #: serial numbers of executions: unique within the process, never reused (an id may be)
@@ -63,59 +57,6 @@ class ExecutionOwner(Protocol):
 
     def execution_drained(self, execution: Execution) -> None:
         """The last connection of an ended execution came back."""
-
-
-class Checkout:
-    """One connection checked out by an execution, from checkout until it is returned.
-
-    It records what is cheap to record (the thread, the time, the context) and works out
-    the rest (which node and tool took it) only when a leak is reported.
-    """
-
-    __slots__ = (
-        "cancelled",
-        "clean",
-        "connection",
-        "context",
-        "execution",
-        "fairy",
-        "origin",
-        "pool",
-        "stack",
-        "started",
-        "tagged",
-        "thread_id",
-    )
-
-    def __init__(self, execution: Execution, fairy: Any, pool: Any) -> None:
-        self.execution = execution
-        self.fairy = fairy
-        #: the PoolHandle it came from: it reads the driver's state (:meth:`activity`)
-        self.pool = pool
-        self.connection: Any = None  # weakref to the SQLAlchemy Connection, if any
-        self.thread_id = threading.get_ident()
-        self.started = time.monotonic()
-        #: the context it was checked out in: names its node and tool for a leak report
-        self.context = contextvars.copy_context()
-        self.cancelled = False  # its statement was cancelled when the execution was released
-        self.clean = False  # nothing run on it in this checkout left session state behind
-        self.tagged = False  # its application_name names the execution (set back at checkin)
-        self.origin: str | None = None  # "node 'x' / tool 'y'", once worked out for a report
-        self.stack = (
-            "".join(traceback.format_stack()[:-3]) if execution.owner.settings.debug else None
-        )
-
-    def activity(self) -> Activity:
-        """What its connection is doing right now, read from the driver (no I/O)."""
-        fairy = self.fairy
-        if fairy is None:
-            return "gone"
-        activity: Activity = self.pool.activity(fairy)
-        return activity
-
-    def returned(self, dirty: Any = None) -> None:
-        """Called by the pool when the connection comes back (``dirty``: see Execution)."""
-        self.execution.returned(self, dirty)
 
 
 class FailedScope:
@@ -548,13 +489,6 @@ class Execution:
             if self.state != "draining" or time.monotonic() >= self._grace_until:
                 return False
             return any(c.activity() == "transaction" for c in self.checkouts.values())
-
-    def end_grace(self) -> bool:
-        """End the grace now (another run needs the slots); True if it was running."""
-        with self._lock:
-            running = self._grace_until > time.monotonic()
-            self._grace_until = 0.0
-            return running
 
     def still_out(self, checkouts: Sequence[Checkout]) -> bool:
         """True while any of ``checkouts`` has not been returned."""

@@ -32,9 +32,10 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.current import current_execution
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.redaction import redact_url
 
 __all__ = ["ExecutionIdFactory", "ScopedConnectionHandler"]

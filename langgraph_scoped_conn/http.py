@@ -47,8 +47,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.errors import ConfigurationError
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.redaction import redact_url
 
 __all__ = [

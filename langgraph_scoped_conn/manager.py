@@ -1,4 +1,4 @@
-"""ExecutionConnectionManager, the public facade, and the process-default manager.
+"""ExecutionConnectionManager: the public facade over executions, runs and pools.
 
 The manager composes the pieces below it and owns everything that is per manager: the
 :class:`~langgraph_scoped_conn.registry.Registry` of executions, the
@@ -7,12 +7,12 @@ The manager composes the pieces below it and owns everything that is per manager
 :class:`~langgraph_scoped_conn.schema_cache.SchemaCache` of reflected schemas, and the
 :class:`~langgraph_scoped_conn.release.Releaser` that does the blocking work.
 
-Sync and async are chosen by the caller's API: :meth:`~ExecutionConnectionManager.release_execution`
-blocks, :meth:`~ExecutionConnectionManager.arelease_execution` awaits a release thread;
-:func:`configure` closes the old manager on the calling thread, :func:`aconfigure`
-in a worker thread.  Upkeep (reaping expired executions, closing connections that
-ended executions left unused) runs on the release threads, never inside another
-execution's open.
+Sync and async are chosen by the caller's API:
+:meth:`~ExecutionConnectionManager.release_execution` blocks,
+:meth:`~ExecutionConnectionManager.arelease_execution` awaits a release thread.  Upkeep
+(reaping expired executions, closing connections ended executions left unused) runs on
+the release threads, never inside another execution's open.  The process-default
+manager lives in :mod:`langgraph_scoped_conn.configure`.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.errors import ConfigurationError, ScopeUnavailableError
-from langgraph_scoped_conn.execution import Checkout, Execution, FailedScope, Release
+from langgraph_scoped_conn.checkout import Checkout
+from langgraph_scoped_conn.errors import ScopeUnavailableError
+from langgraph_scoped_conn.execution import Execution, FailedScope, Release
+from langgraph_scoped_conn.pools import PoolObserver, Pools
 from langgraph_scoped_conn.redaction import redact_url
 from langgraph_scoped_conn.registry import Registry
 from langgraph_scoped_conn.release import AsyncResource, Releaser
 from langgraph_scoped_conn.runs import RunIndex
 from langgraph_scoped_conn.schema_cache import SchemaCache
-from langgraph_scoped_conn.settings import ScopedConnSettings, call_site, options_with_env
+from langgraph_scoped_conn.settings import ScopedConnSettings
 from langgraph_scoped_conn.stats import RetiredCounters, build_stats
 from langgraph_scoped_conn.urls import parse_url
 
@@ -44,18 +46,9 @@ if TYPE_CHECKING:
     # SQLAlchemy is imported on first use, so `import langgraph_scoped_conn` stays cheap
     from langgraph_scoped_conn.engine import PoolHandle, ScopedEngine
 
-__all__ = [
-    "ExecutionConnectionManager",
-    "aconfigure",
-    "configure",
-    "get_connection_manager",
-    "manager_of",
-]
+__all__ = ["ExecutionConnectionManager", "PoolObserver", "manager_of"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
-
-#: ``(pool name, used by, event, seconds)``: see :meth:`ExecutionConnectionManager.observe_pools`
-PoolObserver = Callable[[str, str, str, float], None]
 
 
 class ExecutionConnectionManager:
@@ -84,13 +77,13 @@ class ExecutionConnectionManager:
         self._retired = RetiredCounters()
         self._releaser = Releaser(count=self._registry.count, disposed=self._retired.add)
         self._lock = threading.Lock()
-        self._handles: dict[str, PoolHandle] = {}
-        # URL text as given -> (parsed URL, its shared handle or None for per_execution)
-        self._targets: dict[str, tuple[URL, PoolHandle | None]] = {}
-        #: pools of LangGraph's checkpointer and store on this manager's budgets, for stats
-        self._langgraph_pools: dict[int, tuple[str, Any]] = {}
-        #: told (pool name, used by, "wait" | "use" | "create", seconds) of every pool event
-        self._observers: list[PoolObserver] = []
+        #: the pools of each URL, created on first use
+        self.pools = Pools(
+            self.settings,
+            describe_holders=self.describe_holders,
+            find_deadlock=self._find_deadlock,
+            on_wait=self._schedule_upkeep,
+        )
         #: reflected schemas, one reflection per URL and options
         self.schema_cache = SchemaCache(self)
         #: warnings logged once per manager (see :meth:`warn_once`)
@@ -234,11 +227,6 @@ class ExecutionConnectionManager:
         if self.settings.max_scope_lifetime is not None:
             self.reap(wait=False)
 
-    def _relieve_pressure(self) -> None:
-        """A caller waits for the budget: ended runs' connections lose their grace now."""
-        if self._registry.end_graces():
-            self._releaser.call(self.reclaim_abandoned)
-
     def reap_interval(self) -> float:
         """Seconds between two passes of a periodic reaper (the HTTP app's lifespan)."""
         return self._registry.reap_interval(self.settings.max_scope_lifetime)
@@ -247,43 +235,7 @@ class ExecutionConnectionManager:
 
     def resolve_target(self, url: str | URL | None) -> tuple[URL, PoolHandle | None]:
         """The parsed URL and its shared pool (``None`` for strategy per_execution)."""
-        raw = self.settings.resolve_url(url)
-        text = raw if isinstance(raw, str) else raw.render_as_string(hide_password=False)
-        found = self._targets.get(text)
-        if found is not None:
-            return found
-        from langgraph_scoped_conn.engine import PoolHandle
-
-        parsed = parse_url(raw)
-        key = parsed.render_as_string(hide_password=False)
-        with self._lock:
-            if self._registry.closed:
-                raise ScopeUnavailableError("this ExecutionConnectionManager is closed")
-            handle = self._handles.get(key)
-            created = False
-            if handle is None and self.settings.strategy != "per_execution":
-                handle = PoolHandle(
-                    parsed,
-                    self.settings,
-                    describe_holders=self.describe_holders,
-                    find_deadlock=self._find_deadlock,
-                    on_pressure=self._relieve_pressure,
-                )
-                self._handles[key] = handle
-                self._observe(handle)
-                created = True
-            found = (parsed, handle)
-            self._targets[text] = found
-        if created and handle is not None:
-            logger.info(
-                "created %s pool for %s with max_connections=%d (driver %s; %s)",
-                handle.strategy,
-                handle.safe_url,
-                self.settings.max_connections,
-                parsed.get_driver_name(),
-                handle.strategy_reason,
-            )
-        return found
+        return self.pools.resolve(url)
 
     def pool_for(self, url: str | URL | None = None) -> PoolHandle:
         """The shared pool for ``url`` (the configured URL by default), created on first use.
@@ -291,33 +243,18 @@ class ExecutionConnectionManager:
         Raises:
             ConfigurationError: with strategy ``per_execution``, which has no shared pool.
         """
-        _parsed, handle = self.resolve_target(url)
-        if handle is None:
-            raise ConfigurationError(
-                "strategy='per_execution' has no shared pool: each execution gets its own; "
-                "use get_scoped_engine() inside a scope"
-            )
-        return handle
+        return self.pools.shared(url)
 
     def engine_for(
         self, execution: Execution, url: str | URL | None = None, **options: Any
     ) -> ScopedEngine:
         """A new scoped engine of ``execution`` (recorded under ``sql_engines``)."""
-        parsed, handle = self.resolve_target(url)
+        parsed, handle = self.pools.resolve(url)
         if handle is None:
-            from langgraph_scoped_conn.engine import PoolHandle
-
             key = parsed.render_as_string(hide_password=True)
 
             def create() -> PoolHandle:
-                made = PoolHandle(
-                    parsed,
-                    self.settings,
-                    describe_holders=self.describe_holders,
-                    per_execution_id=execution.execution_id,
-                )
-                self._observe(made)
-                return made
+                return self.pools.new_for_execution(parsed, execution.execution_id)
 
             handle = execution.handle_for(key, create)
         engine = handle.scoped_engine(execution, **options)
@@ -345,9 +282,7 @@ class ExecutionConnectionManager:
     def invalidate_schema_cache(self) -> None:
         """Forget reflected schemas and the read-only guard's function catalogs."""
         self.schema_cache.clear()
-        with self._lock:
-            handles = list(self._handles.values())
-        for handle in handles:
+        for handle in self.pools.handles():
             handle.catalog.clear()
 
     def _warm_schema(self) -> None:
@@ -525,51 +460,36 @@ class ExecutionConnectionManager:
         that long to open).  Pools of every strategy, now and later; per checkout, so
         keep it cheap (OpenTelemetry histograms).
         """
-        with self._lock:
-            self._observers.append(observer)
-            handles = list(self._handles.values())
-        for handle in handles:
-            self._observe(handle)
+        self.pools.observe(observer)
 
     def has_observers(self) -> bool:
-        """True once an observer is registered; outside pools skip their work till then."""
-        return bool(self._observers)
+        """True once something observes the pools (pools outside the manager then report)."""
+        return self.pools.has_observers()
+
+    def unobserve_pools(self, observer: PoolObserver) -> None:
+        """Stop telling ``observer`` of pool events (no error if it was not observing)."""
+        self.pools.unobserve(observer)
 
     def notify_observers(self, pool_name: str, used_by: str, event: str, seconds: float) -> None:
         """Pass a pool event on to the observers (pools outside the manager call this)."""
-        for observer in self._observers:
-            observer(pool_name, used_by, event, seconds)
-
-    def _observe(self, handle: PoolHandle) -> None:
-        if not self._observers:
-            return
-        name = handle.pool_name
-
-        def observe(event: str, seconds: float) -> None:
-            self.notify_observers(name, "tools", event, seconds)
-
-        handle.engine.pool.observe = observe  # type: ignore[attr-defined]
+        self.pools.notify(pool_name, used_by, event, seconds)
 
     def add_langgraph_pool(self, used_by: str, pool: Any) -> None:
-        """Show a checkpointer's or store's pool (see :mod:`.checkpoint`) in the stats."""
-        with self._lock:
-            self._langgraph_pools[id(pool)] = (used_by, pool)
+        """Show a checkpointer's or store's pool in the stats (``pool.snapshot(used_by)``)."""
+        self.pools.add_langgraph(used_by, pool)
 
     def remove_langgraph_pool(self, pool: Any) -> None:
-        with self._lock:
-            self._langgraph_pools.pop(id(pool), None)
+        self.pools.remove_langgraph(pool)
 
     def get_stats(self) -> dict[str, Any]:
         """Stats in the guide's shape, plus pool measures and counters (see the docs)."""
         snapshot = self._registry.snapshot()
-        with self._lock:
-            handles = list(self._handles.values())
-            langgraph = list(self._langgraph_pools.values())
+        handles = self.pools.handles() + snapshot["execution_handles"]
         return build_stats(
             executions=snapshot["executions"],
             counters=snapshot["counters"],
-            pools=[h.snapshot() for h in handles + snapshot["execution_handles"]],
-            langgraph_pools=[pool.snapshot(used_by) for used_by, pool in langgraph],
+            pools=[h.snapshot() for h in handles],
+            langgraph_pools=self.pools.langgraph_rows(),
             retired=self._retired.snapshot(),
             draining=snapshot["draining"],
             pending_releases=self._releaser.pending(),
@@ -598,10 +518,7 @@ class ExecutionConnectionManager:
             if release is not None and release.cancel:
                 self._releaser.wait_cancelled(release)
         self.drain(timeout=30)
-        with self._lock:
-            handles = list(self._handles.values())
-            self._handles.clear()
-            self._targets.clear()
+        handles = self.pools.close()
         self._runs.clear()
         for handle in handles:
             handle.dispose()
@@ -638,75 +555,3 @@ def manager_of(execution: Execution) -> ExecutionConnectionManager:
     manager = execution.owner
     assert isinstance(manager, ExecutionConnectionManager)
     return manager
-
-
-# -- the process default -------------------------------------------------------------
-
-_default_lock = threading.Lock()
-_default_manager: ExecutionConnectionManager | None = None
-_default_site = ""  # where the default was installed, for the replace warning
-
-
-def get_connection_manager() -> ExecutionConnectionManager:
-    """The process-default manager, created on first use from ``SCOPED_CONN_*`` variables."""
-    global _default_manager, _default_site  # noqa: PLW0603
-    manager = _default_manager
-    if manager is not None:  # the hot path: every callback event looks it up
-        return manager
-    with _default_lock:
-        if _default_manager is None:
-            url, options = options_with_env(None, {})
-            _default_manager = ExecutionConnectionManager(url, **options)
-            _default_site = f"first use at {call_site()}"
-        return _default_manager
-
-
-def swap_default_manager(
-    manager: ExecutionConnectionManager | None, *, _site: str | None = None
-) -> ExecutionConnectionManager | None:
-    """Install ``manager`` as the process default without closing the old one; return the old.
-
-    For tests and app factories that manage the managers' lives themselves.
-    """
-    global _default_manager, _default_site
-    with _default_lock:
-        old, _default_manager = _default_manager, manager
-        old_site, _default_site = _default_site, _site or call_site()
-    live = old.active_executions() if old is not None and _site is not None else []
-    if live:
-        msg = "configure() at %s replaces the manager installed by %s while executions are open"
-        logger.warning(
-            msg + " (%s): they are released now. Configure once, at startup",
-            *(_site, old_site, ", ".join(live[:5])),
-        )
-    return old
-
-
-def configure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
-    """Replace the process-default manager, closing the old one, and return the new one.
-
-    ``database_url`` falls back to ``SCOPED_CONN_DATABASE_URL``, then ``DATABASE_URL``;
-    options not passed (see the docs) to ``SCOPED_CONN_<OPTION>``, then the defaults.
-    The old manager is closed on the calling thread (live executions released, with a
-    WARNING naming both call sites); from async code use :func:`aconfigure`.
-
-    Raises:
-        ConfigurationError: an option is unknown or out of range, or the URL is invalid.
-            The old manager is kept in that case.
-    """
-    url, options = options_with_env(database_url, options)
-    new = ExecutionConnectionManager(url, **options)
-    old = swap_default_manager(new, _site=call_site())
-    if old is not None:
-        old.close()
-    return new
-
-
-async def aconfigure(database_url: str | None = None, **options: Any) -> ExecutionConnectionManager:
-    """Async twin of :func:`configure`: the old manager is closed in a worker thread."""
-    url, options = options_with_env(database_url, options)
-    new = ExecutionConnectionManager(url, **options)
-    old = swap_default_manager(new, _site=call_site())
-    if old is not None:
-        await old.aclose()
-    return new

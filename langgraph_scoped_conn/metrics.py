@@ -4,6 +4,12 @@
 path (no counter is incremented per checkout by this module); every scrape calls
 ``manager.get_stats()`` once and turns it into metric families.
 
+Per-pool families are labelled ``pool`` (the URL without its password), ``strategy``
+and ``used_by``: ``tools`` for the runs' pools, ``checkpointer`` or ``store`` for
+LangGraph's.  A pool gets a sample of a family only if its stats row has the key: the
+checkpointer's and store's rows carry psycopg_pool's ``returns_bad`` and
+``connections_lost``, the runs' pools their checkouts, waits and timed use.
+
 Requires the ``metrics`` extra (``pip install 'langgraph-scoped-conn[metrics]'``).
 
 Example:
@@ -24,13 +30,16 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+import langgraph_scoped_conn.stats as keys
+from langgraph_scoped_conn.configure import get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 
 __all__ = [
     "COUNTERS",
     "GAUGES",
     "POOL_COUNTERS",
     "POOL_GAUGES",
+    "POOL_SUMMARIES",
     "PREFIX",
     "ScopedConnCollector",
     "render_latest",
@@ -78,24 +87,61 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Runs whose scope could not be opened (their tools got ScopeUnavailableError).",
     ),
     "connections_errors": ("connections_errors", "Server connections that failed to open."),
+    "returns_bad": (
+        keys.RETURNS_BAD,
+        "Connections returned in a bad state to the checkpointer's and store's pools.",
+    ),
+    "connections_lost": (
+        keys.CONNECTIONS_LOST,
+        "Connections of the checkpointer's and store's pools found broken by a pool check.",
+    ),
 }
 
-#: per pool, labelled ``pool`` (the redacted URL) and ``strategy``: name -> (row key, help)
+#: per pool, labelled ``pool`` (the URL without its password), ``strategy`` and ``used_by``
+#: (``tools``, ``checkpointer``, ``store``): name -> (row key, help).  A pool gets a
+#: sample only if its row has the key (the checkpointer's rows have psycopg_pool's).
 POOL_GAUGES: dict[str, tuple[str, str]] = {
-    "pool_max_connections": ("max_connections", "The pool's connection budget."),
-    "pool_connections_in_use": ("connections_in_use", "Connections checked out of the pool."),
-    "pool_connections_idle": ("connections_idle", "Connections open and idle in the pool."),
-    "pool_requests_waiting": ("requests_waiting", "Callers waiting for a connection right now."),
+    "pool_max_connections": (keys.MAX_CONNECTIONS, "The pool's connection budget."),
+    "pool_connections_in_use": (keys.IN_USE, "Connections checked out of the pool."),
+    "pool_connections_idle": (keys.IDLE, "Connections open and idle in the pool."),
+    "pool_requests_waiting": (keys.WAITING, "Callers waiting for a connection right now."),
 }
 POOL_COUNTERS: dict[str, tuple[str, str]] = {
     "pool_checkouts": ("checkouts", "Connections acquired from the pool."),
-    "pool_checkout_waits": ("waits", "Acquisitions that had to wait for a free connection."),
-    "pool_checkout_timeouts": ("timeouts", "Acquisitions that gave up after pool_timeout."),
-    "pool_connections_opened": ("connections_opened", "Server connections opened."),
+    "pool_checkout_waits": (keys.WAITS, "Acquisitions that had to wait for a free connection."),
+    "pool_checkout_timeouts": (keys.TIMEOUTS, "Acquisitions that gave up after pool_timeout."),
+    "pool_connections_opened": (keys.OPENED, "Server connections opened."),
     "pool_connections_closed": ("connections_closed", "Server connections closed."),
     "pool_connections_errors": ("connections_errors", "Server connections that failed to open."),
+    "pool_returns_bad": (
+        keys.RETURNS_BAD,
+        "Connections returned to the pool in a bad state (psycopg_pool pools only).",
+    ),
+    "pool_connections_lost": (
+        keys.CONNECTIONS_LOST,
+        "Connections found broken by a pool check (psycopg_pool pools only).",
+    ),
 }
-_LABELS = ["pool", "strategy"]
+#: per pool: name -> (row key of the count, row key of the sum in ms, help)
+POOL_SUMMARIES: dict[str, tuple[str, str, str]] = {
+    "pool_checkout_wait_seconds": (
+        keys.WAITS,
+        keys.WAIT_MS,
+        "Time acquisitions that had to wait spent waiting for a connection.",
+    ),
+    "pool_connection_use_seconds": (
+        keys.CHECKINS,
+        keys.USAGE_MS,
+        "Time connections stayed checked out, counted when they came back.",
+    ),
+    "pool_connection_create_seconds": (
+        keys.CONNECTIONS_NUM,
+        keys.CONNECTIONS_MS,
+        "Time server connections took to open.",
+    ),
+}
+_LABELS = ["pool", "strategy", "used_by"]
+_LABEL_KEYS = (keys.URL, keys.STRATEGY, keys.USED_BY)
 
 
 class ScopedConnCollector:
@@ -135,32 +181,31 @@ class ScopedConnCollector:
         for name, (key, doc) in POOL_GAUGES.items():
             gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=_LABELS)
             for labels, row in pools.items():
-                gauge.add_metric(list(labels), float(row[key]))
+                if key in row:
+                    gauge.add_metric(list(labels), row[key])
             yield gauge
         for name, (key, doc) in POOL_COUNTERS.items():
             counter = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=_LABELS)
             for labels, row in pools.items():
-                counter.add_metric(list(labels), float(row[key]))
+                if key in row:
+                    counter.add_metric(list(labels), row[key])
             yield counter
-        summary = SummaryMetricFamily(
-            f"{PREFIX}_pool_checkout_wait_seconds",
-            "Time acquisitions that had to wait spent waiting for a connection.",
-            labels=_LABELS,
-        )
-        for labels, row in pools.items():
-            summary.add_metric(list(labels), int(row["waits"]), row["requests_wait_ms"] / 1000)
-        yield summary
+        for name, (count, ms, doc) in POOL_SUMMARIES.items():
+            summary = SummaryMetricFamily(f"{PREFIX}_{name}", doc, labels=_LABELS)
+            for labels, row in pools.items():
+                if count in row and ms in row:
+                    summary.add_metric(list(labels), int(row[count]), row[ms] / 1000)
+            yield summary
 
 
-def _by_pool(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """Stats rows summed by (redacted URL, strategy): per_execution has a pool per execution."""
-    keys = {key for key, _doc in (*POOL_GAUGES.values(), *POOL_COUNTERS.values())}
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for row in rows:
-        total = out.setdefault((row["url"], row["strategy"]), dict.fromkeys(keys, 0.0))
-        for key in keys | {"requests_wait_ms"}:
-            total[key] = total.get(key, 0.0) + float(row[key])
-    return out
+_POOL_KEYS = {
+    *(key for key, _doc in (*POOL_GAUGES.values(), *POOL_COUNTERS.values())),
+    *(key for count, ms, _doc in POOL_SUMMARIES.values() for key in (count, ms)),
+}
+
+
+def _by_pool(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str, float]]:
+    return keys.sum_rows(rows, _LABEL_KEYS, _POOL_KEYS)
 
 
 def render_latest(manager: ExecutionConnectionManager | None = None) -> tuple[bytes, str]:

@@ -250,10 +250,13 @@ class BudgetPool(CountingPool):
         self.describe_holders: Callable[[], str] = _nobody
         #: names the cycle when every holder waits for a connection itself, else None
         self.find_deadlock: Callable[[], str | None] = _no_deadlock
-        #: told each time a caller has waited a moment: slots are wanted now
-        self.on_pressure: Callable[[], None] = _nothing
+        #: told each time a caller has waited a while: connections ended runs no longer
+        #: use may be waiting to be closed (the manager looks for them then)
+        self.on_wait: Callable[[], None] = _nothing
         self._mutex = threading.Lock()
         self._disposed = False  # a connection that comes back after dispose() is closed
+        #: idle records taken out to reset their session (not in use by anyone)
+        self.claimed = 0
         self._line: collections.deque[_Ticket] = collections.deque()
         self._slots_freed = threading.Condition(self._mutex)
 
@@ -262,7 +265,7 @@ class BudgetPool(CountingPool):
         assert isinstance(pool, BudgetPool)
         pool.describe_holders = self.describe_holders
         pool.find_deadlock = self.find_deadlock
-        pool.on_pressure = self.on_pressure
+        pool.on_wait = self.on_wait
         pool.reserved = self.reserved
         return pool
 
@@ -320,7 +323,7 @@ class BudgetPool(CountingPool):
                     raise self._budget_error()
                 if ticket.gate.acquire(timeout=min(deadline - now, gap)):
                     return self._handed(ticket)
-                self.on_pressure()
+                self.on_wait()
                 cycle = self.find_deadlock()
                 if cycle is not None:
                     raise self._budget_error(cycle)
@@ -388,9 +391,21 @@ class BudgetPool(CountingPool):
             self._hand_over(_NEW_SLOT)
 
     def claim_idle(self, record: ConnectionPoolEntry) -> bool:
-        """Take an idle ``record`` out of the pool to work on it (give it back after)."""
+        """Take an idle ``record`` out of the pool to work on it (then :meth:`unclaim`)."""
         with self._mutex:
-            return self.idle_remove(record)
+            claimed = self.idle_remove(record)
+            self.claimed += claimed
+            return claimed
+
+    def unclaim(self, record: ConnectionPoolEntry) -> None:
+        """Put a record :meth:`claim_idle` took back (to the head of the line, or idle)."""
+        with self._mutex:
+            self.claimed -= 1
+        self.give_back(record)
+
+    def in_use(self) -> int:
+        """Connections checked out right now (not those taken out to be reset)."""
+        return int(self.checkedout()) - self.claimed
 
     # -- slots set aside ---------------------------------------------------------------
 

@@ -188,14 +188,6 @@ class Registry:
             draining = list(self.draining)
         return any(e.in_grace() for e in draining)
 
-    def end_graces(self) -> bool:
-        """End the grace of every draining execution; True if one was still running."""
-        if not self.draining:
-            return False
-        with self._lock:
-            draining = list(self.draining)
-        return sum(e.end_grace() for e in draining) > 0
-
     # -- upkeep policy ---------------------------------------------------------------
 
     @staticmethod

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langgraph_scoped_conn.execution import Checkout, Execution, Release
+from langgraph_scoped_conn.checkout import Checkout
+from langgraph_scoped_conn.execution import Execution, Release
 from langgraph_scoped_conn.redaction import redact_url
 
 __all__ = ["CANCEL_GRACE", "Releaser", "close_resource"]

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib
 import warnings
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.current import enter_scope, find_execution, leave_scope
-from langgraph_scoped_conn.manager import (
-    ExecutionConnectionManager,
-    get_connection_manager,
-    manager_of,
-)
+from langgraph_scoped_conn.manager import ExecutionConnectionManager, manager_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -209,14 +207,13 @@ _sql_database_module: ModuleType | None = None
 def _sql_database() -> ModuleType:
     """:mod:`langgraph_scoped_conn.sql_database`, imported on first use (it loads LangChain).
 
-    The import statement waits for a first import another thread has begun; after
-    that, this is one global read.
+    ``importlib.import_module`` waits for a first import another thread has begun (the
+    module's import lock), never returning it half initialised; after that, this is
+    one global read.
     """
     global _sql_database_module  # noqa: PLW0603
     if _sql_database_module is None:
-        from langgraph_scoped_conn import sql_database
-
-        _sql_database_module = sql_database
+        _sql_database_module = importlib.import_module("langgraph_scoped_conn.sql_database")
     return _sql_database_module
 
 

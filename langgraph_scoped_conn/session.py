@@ -13,8 +13,8 @@ import select
 import struct
 from typing import Any
 
+from langgraph_scoped_conn.checkout import Activity
 from langgraph_scoped_conn.compat import forget_prepared_statements, statement_lock
-from langgraph_scoped_conn.execution import Activity
 
 __all__ = [
     "RESET_SQL",

@@ -18,7 +18,6 @@ its sunset warning silenced; the core never depends on it.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +33,14 @@ from langgraph_scoped_conn.guard import CheckedQuery, FunctionCatalog, inspect_r
 from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
 from langgraph_scoped_conn.manager import manager_of
 from langgraph_scoped_conn.redaction import redact_url, safe_url
+from langgraph_scoped_conn.results import (
+    CURSOR,
+    collecting_cuts,
+    fetch_comment,
+    fetch_cursor,
+    rows,
+    rows_within,
+)
 from langgraph_scoped_conn.schema_cache import SchemaCache
 
 if TYPE_CHECKING:
@@ -66,30 +73,12 @@ _LONE_STATEMENT = re.compile(
 #: failed: the rollback works in an aborted transaction too (and closes the cursor), and
 #: the session advisory locks the query may have taken are dropped after it.
 _END_READ_ONLY = "ROLLBACK; SELECT pg_advisory_unlock_all()"
-#: The server-side cursor a read-only query's rows are fetched from.
-_CURSOR = "lsc_result"
-#: Rows the first FETCH asks for; later ones are sized to what is left of the caps.
-_FIRST_FETCH = 100
 #: Reads the database's functions and their volatility for the guard (once per URL).
 _CATALOG_SQL = (
     "SELECT n.nspname, p.proname, p.provolatile FROM pg_catalog.pg_proc p "
     "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
 )
 _UNCHANGED = object()
-
-
-class _Cut:
-    """Set by a read-only fetch that stopped at a cap, read by :meth:`ScopedSQLDatabase.run`."""
-
-    __slots__ = ("note",)
-
-    def __init__(self) -> None:
-        self.note = ""
-
-
-_cut: contextvars.ContextVar[_Cut | None] = contextvars.ContextVar(
-    "langgraph_scoped_conn_cut", default=None
-)
 
 
 class ScopedSQLDatabase(SQLDatabase):
@@ -310,63 +299,30 @@ class ScopedSQLDatabase(SQLDatabase):
             )
             begin = ""
         if checked.cursor and not parameters:
-            declare = f"DECLARE {_CURSOR} NO SCROLL CURSOR FOR {checked.text}"
+            declare = f"DECLARE {CURSOR} NO SCROLL CURSOR FOR {checked.text}"
             _simple_query(raw, f"{begin}; {declare}" if begin else declare)
-            return self._fetch_cursor(connection, fetch, _comment(checked.text))
+            return fetch_cursor(
+                connection,
+                fetch,
+                comment=fetch_comment(checked.text),
+                max_rows=self._lsc_max_result_rows,
+                max_bytes=self._lsc_max_result_bytes,
+            )
         if begin:
             _simple_query(raw, begin)
         cursor = connection.execute(text(checked.text), parameters or {})
         return self._fetch(cursor, fetch)
 
-    def _fetch_cursor(
-        self, connection: Any, fetch: Literal["all", "one", "cursor"], comment: str
-    ) -> Any:
-        """Fetch the declared cursor's rows a batch at a time, stopping at the caps.
-
-        The first FETCH asks for up to :data:`_FIRST_FETCH` rows; each later one for as
-        many as the caps leave room for at the rows' average size so far.  The server
-        keeps every other row.  Each FETCH carries the query in a comment, so
-        ``pg_stat_activity`` and the server log show what runs.
-        """
-        max_rows, max_bytes = self._lsc_max_result_rows, self._lsc_max_result_bytes
-        if fetch != "all":  # one row, or a frozen result of at most the capped rows
-            count = 1 if fetch == "one" else max_rows + 1
-            result = connection.exec_driver_sql(f"FETCH FORWARD {count} FROM {_CURSOR}{comment}")
-            return self._fetch(result, fetch)
-        rows: list[Any] = []
-        size = 0
-        batch = min(max_rows + 1, _FIRST_FETCH)
-        while True:
-            result = connection.exec_driver_sql(f"FETCH FORWARD {batch} FROM {_CURSOR}{comment}")
-            if not result.returns_rows:
-                break
-            got = result.fetchall()
-            rows += got
-            size += sum(len(repr(tuple(row))) for row in got)
-            if len(got) < batch or len(rows) > max_rows or size > max_bytes:
-                break
-            average = max(size / len(rows), 1.0)
-            batch = max(1, min(max_rows + 1 - len(rows), int((max_bytes - size) / average) + 1))
-        kept = _within(rows, max_rows, max_bytes)
-        if len(kept) < len(rows):
-            _note_cut(max_rows, max_bytes)
-        return [row._asdict() for row in kept]
-
     def _fetch(self, cursor: Any, fetch: str) -> Any:
         """Rows of a plain result; within the caps in read-only mode (``fetchmany``)."""
-        if not self._lsc_read_only or fetch == "one" or not cursor.returns_rows:
-            return _fetch(cursor, fetch)
-        max_rows, max_bytes = self._lsc_max_result_rows, self._lsc_max_result_bytes
-        if fetch == "cursor":
-            return _frozen_within(cursor, max_rows, max_bytes)
-        if fetch != "all":
-            raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
-        rows = cursor.fetchmany(max_rows + 1)
-        cursor.close()
-        kept = _within(rows, max_rows, max_bytes)
-        if len(kept) < len(rows):
-            _note_cut(max_rows, max_bytes)
-        return [row._asdict() for row in kept]
+        if not self._lsc_read_only:
+            return rows(cursor, fetch)
+        return rows_within(
+            cursor,
+            fetch,
+            max_rows=self._lsc_max_result_rows,
+            max_bytes=self._lsc_max_result_bytes,
+        )
 
     def _begin_read_only(self) -> str:
         timeout = self._lsc_statement_timeout
@@ -398,12 +354,8 @@ class ScopedSQLDatabase(SQLDatabase):
         return self._run(command, *args, **kwargs)
 
     def _run(self, command: str | Executable, *args: Any, **kwargs: Any) -> Any:
-        cut = _Cut()
-        token = _cut.set(cut)
-        try:
+        with collecting_cuts() as cut:
             out = super().run(command, *args, **kwargs)
-        finally:
-            _cut.reset(token)
         if cut.note and isinstance(out, str):
             out += cut.note
         return out
@@ -457,59 +409,6 @@ class ScopedSQLDatabase(SQLDatabase):
             f"execution={getattr(self._engine, 'execution_id', None)!r} "
             f"read_only={self._lsc_read_only}>"
         )
-
-
-def _frozen_within(result: Any, max_rows: int, max_bytes: int) -> Any:
-    """``result`` frozen (``fetch="cursor"``), keeping the rows within the caps."""
-    frozen = result.freeze()
-    kept = _within(frozen.data, max_rows, max_bytes)
-    if len(kept) < len(frozen.data):
-        frozen.data = kept
-        _note_cut(max_rows, max_bytes)
-    return frozen
-
-
-def _comment(sql: str) -> str:
-    """`` /* sql */``, with anything that could end or nest the comment broken up.
-
-    Also ``%``: psycopg2 reads text it is given parameters with as a format string.
-    """
-    safe = sql.replace("*/", "* /").replace("/*", "/ *").replace("%", "%%")
-    return f" /* {safe} */"
-
-
-def _within(rows: list[Any], max_rows: int, max_bytes: int) -> list[Any]:
-    """The first rows that fit ``max_rows`` and ``max_bytes`` (always the first row)."""
-    kept = rows[:max_rows]
-    size = 0
-    for i, row in enumerate(kept):
-        size += len(repr(tuple(row)))
-        if size > max_bytes and i > 0:
-            return kept[:i]
-    return kept
-
-
-def _note_cut(max_rows: int, max_bytes: int) -> None:
-    cut = _cut.get()
-    if cut is not None:
-        cut.note = (
-            f"\n(Result cut: the query returned more than fits in max_result_rows={max_rows} "
-            f"rows / max_result_bytes={max_bytes}. Add a LIMIT, filter or aggregate to see "
-            "what you need.)"
-        )
-
-
-def _fetch(cursor: Any, fetch: str) -> Any:
-    if not cursor.returns_rows:
-        return []
-    if fetch == "all":
-        return [x._asdict() for x in cursor.fetchall()]
-    if fetch == "one":
-        first = cursor.fetchone()
-        return [] if first is None else [first._asdict()]
-    if fetch == "cursor":
-        return cursor.freeze()
-    raise ValueError("Fetch parameter must be either 'one', 'all', or 'cursor'")
 
 
 def _raise_if_read_only_refusal(exc: DBAPIError) -> None:

@@ -21,9 +21,10 @@ import inspect
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from langgraph_scoped_conn.configure import get_connection_manager
 from langgraph_scoped_conn.errors import ConfigurationError
 from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
-from langgraph_scoped_conn.manager import ExecutionConnectionManager, get_connection_manager
+from langgraph_scoped_conn.manager import ExecutionConnectionManager
 from langgraph_scoped_conn.redaction import redact_url, safe_url
 from langgraph_scoped_conn.schema_cache import SCOPE_OPTIONS, check_sql_database_options
 from langgraph_scoped_conn.scope import get_scoped_sql_database

@@ -9,13 +9,16 @@ before they get here.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["RetiredCounters", "build_stats"]
+__all__ = ["RetiredCounters", "build_stats", "sum_rows"]
 
 # -- keys of a pool row, read by the metrics modules -------------------------------------
 URL = "url"
+#: ``server.address:server.port/db.namespace``: OpenTelemetry's ``db.client.connection.pool.name``
+POOL_NAME = "pool_name"
 USED_BY = "used_by"
 STRATEGY = "strategy"
 MAX_CONNECTIONS = "max_connections"
@@ -29,7 +32,13 @@ TIMEOUTS = "timeouts"
 USAGE_MS = "usage_ms"
 CHECKINS = "checkins"
 CONNECTIONS_MS = "connections_ms"
+#: server connections timed in ``connections_ms`` (psycopg_pool's name)
+CONNECTIONS_NUM = "connections_num"
 OPENED = "connections_opened"
+#: psycopg_pool's counters, in the rows of the checkpointer's and store's pools only:
+#: connections returned to the pool in a bad state, and found broken by a pool check
+RETURNS_BAD = "returns_bad"
+CONNECTIONS_LOST = "connections_lost"
 
 #: what uses a pool's connections: the runs' tools, LangGraph's checkpointer or store
 USED_BY_TOOLS = "tools"
@@ -41,6 +50,31 @@ _LATER_COUNTERS = ("wait_us", "connect_errors", "use_us", "create_us", "create_c
 
 def _ms(micros: int) -> float:
     return round(micros / 1000, 3)
+
+
+def _pool_name_of(url: str) -> str:
+    """``host:port/database`` of a URL shown without its password (rows that lack it)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}/{parts.path.lstrip('/')}"
+
+
+def sum_rows(
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str], keys: Iterable[str]
+) -> dict[tuple[str, ...], dict[str, float]]:
+    """Pool rows summed by their values of ``by``, for each of ``keys`` the rows have.
+
+    Strategy ``per_execution`` has a pool per execution, all under one URL: their rows
+    add up.  A key no row of a group has is left out of that group's sums (the
+    checkpointer's rows have psycopg_pool's keys, the runs' pools their own).
+    """
+    wanted = set(keys)
+    out: dict[tuple[str, ...], dict[str, float]] = {}
+    for row in rows:
+        total = out.setdefault(tuple(str(row.get(label, "")) for label in by), {})
+        for key in wanted & row.keys():
+            total[key] = total.get(key, 0.0) + float(row[key])
+    return out
 
 
 class RetiredCounters:
@@ -103,6 +137,7 @@ def build_stats(
         waiting += pool["waiting"]
         row = {
             URL: pool["url"],
+            POOL_NAME: pool["pool_name"],
             USED_BY: USED_BY_TOOLS,
             STRATEGY: pool["strategy"],
             "strategy_reason": pool["strategy_reason"],
@@ -123,15 +158,19 @@ def build_stats(
             "connections_errors": c["connect_errors"],
             USAGE_MS: _ms(c["use_us"]),
             CONNECTIONS_MS: _ms(c["create_us"]),
+            CONNECTIONS_NUM: c["create_count"],
         }
         if pool["execution_id"] is not None:
             row["execution_id"] = pool["execution_id"]
         rows.append(row)
+    returns_bad = lost = 0
     for langgraph_row in langgraph_pools:
         in_use += langgraph_row[IN_USE]
         idle += langgraph_row[IDLE]
         waiting += langgraph_row[WAITING]
-        rows.append(dict(langgraph_row))
+        returns_bad += langgraph_row.get(RETURNS_BAD, 0)
+        lost += langgraph_row.get(CONNECTIONS_LOST, 0)
+        rows.append({POOL_NAME: _pool_name_of(langgraph_row[URL]), **langgraph_row})
     strategies = sorted({r[STRATEGY] for r in rows if r[USED_BY] == USED_BY_TOOLS})
     return {
         "active_executions": len(executions),
@@ -158,6 +197,9 @@ def build_stats(
         "connections_errors": totals["connect_errors"],
         "usage_ms": _ms(totals["use_us"]),
         "connections_ms": _ms(totals["create_us"]),
+        CONNECTIONS_NUM: totals["create_count"],
+        RETURNS_BAD: returns_bad,
+        CONNECTIONS_LOST: lost,
         "session_resets": totals["resets"],
         "peak_connections": peak_open,
         "draining_executions": draining,

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
-from langgraph_scoped_conn.manager import swap_default_manager
+from langgraph_scoped_conn.configure import swap_default_manager
 from langgraph_scoped_conn.testing import (
     SAMPLE_SQL,
     BackendSampler,

@@ -22,8 +22,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
 import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn.configure import swap_default_manager
 from langgraph_scoped_conn.demo.data import SALES_ROWS
-from langgraph_scoped_conn.manager import swap_default_manager
 from tests.conftest import installed_default
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sql_agent" / "graph.py"
@@ -88,6 +88,7 @@ async def test_example_graph_answers_on_postgres(
     assert state["messages"][-1].content == COUNT_ANSWER
     names = [m.name for m in state["messages"] if m.type == "tool"]
     assert names == ["sql_db_list_tables", "sql_db_schema", "sql_db_query"]
+    manager.drain()  # the run's end resets its connection's session on a release thread
     stats = manager.get_stats()
     assert stats["scopes_opened"] == stats["scopes_closed"] == 1
     assert stats["active_executions"] == 0

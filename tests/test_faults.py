@@ -74,7 +74,8 @@ def _assert_nothing_held(
         return
     _eventually(
         lambda: backends() == mgr.get_stats()["connections_idle"],
-        f"server backends == idle pool connections ({mgr.get_stats()['connections_idle']})",
+        f"server backends ({backends()}) == idle pool connections "
+        f"({mgr.get_stats()['connections_idle']}): {mgr.get_stats()['pools']}",
     )
 
 

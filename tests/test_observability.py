@@ -467,15 +467,74 @@ def test_metrics_are_labelled_per_pool_and_count_scope_failures(
     assert len(urls) == 2 and all("***" not in u or ":***@" in u for u in urls)
     m = labelled(mgr)
     for url in urls:
-        labels = (("pool", url), ("strategy", "shared"))
+        labels = (("pool", url), ("strategy", "shared"), ("used_by", "tools"))
         assert m["langgraph_scoped_conn_pool_checkouts_total", labels] == 1
         assert m["langgraph_scoped_conn_pool_connections_in_use", labels] == 0
         assert m["langgraph_scoped_conn_pool_max_connections", labels] == 1
         assert m["langgraph_scoped_conn_pool_requests_waiting", labels] == 0
     first = next(p for p in stats["pools"] if p["driver"] == "psycopg2")
-    labels = (("pool", first["url"]), ("strategy", "shared"))
+    labels = (("pool", first["url"]), ("strategy", "shared"), ("used_by", "tools"))
     assert m["langgraph_scoped_conn_pool_checkout_timeouts_total", labels] == 1
     assert m["langgraph_scoped_conn_pool_checkout_wait_seconds_count", labels] == 1
     assert m["langgraph_scoped_conn_pool_checkout_wait_seconds_sum", labels] > 0
     assert m["langgraph_scoped_conn_scope_open_failures_total", ()] == 1
     assert stats["scope_open_failures"] == 1
+
+
+class CheckpointerPool:
+    """Stands in for the checkpointer's pool: its stats row, as the manager shows it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def snapshot(self, used_by: str) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "used_by": used_by,
+            "strategy": "shared",
+            "max_connections": 1,
+            "connections_in_use": 0,
+            "connections_idle": 1,
+            "requests_waiting": 0,
+            "returns_bad": 3,
+            "connections_lost": 1,
+        }
+
+
+def test_pool_metrics_say_what_uses_the_pool_and_time_uses_and_connects(
+    configure_default: Any, pg_db: Database
+) -> None:
+    mgr = configure_default(max_connections=3)
+    with lsc.ExecutionScope("two-at-once"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        with engine.connect() as a, engine.connect() as b:
+            a.execute(text("select 1"))
+            b.execute(text("select 1"))
+    (row,) = mgr.get_stats()["pools"]
+    checkpointer = CheckpointerPool(row["url"])
+    mgr.add_langgraph_pool("checkpointer", checkpointer)
+    try:
+        m = labelled(mgr)
+        stats = mgr.get_stats()
+    finally:
+        mgr.remove_langgraph_pool(checkpointer)
+
+    tools = (("pool", row["url"]), ("strategy", "shared"), ("used_by", "tools"))
+    opened = len(app_backends(pg_db, "langgraph_scoped_conn%"))
+    assert opened == 2  # the server saw both connections, still pooled
+    assert m["langgraph_scoped_conn_pool_connection_create_seconds_count", tools] == opened
+    assert m["langgraph_scoped_conn_pool_connection_create_seconds_sum", tools] > 0
+    assert m["langgraph_scoped_conn_pool_connection_use_seconds_count", tools] == 2
+    assert m["langgraph_scoped_conn_pool_connection_use_seconds_sum", tools] == pytest.approx(
+        stats["pools"][0]["usage_ms"] / 1000
+    )
+    assert m["langgraph_scoped_conn_pool_connections_idle", tools] == opened
+    # psycopg_pool's counters: only for the pool whose row has them
+    assert ("langgraph_scoped_conn_pool_returns_bad_total", tools) not in m
+    cp = (("pool", row["url"]), ("strategy", "shared"), ("used_by", "checkpointer"))
+    assert m["langgraph_scoped_conn_pool_returns_bad_total", cp] == 3
+    assert m["langgraph_scoped_conn_pool_connections_lost_total", cp] == 1
+    assert m["langgraph_scoped_conn_pool_connections_idle", cp] == 1
+    assert ("langgraph_scoped_conn_pool_connection_use_seconds_count", cp) not in m
+    assert m["langgraph_scoped_conn_returns_bad_total", ()] == stats["returns_bad"] == 3
+    assert m["langgraph_scoped_conn_connections_idle", ()] == opened + 1

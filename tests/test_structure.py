@@ -114,12 +114,20 @@ def test_only_the_package_root_and_the_demo_import_the_package_root() -> None:
         ("execution", "engine"),
         ("pool", "engine"),
         ("registry", "manager"),
-        ("manager", "lookup"),
-        ("lookup", "scope"),
+        ("manager", "current"),
+        ("current", "scope"),
         ("manager", "sql_database"),
-        ("schema", "sql_database"),
-        ("community", "manager"),
-        ("lookup", "handler"),
+        ("schema_cache", "sql_database"),
+        ("langchain_sql_database", "manager"),
+        ("current", "handler"),
+        ("checkout", "execution"),
+        ("session", "engine"),
+        ("compat", "pool"),
+        ("results", "sql_database"),
+        ("pools", "manager"),
+        ("manager", "configure"),
+        ("redaction", "settings"),
+        ("urls", "engine"),
         # the checkpointer's and store's pools and the create_agent middleware sit on top:
         # the core never imports them, so their extras stay optional
         ("manager", "checkpoint"),
@@ -144,3 +152,64 @@ def test_layers_point_down(lower: str, upper: str) -> None:
 def test_no_module_is_over_600_lines() -> None:
     sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {m: n for m, n in sizes.items() if n > 600} == {}
+
+
+#: Module-level mutable state the package keeps on purpose, none of it per manager.
+PROCESS_STATE = {
+    # renderings of URLs whose driver parse_url chose: a bounded, process-wide memo
+    "langgraph_scoped_conn.urls._IMPLICIT_DRIVER",
+}
+_MUTABLE_CALLS = {
+    "dict",
+    "set",
+    "list",
+    "defaultdict",
+    "OrderedDict",
+    "WeakSet",
+    "WeakKeyDictionary",
+    "WeakValueDictionary",
+}
+
+
+def module_state(path: Path, name: str | None = None) -> set[str]:
+    """Names bound at module level to a mutable container (constants in CAPS excepted)."""
+    name = name or module_name(path)
+    found = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        call = value.func if isinstance(value, ast.Call) else None
+        called = getattr(call, "attr", None) or getattr(call, "id", None)
+        mutable = isinstance(value, ast.Dict | ast.Set | ast.List | ast.ListComp | ast.DictComp)
+        if not mutable and called not in _MUTABLE_CALLS:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id != "__all__":
+                if target.id.lstrip("_").isupper() and target.id not in ("_IMPLICIT_DRIVER",):
+                    continue  # a constant table, never written
+                found.add(f"{name}.{target.id}")
+    return found
+
+
+def test_no_module_level_state_holds_per_manager_data() -> None:
+    """Per-manager state lives on the manager: no module keeps a map of managers' data."""
+    state = set().union(*(module_state(p) for p in PACKAGE.rglob("*.py")))
+    assert state == PROCESS_STATE
+
+
+def test_the_state_finder_finds_state(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("import weakref\n_caches = weakref.WeakKeyDictionary()\nX = {}\n")
+    assert module_state(probe, "probe") == {"probe._caches"}
+
+
+def test_a_checkout_records_no_frame_and_no_node() -> None:
+    """Which node and tool took a connection is worked out for a leak report only."""
+    from langgraph_scoped_conn.checkout import Checkout
+
+    assert not {"frame", "node", "stack_frame"} & set(Checkout.__slots__)

@@ -1,0 +1,264 @@
+"""Releasing an execution while its connections are in use (langgraph_scoped_conn.release).
+
+"In use" is read from the connection (a statement in flight, a transaction open), never
+from the frame that checked it out.  Reproductions: a connection checked out in a helper
+function, or on the loop and then used in ``asyncio.to_thread``, looked like a leak and
+was closed without a cancel.  With psycopg 3 the server kept running the statement past
+the budget; with psycopg2 a forced release blocked for the statement's length; a
+statement that ignored the cancel overshot the budget once the grace ended; and two such
+releases occupied both release threads, so a third run's plain leak was never reclaimed.
+
+Every test samples the server (``pg_stat_activity``) and asserts the backends of the
+package's pool never exceed the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+import langgraph_scoped_conn as lsc
+from langgraph_scoped_conn import ExecutionConnectionManager
+from tests.conftest import Database, eventually
+
+DRIVERS = ["psycopg2", "psycopg"]
+APP = "langgraph_scoped_conn%"
+
+#: A statement that ignores a cancel: it catches query_canceled and sleeps on, until the
+#: test lets it go (a row in ``gate``).  What a slow model-written query can look like to
+#: the release: the cancel does not end it.
+STUBBORN_SQL = """
+create table gate (opened boolean);
+create function stubborn() returns int language plpgsql as $$
+begin
+  loop
+    begin
+      perform pg_sleep(0.05);
+    exception when query_canceled then
+      null;
+    end;
+    exit when exists (select 1 from gate);
+  end loop;
+  return 1;
+end $$;
+"""
+
+
+def running(pg_db: Database, pid: int, fragment: str) -> bool:
+    rows = pg_db.query(
+        "select count(*) from pg_stat_activity where pid = %s and state = 'active' "
+        "and query like %s",
+        pid,
+        f"%{fragment}%",
+    )
+    return int(str(rows[0][0])) == 1
+
+
+def checked_out_in_a_helper(engine: Any) -> Any:
+    """A connection checked out in a helper function and handed back to the caller."""
+    return engine.connect()
+
+
+@pytest.fixture
+def stubborn(pg_db: Database) -> Iterator[Callable[[], None]]:
+    pg_db.query(STUBBORN_SQL)
+
+    def open_gate() -> None:
+        pg_db.query("insert into gate values (true)")
+
+    try:
+        yield open_gate
+    finally:
+        open_gate()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_forced_release_of_a_helper_checkout_cancels_its_statement_first(
+    driver: str, pg_db: Database, configure_default: Callable[..., ExecutionConnectionManager]
+) -> None:
+    mgr = configure_default(pg_db.url_with(driver), max_connections=1, pool_timeout=30)
+    outcome: dict[str, Any] = {}
+    started = threading.Event()
+
+    def run() -> None:
+        try:
+            with lsc.ExecutionScope("helper"):
+                conn = checked_out_in_a_helper(lsc.create_execution_scoped_engine_sync())
+                outcome["pid"] = conn.execute(text("select pg_backend_pid()")).scalar()
+                started.set()
+                conn.execute(text("select pg_sleep(60)"))
+                outcome["returned"] = True
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            started.set()
+
+    with pg_db.sampler(APP) as sampler:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        assert started.wait(30) and "pid" in outcome, outcome
+        eventually(lambda: running(pg_db, outcome["pid"], "pg_sleep(60)"), "the sleep runs")
+        begun = time.monotonic()
+        assert mgr.reap(execution_id="helper", reason="released by request") == ["helper"]
+        took = time.monotonic() - begun
+        worker.join(30)
+        assert not worker.is_alive(), "the statement was not cancelled"
+    assert took < 15, took  # far less than the statement's 60 s (psycopg2 blocked before)
+    assert "returned" not in outcome and "canceling statement" in str(outcome.get("error"))
+    assert sampler.samples and sampler.peak <= 1
+    assert mgr.drain()
+    eventually(lambda: not running(pg_db, outcome["pid"], "pg_sleep"), "the backend is idle")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_loop_checkout_used_in_to_thread_is_not_closed_under_its_statement(
+    driver: str,
+    pg_db: Database,
+    stubborn: Callable[[], None],
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    """A cancelled run leaves a statement in flight to its thread; the slot stays held."""
+    mgr = configure_default(pg_db.url_with(driver), max_connections=1, pool_timeout=30)
+    state: dict[str, Any] = {}
+
+    def statement(conn: Any) -> None:
+        with conn:  # the thread closes the connection it was handed
+            state["pid"] = conn.execute(text("select pg_backend_pid()")).scalar()
+            conn.execute(text("select stubborn()"))  # in flight until the test opens its gate
+            state["after"] = conn.execute(text("select 2")).scalar()  # it still works
+
+    async def body() -> None:
+        async with lsc.ExecutionScope("loop-checkout"):
+            conn = lsc.create_execution_scoped_engine_sync().connect()  # on the loop
+            await asyncio.to_thread(statement, conn)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(body())
+        await asyncio.to_thread(
+            eventually,
+            lambda: "pid" in state and running(pg_db, state["pid"], "stubborn()"),
+            "the statement runs",
+        )
+        task.cancel()  # the run ends; its to_thread call goes on in its thread
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stats = mgr.get_stats()
+        state["draining"] = stats["draining_executions"]
+        state["in_use"] = stats["connections_in_use"]
+        stubborn()  # the statement ends; the thread goes on with the connection
+
+    with pg_db.sampler(APP) as sampler:
+        asyncio.run(main())  # returns once the default executor's thread has finished
+        assert mgr.drain(30)
+    assert (state["draining"], state["in_use"]) == (1, 1)  # left to its thread, slot held
+    assert state["after"] == 2  # the connection was not torn away under the thread
+    assert sampler.samples and sampler.peak <= 1
+    stats = mgr.get_stats()
+    assert stats["connections_in_use"] == 0 and stats["draining_executions"] == 0
+    assert stats["leaks_reclaimed"] == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_statement_that_ignores_cancel_keeps_its_slot_until_it_ends(
+    driver: str,
+    pg_db: Database,
+    stubborn: Callable[[], None],
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    mgr = configure_default(pg_db.url_with(driver), max_connections=1, pool_timeout=30)
+    outcome: dict[str, Any] = {}
+    started = threading.Event()
+
+    def run() -> None:
+        try:
+            with lsc.ExecutionScope("stubborn"):
+                engine = lsc.create_execution_scoped_engine_sync()
+                with engine.connect() as conn:
+                    outcome["pid"] = conn.execute(text("select pg_backend_pid()")).scalar()
+                    started.set()
+                    outcome["value"] = conn.execute(text("select stubborn()")).scalar()
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            started.set()
+
+    with pg_db.sampler(APP) as sampler:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        assert started.wait(30) and "pid" in outcome, outcome
+        eventually(lambda: running(pg_db, outcome["pid"], "stubborn()"), "stubborn() runs")
+        begun = time.monotonic()
+        assert mgr.reap(execution_id="stubborn", reason="released by request") == ["stubborn"]
+        assert time.monotonic() - begun < 15  # the release returned; it did not wait it out
+        # the statement goes on, and holds the one slot: the next run waits for it
+        assert running(pg_db, outcome["pid"], "stubborn()")
+        assert mgr.get_stats()["connections_in_use"] == 1
+        got: list[str] = []
+
+        def next_run() -> None:
+            with lsc.ExecutionScope("next"):
+                got.append(lsc.get_scoped_sql_database().run("select 2"))
+
+        waiter = threading.Thread(target=next_run, daemon=True)
+        waiter.start()
+        eventually(lambda: mgr.get_stats()["requests_waiting"] == 1, "the next run waits")
+        assert running(pg_db, outcome["pid"], "stubborn()") and got == []
+        stubborn()  # let the statement end: its thread returns the connection
+        worker.join(30)
+        waiter.join(30)
+        assert not worker.is_alive() and not waiter.is_alive()
+        assert got == ["[(2,)]"]
+        assert mgr.drain(30)
+    assert sampler.samples and sampler.peak <= 1  # never a second backend to kill it
+    assert mgr.get_stats()["connections_in_use"] == 0
+
+
+def test_one_stuck_release_never_delays_another_runs_reclaim(
+    pg_db: Database,
+    stubborn: Callable[[], None],
+    configure_default: Callable[..., ExecutionConnectionManager],
+) -> None:
+    """Two releases stuck on stubborn statements; a third run's plain leak is reclaimed."""
+    mgr = configure_default(pg_db.url, max_connections=3, pool_timeout=10)
+    pids: dict[str, int] = {}
+    ready = threading.Barrier(3, timeout=30)
+
+    def stubborn_run(name: str) -> None:
+        with (
+            lsc.ExecutionScope(name),
+            lsc.create_execution_scoped_engine_sync().connect() as conn,
+        ):
+            pids[name] = int(conn.execute(text("select pg_backend_pid()")).scalar())
+            ready.wait()
+            conn.execute(text("select stubborn()"))
+
+    workers = [threading.Thread(target=stubborn_run, args=(n,), daemon=True) for n in "ab"]
+    for w in workers:
+        w.start()
+    ready.wait()
+    for name in "ab":
+        eventually(lambda name=name: running(pg_db, pids[name], "stubborn()"), "stubborn runs")
+    releases = [
+        threading.Thread(target=mgr.reap, kwargs={"execution_id": n}, daemon=True) for n in "ab"
+    ]
+    for r in releases:
+        r.start()
+    # meanwhile a third run leaks its connection: it is reclaimed at its end, and the
+    # slot serves an innocent fourth run
+    with lsc.ExecutionScope("leaker"):
+        leaked = lsc.create_execution_scoped_engine_sync().connect()
+        leaked.execute(text("select 1"))
+    assert mgr.get_stats()["leaks_reclaimed"] == 1
+    with lsc.ExecutionScope("innocent"):
+        assert lsc.get_scoped_sql_database().run("select 1") == "[(1,)]"
+    stubborn()
+    for t in (*workers, *releases):
+        t.join(30)
+        assert not t.is_alive()
+    assert mgr.drain(30)
