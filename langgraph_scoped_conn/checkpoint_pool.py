@@ -27,12 +27,16 @@ from langgraph_scoped_conn.errors import ConnectionBudgetExceededError
 from langgraph_scoped_conn.session import has_input
 from langgraph_scoped_conn.stats import (
     CHECKINS,
+    CONNECTIONS_LOST,
     CONNECTIONS_MS,
+    CONNECTIONS_NUM,
     IDLE,
     IN_USE,
     MAX_CONNECTIONS,
     OPENED,
+    POOL_NAME,
     RESERVED,
+    RETURNS_BAD,
     STRATEGY,
     TIMEOUTS,
     URL,
@@ -59,6 +63,9 @@ class PoolMeter:
     Shared by the sync and the async pool; no I/O.  psycopg_pool keeps the counters it
     has (waits in its queue, connection errors, lost connections); this keeps what it
     does not: connections in use, when each came back (for the idle check), peaks.
+    Observers hear, as from the tools' pools, ``create`` for each new connection,
+    ``use`` for each return, and ``wait`` for a checkout that found every connection in
+    use (or timed out).
     """
 
     def __init__(
@@ -104,7 +111,8 @@ class PoolMeter:
             self.peak_open = max(self.peak_open, self._open_now())
         self._notify("create", seconds)
 
-    def checked_out(self, conn: Any, waited: float) -> None:
+    def checked_out(self, conn: Any, waited: float, *, queued: bool) -> None:
+        """``conn`` was handed out after ``waited`` s; ``queued``: every one was in use."""
         now = time.monotonic()
         with self._lock:
             self.checkouts += 1
@@ -112,7 +120,8 @@ class PoolMeter:
             self.peak_in_use = max(self.peak_in_use, self.in_use)
             self.peak_wait_us = max(self.peak_wait_us, int(waited * 1_000_000))
             self._taken_at[conn] = now
-        self._notify("wait", waited)
+        if queued:
+            self._notify("wait", waited)
 
     def checked_in(self, conn: Any) -> None:
         now = time.monotonic()
@@ -125,9 +134,14 @@ class PoolMeter:
             self._idle_since[conn] = now
         self._notify("use", used)
 
-    def timed_out(self) -> None:
+    def timed_out(self, waited: float) -> None:
         with self._lock:
             self.timeouts += 1
+        self._notify("wait", waited)
+
+    def all_in_use(self, max_size: int) -> bool:
+        """True if a checkout now waits for a connection to come back (no idle, no room)."""
+        return self.in_use >= max_size
 
     def _notify(self, event: str, seconds: float) -> None:
         if self.manager.has_observers():
@@ -177,13 +191,15 @@ class PoolMeter:
             }
         return {
             URL: self.url,
+            POOL_NAME: self.pool_name,
             USED_BY: self.used_by,
             STRATEGY: self.strategy,
             "strategy_reason": self.strategy_reason,
             "dialect": "postgresql",
             "driver": "psycopg",
             MAX_CONNECTIONS: max_size,
-            RESERVED: self.reserve,
+            # its max_connections is its share of the budget; nothing is set aside from it
+            RESERVED: 0,
             IN_USE: values["in_use"],
             IDLE: int(pool_stats.get("pool_available", 0)),
             "peak_connections": values["peak_open"],
@@ -201,8 +217,9 @@ class PoolMeter:
             "connections_errors": int(pool_stats.get("connections_errors", 0)),
             USAGE_MS: round(values["use_us"] / 1000, 3),
             CONNECTIONS_MS: round(values["create_us"] / 1000, 3),
-            "returns_bad": int(pool_stats.get("returns_bad", 0)),
-            "connections_lost": int(pool_stats.get("connections_lost", 0)),
+            CONNECTIONS_NUM: values["opened"],
+            RETURNS_BAD: int(pool_stats.get("returns_bad", 0)),
+            CONNECTIONS_LOST: int(pool_stats.get("connections_lost", 0)),
         }
 
 
@@ -269,14 +286,14 @@ class BudgetedConnectionPool(ConnectionPool[Connection[DictRow]]):
         super().__init__(connection_class=_metered_connection(meter), check=check, **options)
 
     def getconn(self, timeout: float | None = None) -> Connection[DictRow]:
-        start = time.monotonic()
+        start, queued = time.monotonic(), self.meter.all_in_use(self.max_size)
         try:
             conn = super().getconn(timeout)
         except PoolTimeout:
-            self.meter.timed_out()
+            self.meter.timed_out(time.monotonic() - start)
             errors = self.get_stats().get("connections_errors", 0)
             raise self.meter.budget_error(timeout or self.timeout, errors) from None
-        self.meter.checked_out(conn, time.monotonic() - start)
+        self.meter.checked_out(conn, time.monotonic() - start, queued=queued)
         return conn
 
     def putconn(self, conn: Connection[DictRow]) -> None:
@@ -306,14 +323,14 @@ class AsyncBudgetedConnectionPool(AsyncConnectionPool[AsyncConnection[DictRow]])
         super().__init__(connection_class=_ametered_connection(meter), check=check, **options)
 
     async def getconn(self, timeout: float | None = None) -> AsyncConnection[DictRow]:  # noqa: ASYNC109
-        start = time.monotonic()
+        start, queued = time.monotonic(), self.meter.all_in_use(self.max_size)
         try:
             conn = await super().getconn(timeout)
         except PoolTimeout:
-            self.meter.timed_out()
+            self.meter.timed_out(time.monotonic() - start)
             errors = self.get_stats().get("connections_errors", 0)
             raise self.meter.budget_error(timeout or self.timeout, errors) from None
-        self.meter.checked_out(conn, time.monotonic() - start)
+        self.meter.checked_out(conn, time.monotonic() - start, queued=queued)
         return conn
 
     async def putconn(self, conn: AsyncConnection[DictRow]) -> None:

@@ -152,7 +152,7 @@ async def test_30_runs_with_interrupts_never_exceed_the_budget(
     assert sampler.peak <= BUDGET, sampler.samples
     assert sampler.peak >= 2  # the checkpointer's and the tools' connections were both there
     assert saver_row["checkouts"] >= 30 * 4  # a write per step of every run
-    assert saver_row["connections_reserved"] == 1
+    assert saver_row["max_connections"] == 1  # its share of the budget
     # server side: the threads' checkpoints are in PostgreSQL
     assert pg_db.query("select count(distinct thread_id) from checkpoints") == [(30,)]
     assert row(manager, "tools")["connections_reserved"] == 0  # given back on exit
@@ -202,6 +202,8 @@ async def test_a_checkpointer_that_waits_out_pool_timeout_names_its_reserve(
     configure_default: Callable[..., ExecutionConnectionManager],
 ) -> None:
     manager = configure_default(max_connections=2, pool_timeout=0.3)
+    heard: list[tuple[str, str]] = []
+    manager.observe_pools(lambda name, used_by, event, s: heard.append((used_by, event)))
     async with lsc.apostgres_checkpointer() as saver:
         taken = await saver.conn.getconn()  # its one connection, held elsewhere
         try:
@@ -213,6 +215,7 @@ async def test_a_checkpointer_that_waits_out_pool_timeout_names_its_reserve(
         saver_row = row(manager, "checkpointer")
     assert saver_row["timeouts"] == 1
     assert saver_row["checkouts"] == saver_row["checkins"]
+    assert heard.count(("checkpointer", "wait")) == 1  # the one that found it in use
 
 
 @pytest.mark.parametrize(
@@ -422,9 +425,13 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
     rows = {r["used_by"]: r for r in stats["pools"]}
     assert set(rows) == {"tools", "checkpointer", "store"}
     assert set(rows["tools"]) - {"execution_id"} <= set(rows["checkpointer"])
+    # each pool's max is its share: together, the budget
     assert rows["tools"]["connections_reserved"] == 3
     assert rows["checkpointer"]["max_connections"] == 1
-    assert rows["store"]["max_connections"] == rows["store"]["connections_reserved"] == 2
+    assert rows["store"]["max_connections"] == 2
+    assert rows["checkpointer"]["connections_reserved"] == 0  # nothing set aside from them
+    assert rows["store"]["connections_reserved"] == 0
+    assert {r["pool_name"] for r in rows.values()} == {manager.pool_for().pool_name}
     for used_by in ("checkpointer", "store"):
         r = rows[used_by]
         assert r["checkouts"] >= 2 and r["checkouts"] == r["checkins"]
@@ -432,9 +439,9 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
         assert "***" in r["url"] and make_url(pg_db.url).password not in r["url"]
     assert stats["connections_idle"] == sum(r["connections_idle"] for r in rows.values())
     assert b"langgraph_scoped_conn_pool_checkouts_total" in body
-    for used_by in ("checkpointer", "store"):
+    for used_by in ("checkpointer", "store"):  # no checkout found them all in use
         events = {e for _, u, e in heard if u == used_by}
-        assert events == {"create", "wait", "use"}, (used_by, heard)
+        assert events == {"create", "use"}, (used_by, heard)
     assert {name for name, _, _ in heard} == {manager.pool_for().pool_name}
     assert not [r for r in manager.get_stats()["pools"] if r["used_by"] != "tools"]
 
