@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,13 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
 from langgraph_scoped_conn.metrics import render_latest
+from langgraph_scoped_conn.otel import USED_BY, instrument
 from langgraph_scoped_conn.testing import free_port
 from tests.conftest import Database, eventually
 from tests.devserver import langgraph_dev
 from tests.pgbouncer_worker import build_graph as build_tool_graph
 from tests.pgbouncer_worker import expected_answer
+from tests.test_otel import Otel, collect, histogram, otel, value  # noqa: F401 (a fixture)
 from tests.test_pgbouncer import ROLE, BouncedDb, bdb, bouncer  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,9 +408,12 @@ async def test_langgraph_s_own_saver_fails_on_the_same_kill(pg_db: Database) -> 
 
 
 async def test_stats_metrics_and_observers_label_checkpointer_and_store(
-    pg_db: Database, configure_default: Callable[..., ExecutionConnectionManager]
+    pg_db: Database,
+    configure_default: Callable[..., ExecutionConnectionManager],
+    otel: Otel,  # noqa: F811
 ) -> None:
     manager = configure_default(max_connections=5)
+    instrument(manager, meter_provider=otel.provider)
     heard: list[tuple[str, str, str]] = []
     manager.observe_pools(lambda name, used_by, event, s: heard.append((name, used_by, event)))
     with lsc.ExecutionScope(), lsc.get_scoped_engine().connect() as conn:  # the tools' row
@@ -418,6 +424,7 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
         assert (await store.aget(("users", "ada"), "prefs")).value == {"theme": "dark"}
         stats = manager.get_stats()
         body, _ = render_latest(manager)
+        measured = collect(otel.reader)
         server = {
             "checkpointer": pg_db.backends(SAVER_APP),
             "store": pg_db.backends("langgraph_scoped_conn:store"),
@@ -438,7 +445,16 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
         assert r["connections_idle"] == r["connections_opened"] == server[used_by] >= 1
         assert "***" in r["url"] and make_url(pg_db.url).password not in r["url"]
     assert stats["connections_idle"] == sum(r["connections_idle"] for r in rows.values())
-    assert b"langgraph_scoped_conn_pool_checkouts_total" in body
+    for used_by in ("tools", "checkpointer", "store"):  # Prometheus, labelled by used_by
+        assert re.search(rf'pool_checkouts_total{{[^}}]*used_by="{used_by}"}} [1-9]', body.decode())
+    # OpenTelemetry: each pool's max is its share, and the shares add up to the budget
+    maxima = {
+        used_by: value(measured, "db.client.connection.max", **{USED_BY: used_by})
+        for used_by in rows
+    }
+    assert maxima == {"tools": 2, "checkpointer": 1, "store": 2}
+    created = histogram(measured, "db.client.connection.create_time", **{USED_BY: "store"})
+    assert created.count == rows["store"]["connections_opened"]
     for used_by in ("checkpointer", "store"):  # no checkout found them all in use
         events = {e for _, u, e in heard if u == used_by}
         assert events == {"create", "use"}, (used_by, heard)
