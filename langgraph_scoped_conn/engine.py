@@ -44,7 +44,7 @@ from langgraph_scoped_conn.session import (
 from langgraph_scoped_conn.settings import ScopedConnSettings
 from langgraph_scoped_conn.urls import resolve_strategy, shown_url
 
-__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean", "pool_name"]
+__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean", "pool_name", "tag_name"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
@@ -311,11 +311,13 @@ class PoolHandle:
 
     def _tag(self, fairy: PoolProxiedConnection, execution: Execution) -> bool:
         """Name the execution (and the tool call, if known) in ``application_name``."""
-        name = f"{self.settings.application_name}:{execution.execution_id}"
         tool_call = current_tool_call.get()
-        if tool_call is not None:
-            name += f":{tool_call[1]}"
-        return set_application_name(fairy.driver_connection, name[:63])
+        name = tag_name(
+            self.settings.application_name,
+            execution.execution_id,
+            tool_call[1] if tool_call is not None else None,
+        )
+        return set_application_name(fairy.driver_connection, name)
 
     def waiting_executions(self) -> set[Execution]:
         """The executions with a thread waiting for a connection of this pool right now."""
@@ -552,6 +554,18 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
+
+
+def tag_name(application_name: str, execution_id: str, tool_call_id: str | None) -> str:
+    """``<application_name>:<execution id>[:<tool call id>]`` within PostgreSQL's 63 bytes.
+
+    A uuid execution id and a tool call id do not both fit: the execution id is cut
+    (to 8 characters at least), not the tool call id, which names one call of one run.
+    """
+    if not tool_call_id:
+        return f"{application_name}:{execution_id}"[:63]
+    room = 63 - len(application_name) - len(tool_call_id) - 2
+    return f"{application_name}:{execution_id[: max(room, 8)]}:{tool_call_id}"[:63]
 
 
 def pool_name(url: URL) -> str:
