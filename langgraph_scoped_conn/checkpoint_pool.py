@@ -82,6 +82,7 @@ class PoolMeter:
         self.url = shown_url(handle.url)
         self.strategy = handle.strategy
         self.strategy_reason = handle.strategy_reason
+        self._handle = handle  # for what the tools' first connection found (pooler_detected)
         #: ping a connection idle longer than this before handing it out (None: never)
         self.pre_ping_idle = PRE_PING_IDLE if handle.settings.pool_pre_ping else None
         self._lock = threading.Lock()
@@ -195,6 +196,7 @@ class PoolMeter:
             USED_BY: self.used_by,
             STRATEGY: self.strategy,
             "strategy_reason": self.strategy_reason,
+            "pooler_detected": self._handle.pooler_detected,
             "dialect": "postgresql",
             "driver": "psycopg",
             MAX_CONNECTIONS: max_size,

@@ -25,6 +25,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -447,6 +448,18 @@ async def test_stats_metrics_and_observers_label_checkpointer_and_store(
     assert stats["connections_idle"] == sum(r["connections_idle"] for r in rows.values())
     for used_by in ("tools", "checkpointer", "store"):  # Prometheus, labelled by used_by
         assert re.search(rf'pool_checkouts_total{{[^}}]*used_by="{used_by}"}} [1-9]', body.decode())
+    gauges = {
+        (f.name, s.labels["used_by"]): s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+        if f.name.startswith("langgraph_scoped_conn_pool_") and "used_by" in s.labels
+    }
+    shares = [
+        gauges["langgraph_scoped_conn_pool_max_connections", u]
+        - gauges["langgraph_scoped_conn_pool_connections_reserved", u]
+        for u in rows
+    ]
+    assert sorted(shares) == [1, 2, 2] and sum(shares) == 5  # Prometheus' shares: the budget
     # OpenTelemetry: each pool's max is its share, and the shares add up to the budget
     maxima = {
         used_by: value(measured, "db.client.connection.max", **{USED_BY: used_by})
