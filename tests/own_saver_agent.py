@@ -6,16 +6,18 @@
                "nested": "./tests/own_saver_agent.py:nested"},
     "checkpointer": {"path": "./tests/own_saver_agent.py:checkpointer"}
 
-The checkpointer is ``AsyncPostgresSaver.from_conn_string`` on ``LSC_TEST_SAVER_URL``,
-with nothing of this package on its connections.  Both graphs are wrapped with
-``with_scoped_connections``; their tool takes the run's database from
-``config["configurable"]["sql_database"]``.  ``nested`` runs the same tool graph as a
-subgraph invoked inside a node, which inherits the node's config and the parent's
-checkpointer, so its checkpoints are saved with the node's config too.
+(and the ``_hidden`` / ``_none`` twins of both).  The checkpointer is
+``AsyncPostgresSaver.from_conn_string`` on ``LSC_TEST_SAVER_URL``, with nothing of this
+package on its connections.  Every graph is wrapped with ``with_scoped_connections``;
+the tool takes the run's database from ``config["configurable"][key]`` (``key`` per
+``KEYS``), or asks ``get_scoped_sql_database(config)`` for it.  ``nested`` runs the same
+tool graph as a subgraph invoked inside a node, which inherits the node's config and the
+parent's checkpointer, so its checkpoints are saved with the node's config too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +27,19 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import MessagesState
 
-__all__ = ["ANSWER", "QUESTION", "build_graph", "checkpointer", "flat", "nested"]
+__all__ = [
+    "ANSWER",
+    "KEYS",
+    "QUESTION",
+    "build_graph",
+    "checkpointer",
+    "flat",
+    "flat_hidden",
+    "flat_none",
+    "nested",
+    "nested_hidden",
+    "nested_none",
+]
 
 #: The input of a run: the tool call a model would make, so no model is needed.
 QUESTION: dict[str, Any] = {
@@ -37,31 +51,52 @@ QUESTION: dict[str, Any] = {
         }
     ]
 }
-#: The tool's answer on ``SAMPLE_SQL``'s 500 orders, through the run's proxy.
-ANSWER = "ScopedSQLDatabaseProxy [(500,)]"
+#: The tool's answer on ``SAMPLE_SQL``'s 500 orders.
+ANSWER = "[(500,)]"
+#: graph name -> with_scoped_connections' sql_database_key: the default, a key LangGraph
+#: Server keeps out of checkpoint metadata, and none (the tool asks for the database)
+KEYS: dict[str, str | None] = {"": "sql_database", "_hidden": "__sql_database", "_none": None}
 
 
-def build_graph(kind: str, checkpointer: Any = None) -> Any:
-    """``flat``: START -> tools -> END; ``nested``: a node that invokes that as a subgraph."""
+def build_graph(kind: str, checkpointer: Any = None, key: str | None = "sql_database") -> Any:
+    """``flat``: START -> tools -> END; ``nested``: a node that invokes that as a subgraph.
+
+    The tool takes the run's database from ``config["configurable"][key]`` (a
+    ``ScopedSQLDatabaseProxy``), or from ``get_scoped_sql_database(config)`` when ``key``
+    is ``None``.
+    """
     from langchain_core.runnables import RunnableLambda
     from langchain_core.tools import tool
     from langgraph.graph import END, START, StateGraph
     from langgraph.prebuilt import ToolNode
 
-    from langgraph_scoped_conn import with_scoped_connections
+    from langgraph_scoped_conn import (
+        ScopedSQLDatabaseProxy,
+        get_scoped_sql_database,
+        with_scoped_connections,
+    )
+
+    wrap = functools.partial(with_scoped_connections, sql_database_key=key)
 
     @tool
     def count_orders(config: RunnableConfig) -> str:
         """Count the orders."""
-        db = config["configurable"]["sql_database"]
-        return f"{type(db).__name__} {db.run_no_throw('select count(*) from orders')}"
+        if key is None:
+            assert not any(
+                isinstance(v, ScopedSQLDatabaseProxy) for v in config["configurable"].values()
+            )
+            db = get_scoped_sql_database(config)
+        else:
+            db = config["configurable"][key]
+            assert isinstance(db, ScopedSQLDatabaseProxy), db
+        return str(db.run_no_throw("select count(*) from orders"))
 
     tools = StateGraph(MessagesState)
     tools.add_node("tools", ToolNode([count_orders]))
     tools.add_edge(START, "tools")
     tools.add_edge("tools", END)
     if kind == "flat":
-        return with_scoped_connections(tools.compile(checkpointer=checkpointer))
+        return wrap(tools.compile(checkpointer=checkpointer))
     if kind != "nested":
         raise ValueError(kind)
     subgraph = tools.compile()  # no checkpointer of its own: it uses the parent's
@@ -76,11 +111,15 @@ def build_graph(kind: str, checkpointer: Any = None) -> Any:
     builder.add_node("outer", RunnableLambda(outer, afunc=aouter))
     builder.add_edge(START, "outer")
     builder.add_edge("outer", END)
-    return with_scoped_connections(builder.compile(checkpointer=checkpointer))
+    return wrap(builder.compile(checkpointer=checkpointer))
 
 
 flat = build_graph("flat")
 nested = build_graph("nested")
+flat_hidden = build_graph("flat", key="__sql_database")
+nested_hidden = build_graph("nested", key="__sql_database")
+flat_none = build_graph("flat", key=None)
+nested_none = build_graph("nested", key=None)
 
 
 @asynccontextmanager
