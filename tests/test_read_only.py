@@ -1235,6 +1235,32 @@ def test_manager_wide_read_only_default(pg_db: Database) -> None:
     assert _checksum(pg_db) == before
 
 
+def test_each_read_only_choice_keeps_its_own_ready_copy(pg_db: Database) -> None:
+    """read_only=True and read_only=False, asked for in turn over many executions (each
+    kind made ready after its first), never hand one kind's database for the other."""
+    mgr = lsc.ExecutionConnectionManager(pg_db.url, max_connections=2)
+    before = _checksum(pg_db)
+    try:
+        for i in range(6):
+            with lsc.ExecutionScope(manager=mgr):
+                guarded = lsc.get_scoped_sql_database(manager=mgr, read_only=True)
+                trusted = lsc.get_scoped_sql_database(manager=mgr, read_only=i % 2 == 0)
+                plain = lsc.get_scoped_sql_database(manager=mgr)
+                assert guarded.read_only and not plain.read_only
+                assert trusted.read_only is (i % 2 == 0)
+                assert "Error: " in guarded.run_no_throw("DELETE FROM orders WHERE id = -1")
+                assert plain.run("SELECT count(*) FROM orders") == "[(500,)]"
+            assert_clean(mgr)
+        with (  # an override of a cap is still checked
+            lsc.ExecutionScope(manager=mgr),
+            pytest.raises(lsc.ConfigurationError, match="max_result_rows"),
+        ):
+            lsc.get_scoped_sql_database(manager=mgr, read_only=True, max_result_rows=0)
+    finally:
+        mgr.close()
+    assert _checksum(pg_db) == before
+
+
 def test_read_only_refuses_non_text_statements(manager: lsc.ExecutionConnectionManager) -> None:
     from sqlalchemy import text
 
