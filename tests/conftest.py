@@ -36,6 +36,7 @@ from langgraph_scoped_conn.testing import (
     pgbouncer_binary,
 )
 from langgraph_scoped_conn.testing.pgbouncer import DEBIAN_PACKAGE
+from tests.modes import ALL_MODES, Mode
 
 #: application_name of the tests' own admin connections, never counted as the code's
 ADMIN_APP = "lsc-test-admin"
@@ -278,6 +279,12 @@ def live_pids(pg_db: Database) -> dict[int, str]:
         "and backend_type = 'client backend' and application_name like 'langgraph_scoped_conn%%'"
     )
     return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
+
+
+@pytest.fixture(params=ALL_MODES)
+def mode(request: pytest.FixtureRequest) -> Mode:
+    """One invocation mode (tests/modes.py); narrow it with an indirect parametrize."""
+    return Mode(request.param)
 
 
 @pytest.fixture(autouse=True)
