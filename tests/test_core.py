@@ -1,4 +1,4 @@
-"""Core: configuration, URLs and drivers, secrets, leaks, caps, reaping, close.
+"""Core: configuration, URLs and drivers, secrets, reaping, close.
 
 Every claim is checked against the real server (pg_stat_activity), not only against
 the package's own counters.
@@ -10,8 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,103 +25,10 @@ from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.errors import (
     ConfigurationError,
     ConnectionBudgetExceededError,
-    ConnectionReclaimedError,
-    ExecutionConnectionLimitError,
     ScopeClosedError,
-    ScopedConnectionError,
     ScopeUnavailableError,
 )
 from tests.conftest import Database, backend_pid, eventually, live_pids, uninstall_default
-
-# -- leaks ------------------------------------------------------------------------
-
-
-def test_leaked_connection_is_reclaimed_counted_and_refuses_reuse(
-    manager: ExecutionConnectionManager, pg_db: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    with lsc.ExecutionScope("leaky"):
-        engine = lsc.create_execution_scoped_engine_sync()
-        leaked = engine.connect()  # never closed
-        leaked_pid = backend_pid(leaked)
-        with engine.connect() as fine:  # returned properly
-            kept_pid = backend_pid(fine)
-        assert live_pids(pg_db)[leaked_pid] == "idle in transaction"
-    stats = lsc.get_connection_stats()
-    assert stats["leaks_reclaimed"] == 1
-    assert stats["connections_in_use"] == 0
-    # closed on the server, not left to garbage collection
-    eventually(lambda: leaked_pid not in live_pids(pg_db), "the leaked backend is gone")
-    pids = live_pids(pg_db)
-    assert pids.get(kept_pid) == "idle"  # the returned one stays pooled
-    warning = next(r for r in caplog.records if "still checked out" in r.getMessage())
-    assert warning.levelno == logging.WARNING
-    assert "leaky" in warning.getMessage()
-    # using it again is a clear error, with or without a rollback first
-    with pytest.raises(ConnectionReclaimedError, match="execution 'leaky', which has ended"):
-        leaked.execute(text("select 1"))
-    leaked.rollback()
-    with pytest.raises(ScopeClosedError, match="closed at scope exit"):
-        leaked.execute(text("select 1"))
-    assert lsc.get_connection_stats()["connections_in_use"] == 0
-    # and the engine cannot check out anything new for the ended execution
-    with pytest.raises(ScopeClosedError, match="has ended"):
-        engine.connect()
-
-
-def test_a_detached_connection_is_still_reclaimed_at_scope_end(
-    manager: ExecutionConnectionManager, pg_db: Database
-) -> None:
-    # detach() takes the DBAPI connection out of SQLAlchemy's pool: it is never checked
-    # in, so the execution keeps it as a leak and closes it on the server at scope end
-    with lsc.ExecutionScope("detaching"):
-        engine = lsc.create_execution_scoped_engine_sync()
-        detached = engine.connect()
-        pid = backend_pid(detached)
-        detached.detach()
-        assert pid in live_pids(pg_db)
-    assert lsc.get_connection_stats()["leaks_reclaimed"] == 1
-    eventually(lambda: pid not in live_pids(pg_db), "the detached backend is gone")
-
-
-def test_leaked_connection_frees_its_budget_slot(
-    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
-) -> None:
-    configure_default(max_connections=2, pool_timeout=1)
-    for i in range(5):  # without reclaiming, the third execution would time out
-        with lsc.ExecutionScope(f"leak{i}"):
-            engine = lsc.create_execution_scoped_engine_sync()
-            engine.connect().execute(text("select 1"))
-            engine.connect().execute(text("select 1"))
-    stats = lsc.get_connection_stats()
-    assert stats["leaks_reclaimed"] == 10
-    assert stats["checkout_timeouts"] == 0
-    eventually(lambda: live_pids(pg_db) == {}, "every leaked backend is gone")
-
-
-def test_cap_per_execution_raises_a_clear_error(
-    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
-) -> None:
-    configure_default(max_connections=5, max_connections_per_execution=2, pool_timeout=0.3)
-    with lsc.ExecutionScope("greedy"):
-        engine = lsc.create_execution_scoped_engine_sync()
-        first, second = engine.connect(), engine.connect()
-        pids = {backend_pid(first), backend_pid(second)}
-        with pytest.raises(ExecutionConnectionLimitError) as caught:
-            engine.connect()
-        message = str(caught.value)
-        assert "'greedy' already holds 2 connections" in message
-        assert "max_connections_per_execution=2" in message
-        assert isinstance(caught.value, ScopedConnectionError)
-        assert set(live_pids(pg_db)) == pids  # the refused one never reached the server
-        # other executions are not limited by it
-        with lsc.ExecutionScope("other"), lsc.create_execution_scoped_engine_sync().connect() as c:
-            assert backend_pid(c) not in pids
-        second.close()
-        with engine.connect() as third:  # a returned connection makes room again
-            assert third.execute(text("select 1")).scalar_one() == 1
-        first.close()
-    assert lsc.get_connection_stats()["leaks_reclaimed"] == 0
-
 
 # -- configuration ------------------------------------------------------------------
 
@@ -454,56 +359,3 @@ def test_configure_closes_the_previous_default(
     eventually(lambda: live_pids(pg_db) == {}, "the old pool was disposed")
     with pytest.raises(ScopeUnavailableError):
         first.open_execution("late")
-
-
-def test_scope_end_wakes_a_thread_waiting_on_the_cap(
-    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
-) -> None:
-    """A waiter on max_connections_per_execution is woken when the scope ends.
-
-    It runs on in a worker thread (like a sync node after a cancel), so its new
-    connection is tracked as draining and released when returned, instead of the
-    waiter sleeping for the whole pool_timeout and then holding an untracked one.
-    """
-    manager = configure_default(max_connections_per_execution=1, pool_timeout=600)
-    outcome: list[object] = []
-    holding, release = threading.Event(), threading.Event()
-    queued = threading.Event()
-
-    def waiter(engine: Any) -> None:
-        queued.set()
-        try:
-            with engine.connect() as conn:
-                outcome.append(backend_pid(conn))
-                holding.set()
-                release.wait(60)
-        except BaseException as exc:
-            outcome.append(exc)
-            holding.set()
-
-    with lsc.ExecutionScope("capped"):
-        engine = lsc.create_execution_scoped_engine_sync()
-        first = engine.connect()
-        first_pid = backend_pid(first)
-        thread = threading.Thread(target=waiter, args=(engine,))
-        thread.start()
-        queued.wait(30)
-        execution = manager.execution("capped")
-        assert execution is not None
-        for _ in range(3000):  # until the worker is parked on the cap (no time bound)
-            if execution._cond._waiters:  # type: ignore[attr-defined]
-                break
-            time.sleep(0.01)
-    # the scope ended: `first` was reclaimed, and the waiter got its connection at once
-    assert holding.wait(60), "the waiter was not woken by the end of its scope"
-    assert isinstance(outcome[0], int), outcome
-    eventually(lambda: first_pid not in live_pids(pg_db), "the reclaimed backend is gone")
-    assert live_pids(pg_db)[outcome[0]] == "idle in transaction"
-    stats = manager.get_stats()
-    assert stats["draining_executions"] == 1  # tracked until the worker returns it
-    assert stats["connections_in_use"] == 1
-    release.set()
-    thread.join(60)
-    manager.drain()
-    assert manager.get_stats()["draining_executions"] == 0
-    assert manager.get_stats()["connections_in_use"] == 0
