@@ -281,6 +281,16 @@ def live_pids(pg_db: Database) -> dict[int, str]:
     return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
 
 
+def app_backends(pg_db: Database, name: str) -> list[str]:
+    """application_name of this database's client backends named like ``name``, sorted."""
+    rows = pg_db.query(
+        "select application_name from pg_stat_activity where datname = current_database() "
+        "and backend_type = 'client backend' and application_name like %s",
+        name,
+    )
+    return sorted(str(r[0]) for r in rows)
+
+
 @pytest.fixture(params=ALL_MODES)
 def mode(request: pytest.FixtureRequest) -> Mode:
     """One invocation mode (tests/modes.py); narrow it with an indirect parametrize."""

@@ -1,4 +1,4 @@
-"""Core: configuration, URLs and drivers, secrets, reaping, close.
+"""Core: configuration, URLs and drivers, secrets.
 
 Every claim is checked against the real server (pg_stat_activity), not only against
 the package's own counters.
@@ -6,7 +6,6 @@ the package's own counters.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -246,105 +245,7 @@ def test_password_never_appears_in_stats_reprs_logs_or_errors(
     assert "***" in everything
 
 
-# -- reaping and closing ------------------------------------------------------------
-
-
-def test_reaper_releases_only_scopes_older_than_max_scope_lifetime(
-    configure_default: Callable[..., ExecutionConnectionManager],
-    pg_db: Database,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    manager = configure_default(max_scope_lifetime=60)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(lsc.ExecutionScope("old"))
-        old_engine = lsc.create_execution_scoped_engine_sync()
-        old_conn = old_engine.connect()
-        old_pid = backend_pid(old_conn)
-        stack.enter_context(lsc.ExecutionScope("young"))
-        young_conn = lsc.create_execution_scoped_engine_sync().connect()
-        young_pid = backend_pid(young_conn)
-        old = manager.execution("old")
-        assert old is not None
-        old.created -= 120  # as if opened two minutes ago (no sleeping in tests)
-        assert manager.reap() == ["old"]
-        assert manager.reap() == []  # nothing else is old enough
-        stats = lsc.get_connection_stats()
-        assert set(stats["executions"]) == {"young"}
-        assert stats["scopes_reaped"] == 1
-        pids = live_pids(pg_db)
-        assert old_pid not in pids
-        assert pids[young_pid] == "idle in transaction"
-        assert young_conn.execute(text("select 3")).scalar_one() == 3
-        with pytest.raises(ScopeClosedError):
-            old_engine.connect()
-        assert any("reaped execution old" in r.getMessage() for r in caplog.records)
-        young_conn.close()
-    # leaving the reaped scope later is harmless and does not count twice
-    stats = lsc.get_connection_stats()
-    assert stats["active_executions"] == 0
-    assert stats["scopes_reaped"] == 1
-    assert stats["scopes_closed"] == stats["scopes_opened"] == 2
-
-
-def test_reaper_runs_when_scopes_open(
-    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
-) -> None:
-    manager = configure_default(max_scope_lifetime=60)
-    forgotten = manager.open_execution("forgotten")  # never released by its owner
-    conn = manager.engine_for(forgotten).connect()
-    pid = backend_pid(conn)
-    forgotten.created -= 120
-    manager._registry._last_upkeep -= 120  # the periodic check is due
-    with lsc.ExecutionScope("next"):
-        # the open hands upkeep to a release thread instead of reaping inline
-        assert manager.drain()
-        assert set(lsc.get_connection_stats()["executions"]) == {"next"}
-    eventually(lambda: pid not in live_pids(pg_db), "the reaped scope's backend is gone")
-    assert lsc.get_connection_stats()["scopes_reaped"] == 1
-
-
-def test_no_reaping_without_max_scope_lifetime(
-    configure_default: Callable[..., ExecutionConnectionManager],
-) -> None:
-    manager = configure_default(max_scope_lifetime=None)
-    with lsc.ExecutionScope("ancient"):
-        execution = manager.execution("ancient")
-        assert execution is not None
-        execution.created -= 10**6
-        assert manager.reap() == []
-        assert manager.reap(max_age=1) == ["ancient"]  # an explicit age still works
-
-
-@pytest.mark.parametrize("how", ["close", "aclose"])
-async def test_manager_close_releases_every_scope_and_pool(
-    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database, how: str
-) -> None:
-    manager = configure_default(max_connections=6)
-    stack = contextlib.ExitStack()
-    stack.enter_context(lsc.ExecutionScope("left-open"))
-    engine = lsc.create_execution_scoped_engine_sync()
-    held = engine.connect()
-    backend_pid(held)
-    for i in range(3):
-        async with lsc.ExecutionScope(f"done{i}"):
-            db = await lsc.create_execution_scoped_sql_database()
-            db.run("select 1")
-    assert len(live_pids(pg_db)) >= 2  # one held, the others idle in the pool
-    if how == "close":
-        manager.close()
-    else:
-        await manager.aclose()
-    eventually(lambda: live_pids(pg_db) == {}, "no backend after close")
-    stats = manager.get_stats()
-    assert stats["active_executions"] == 0
-    assert stats["connections_in_use"] == 0
-    assert stats["connections_idle"] == 0
-    with pytest.raises(ScopeUnavailableError, match="closed"), lsc.ExecutionScope("after"):
-        pass
-    with pytest.raises(ScopeClosedError):
-        held.execute(text("select 1"))
-    stack.close()  # the scope's own exit afterwards is harmless
-    assert live_pids(pg_db) == {}
+# -- the previous default ------------------------------------------------------------
 
 
 def test_configure_closes_the_previous_default(
