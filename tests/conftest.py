@@ -12,10 +12,13 @@ install, when the ``pgbouncer`` binary is missing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -41,6 +44,8 @@ from tests.modes import ALL_MODES, Mode
 #: application_name of the tests' own admin connections, never counted as the code's
 ADMIN_APP = "lsc-test-admin"
 PGBOUNCER_MISSING = f"pgbouncer is not installed: apt-get install -y {DEBIAN_PACKAGE}"
+#: the checkout's root (what a fresh interpreter puts on its PYTHONPATH)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -289,6 +294,29 @@ def app_backends(pg_db: Database, name: str) -> list[str]:
         name,
     )
     return sorted(str(r[0]) for r in rows)
+
+
+def run_fresh(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter on this checkout, without SCOPED_CONN_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def no_scoped_conn_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test starts from an environment without SCOPED_CONN_* options."""
+    for name in list(os.environ):
+        if name.startswith("SCOPED_CONN_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(params=ALL_MODES)
