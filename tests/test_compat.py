@@ -12,12 +12,17 @@ These tests fail loudly, naming the member, when an upgrade moves one.  Three la
    per-execution engine copies; the session reset's prepared-statement cache; the
    statement lock read from another thread.
 
+One more library the package leans on: lazy_loader, whose ``attach_stub`` must keep a root
+name such as ``configure`` the function, not the module of the same name.
+
 CI runs them at the dependency floors (``.ci/floors.txt``) and at the latest versions.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
+import importlib.util
 import inspect
 import sqlite3
 import threading
@@ -467,3 +472,18 @@ def test_runs_on_one_psycopg_session_never_name_a_dropped_statement(
             driver = conn.connection.driver_connection
             assert driver is not None and driver._prepared._names  # prepared in this run
     assert mgr.get_stats()["connections_opened"] == 1
+
+
+# -- lazy_loader: a root name that is also the name of its module ------------------------------
+
+
+def test_a_root_name_is_not_shadowed_by_its_module_of_the_same_name() -> None:
+    """``configure()`` lives in ``configure.py``: importing that module (conftest does) sets
+    the package's ``configure`` attribute to the module, unless lazy_loader guards it
+    (0.6 and newer do; with 0.5, ``lsc.configure(...)`` raised "'module' object is not
+    callable")."""
+    shared = [n for n in lsc.__all__ if importlib.util.find_spec(f"{lsc.__name__}.{n}")]
+    assert "configure" in shared
+    for name in shared:
+        module = importlib.import_module(f"{lsc.__name__}.{name}")
+        assert getattr(lsc, name) is getattr(module, name), name
