@@ -973,7 +973,10 @@ BENIGN_PG: list[tuple[str, str]] = [
     ("SELECT coalesce(NULL, 'x'), nullif(1, 1), greatest(1, 3, 2)", "[('x', None, 3)]"),
     ("SELECT current_date = now()::date AS a, version() LIKE 'PostgreSQL%' AS b", "[(True, True)]"),
     ("SELECT pg_size_pretty(1024::bigint), current_database() <> ''", "[('1024 bytes', True)]"),
-    ("EXPLAIN SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id", "Join"),
+    (
+        "EXPLAIN SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id",
+        "on customers c",
+    ),  # whatever plan: a join, a nested loop
 ]
 
 
