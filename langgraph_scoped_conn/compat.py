@@ -39,7 +39,10 @@ __all__ = [
     "EngineView",
     "HookedQueuePool",
     "ReclaimAwareConnection",
+    "checked_out_by",
+    "forget_dbapi_connection",
     "forget_prepared_statements",
+    "record_of",
     "statement_lock",
 ]
 
@@ -199,3 +202,31 @@ def statement_lock(driver_connection: Any) -> Any:
     """psycopg 3's connection lock (held while a statement runs), or ``None``."""
     lock = getattr(driver_connection, "lock", None)
     return lock if hasattr(lock, "locked") else None
+
+
+def checked_out_by(record: ConnectionPoolEntry, fairy: Any) -> bool:
+    """True while ``fairy`` still holds ``record``: its thread has not begun returning it.
+
+    SQLAlchemy's record keeps a weak reference to the fairy that checked it out
+    (``_ConnectionRecord.fairy_ref``) and clears it first thing in its check-in.
+    """
+    ref = getattr(record, "fairy_ref", None)
+    return ref is not None and ref() is fairy
+
+
+def record_of(fairy: Any) -> ConnectionPoolEntry | None:
+    """The pool record a checked-out connection (``_ConnectionFairy``) holds, if any."""
+    record: ConnectionPoolEntry | None = getattr(fairy, "_connection_record", None)
+    return record
+
+
+def forget_dbapi_connection(connection: Connection) -> None:
+    """Make a SQLAlchemy Connection drop its pooled connection without returning it.
+
+    Its next use asks to reconnect (``_revalidate_connection``), which a
+    :class:`ReclaimAwareConnection` refuses.  The pooled connection is left to the
+    pool's own return path (the thread holding it, or the garbage collector): for a
+    connection another thread may be closing right now, where ``invalidate()`` would
+    return it a second time.
+    """
+    connection._dbapi_connection = None

@@ -32,7 +32,7 @@ from langgraph_scoped_conn.checkout import Activity, Checkout
 from langgraph_scoped_conn.compat import EngineView, ReclaimAwareConnection
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
 from langgraph_scoped_conn.execution import Execution
-from langgraph_scoped_conn.pool import BudgetPool, CountingPool, PoolCounters
+from langgraph_scoped_conn.pool import RECLAIMED_KEY, BudgetPool, CountingPool, PoolCounters
 from langgraph_scoped_conn.redaction import safe_url
 from langgraph_scoped_conn.runs import current_tool_call
 from langgraph_scoped_conn.session import (
@@ -424,6 +424,9 @@ class PoolHandle:
                 connect_args=connect_args,
                 **options,
             )
+        # the rollback on return is the "reset" listener's (_install_listeners), which
+        # leaves out a connection a release closed under its thread (BudgetPool.abandon)
+        options["pool_reset_on_return"] = None
         return create_engine(
             url,
             poolclass=BudgetPool,
@@ -480,7 +483,7 @@ class PoolHandle:
                 info.pop(CLEAN_KEY, None)
                 return
             dirty = None
-            if dbapi_connection is not None:
+            if dbapi_connection is not None and RECLAIMED_KEY not in info:  # not abandoned
                 if resets and (not checkout.clean or checkout.cancelled):
                     info[DIRTY_BY_KEY] = checkout.execution.serial
                     dirty = record
@@ -488,6 +491,8 @@ class PoolHandle:
                     set_application_name(dbapi_connection, self.settings.application_name)
             checkout.returned(dirty)
 
+        if isinstance(pool, BudgetPool):
+            event.listen(pool, "reset", _roll_back_unless_abandoned)
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "close", on_close)
         event.listen(pool, "close_detached", on_close)
@@ -554,6 +559,20 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
+
+
+def _roll_back_unless_abandoned(
+    dbapi_connection: Any, record: ConnectionPoolEntry, state: Any
+) -> None:
+    """SQLAlchemy's reset on return (a rollback), as the budget pool's ``reset`` listener.
+
+    Not for a connection a release closed under its thread (``BudgetPool.abandon``): it
+    is closed, and its record is closed too when it comes back.
+    """
+    if state.transaction_was_reset or not state.asyncio_safe:
+        return
+    if RECLAIMED_KEY not in record.info:
+        dbapi_connection.rollback()
 
 
 def tag_name(application_name: str, execution_id: str, tool_call_id: str | None) -> str:

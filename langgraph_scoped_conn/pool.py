@@ -28,10 +28,10 @@ from typing import Any
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from langgraph_scoped_conn.compat import HookedQueuePool
+from langgraph_scoped_conn.compat import HookedQueuePool, checked_out_by
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
 
-__all__ = ["BudgetPool", "CountingPool", "PoolCounters"]
+__all__ = ["RECLAIMED_KEY", "BudgetPool", "CountingPool", "PoolCounters"]
 
 #: Seconds a caller waits in line before it first looks for a budget deadlock, and the
 #: longest gap between two looks after that (the gap doubles from the first).
@@ -222,6 +222,11 @@ class CountingPool(HookedQueuePool):
 
 
 #: handed to a waiter instead of a record: a slot is free, open a connection on it
+#: ``record.info`` key: a release closed this checked-out connection under its thread
+#: and freed its slot (:meth:`BudgetPool.abandon`); when that thread returns it, the
+#: record is closed, not pooled
+RECLAIMED_KEY = "langgraph_scoped_conn.reclaimed"
+
 _NEW_SLOT: Any = object()
 
 
@@ -365,6 +370,9 @@ class BudgetPool(CountingPool):
         super().dispose()
 
     def give_back(self, record: ConnectionPoolEntry) -> None:
+        if record.info.pop(RECLAIMED_KEY, False):
+            record.close()  # abandoned: its slot was freed then (see abandon)
+            return
         with self._mutex:
             # disposed, or slots were set aside meanwhile: close this one
             close = self._disposed or self.over_capacity()
@@ -389,6 +397,35 @@ class BudgetPool(CountingPool):
         """Let waiters open connections on free slots (holding the mutex)."""
         while self._line and self.open_slot():
             self._hand_over(_NEW_SLOT)
+
+    def abandon(self, record: ConnectionPoolEntry, fairy: Any, close: Callable[[], None]) -> bool:
+        """Close a checked-out connection its thread may still hold, and free its slot.
+
+        Only while ``fairy`` still holds ``record`` (its thread has not begun returning
+        it), checked under the pool's mutex, which that return takes too.  SQLAlchemy's
+        objects stay with the thread: returning the record from here would race with
+        its own check-in, which may then put the record back a second time, or
+        invalidate it after another caller got it.  The record never comes back into
+        use: its thread's return (or the garbage collector's) closes it, and the slot is
+        freed here, once ``close`` returned.
+
+        Args:
+            close: closes the driver's connection and returns once its server backend
+                is gone (not under the pool's mutex: it may wait).
+
+        Returns:
+            True if it was closed and its slot freed; False if its thread is returning
+            it (then it comes back as any returned connection does).
+        """
+        with self._mutex:
+            if not checked_out_by(record, fairy):
+                return False
+            record.info[RECLAIMED_KEY] = True
+        try:
+            close()
+        finally:
+            self._slot_freed()
+        return True
 
     def claim_idle(self, record: ConnectionPoolEntry) -> bool:
         """Take an idle ``record`` out of the pool to work on it (then :meth:`unclaim`)."""

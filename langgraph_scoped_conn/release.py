@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from langgraph_scoped_conn.checkout import Checkout
+from langgraph_scoped_conn.compat import record_of
 from langgraph_scoped_conn.execution import Execution, Release
 from langgraph_scoped_conn.redaction import redact_url
 
@@ -197,7 +199,8 @@ class Releaser:
         from langgraph_scoped_conn.session import close_unused  # loads SQLAlchemy: not at import
 
         try:
-            if not close_unused(fairy, connection, grace=CANCEL_GRACE):
+            abandon = _abandoner(checkout, fairy)
+            if not close_unused(fairy, connection, grace=CANCEL_GRACE, abandon=abandon):
                 logger.warning(
                     "execution %s: a connection taken as unused started a statement that did "
                     "not end on cancel; its thread returns it when the statement ends",
@@ -220,6 +223,23 @@ class Releaser:
             redact_url(str(exc)),
             f"\ntracked at:\n{stack}" if stack else "",
         )
+
+
+def _abandoner(checkout: Checkout, fairy: Any) -> Callable[[Callable[[], None]], bool] | None:
+    """How to close ``checkout``'s connection if its thread may still act on it, else None.
+
+    A thread that is alive and is not this one may be inside SQLAlchemy's check-in of
+    the connection right now; only the budget pool can take it from under that thread
+    safely (:meth:`~langgraph_scoped_conn.pool.BudgetPool.abandon`).
+    """
+    owner = checkout.thread_id
+    if owner == threading.get_ident() or owner not in {t.ident for t in threading.enumerate()}:
+        return None
+    pool = getattr(checkout.pool, "budget_pool", None)
+    record = record_of(fairy)
+    if pool is None or record is None:
+        return None
+    return functools.partial(pool.abandon, record, fairy)
 
 
 class AsyncResource:

@@ -11,14 +11,21 @@ import logging
 import os
 import select
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 from langgraph_scoped_conn.checkout import Activity
-from langgraph_scoped_conn.compat import forget_prepared_statements, statement_lock
+from langgraph_scoped_conn.compat import (
+    forget_dbapi_connection,
+    forget_prepared_statements,
+    statement_lock,
+)
 
 __all__ = [
     "RESET_SQL",
     "activity",
+    "close_and_wait",
     "close_unused",
     "has_input",
     "reset_session",
@@ -77,7 +84,13 @@ def activity(driver_connection: Any) -> Activity:
     return "idle"
 
 
-def close_unused(fairy: Any, connection: Any, *, grace: float) -> bool:
+def close_unused(
+    fairy: Any,
+    connection: Any,
+    *,
+    grace: float,
+    abandon: Callable[[Callable[[], None]], bool] | None = None,
+) -> bool:
     """Close a checked-out connection nobody uses, and return its slot to the pool.
 
     Never under a running statement: psycopg 3's statement lock is held while closing,
@@ -90,6 +103,12 @@ def close_unused(fairy: Any, connection: Any, *, grace: float) -> bool:
         fairy: the pool's checked-out connection.
         connection: the SQLAlchemy Connection over it, if any: invalidating that one
             makes it refuse to reconnect (``ConnectionReclaimedError``) when used again.
+        abandon: given when the thread that checked it out is alive and is not this
+            one: it may be inside SQLAlchemy's check-in of this very connection, so
+            SQLAlchemy's objects are left to it and the pool abandons the record
+            (``BudgetPool.abandon``, called with the driver's ``close``).  If that
+            thread is returning it already, nothing is closed: it comes back as any
+            returned connection does.
 
     Returns:
         True if the connection was closed.
@@ -103,6 +122,11 @@ def close_unused(fairy: Any, connection: Any, *, grace: float) -> bool:
     elif lock is None and activity(driver) == "active":
         _cancel_quietly(driver)
     try:
+        if abandon is not None:
+            if abandon(lambda: close_and_wait(driver)) and connection is not None:
+                forget_dbapi_connection(connection)  # its next use raises, never reconnects
+            return True
+        close_and_wait(driver)  # the server's backend is gone before the slot is free
         if connection is not None and not connection.closed and not connection.invalidated:
             connection.invalidate()
         elif fairy.is_valid:
@@ -111,6 +135,41 @@ def close_unused(fairy: Any, connection: Any, *, grace: float) -> bool:
         if lock is not None:
             lock.release()
     return True
+
+
+#: Seconds :func:`close_and_wait` waits for the server to end a closed connection's backend
+BACKEND_EXIT_WAIT = 5.0
+
+
+def close_and_wait(driver_connection: Any, timeout: float = BACKEND_EXIT_WAIT) -> None:
+    """Close a driver connection, and return once the server has ended its backend.
+
+    The server closes its end of the socket last thing as the backend exits, after it
+    gave back its connection slot and left ``pg_stat_activity``; a duplicate of the
+    socket sees that as end of file.  So a budget slot freed after this never lets the
+    server count one backend more than the budget.  Without a socket (SQLite), or past
+    ``timeout``, it just returns.
+    """
+    try:
+        copy = os.dup(driver_connection.fileno())
+    except Exception:
+        copy = None
+    try:
+        driver_connection.close()
+    except Exception as exc:
+        logger.debug("could not close a connection: %s", type(exc).__name__)
+    if copy is None:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([copy], [], [], left)
+            if ready and not os.read(copy, 65536):
+                return  # end of file: the backend has exited
+    except OSError:
+        return  # reset by the peer: gone as well
+    finally:
+        os.close(copy)
 
 
 def _cancel_quietly(driver_connection: Any) -> None:

@@ -21,6 +21,7 @@ CI runs them at the dependency floors (``.ci/floors.txt``) and at the latest ver
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -47,7 +48,10 @@ from langgraph_scoped_conn.compat import (
     EngineView,
     HookedQueuePool,
     ReclaimAwareConnection,
+    checked_out_by,
+    forget_dbapi_connection,
     forget_prepared_statements,
+    record_of,
     statement_lock,
 )
 from langgraph_scoped_conn.engine import ScopedConnection, ScopedEngine
@@ -305,6 +309,56 @@ def test_a_reclaim_aware_connection_is_asked_before_it_reconnects() -> None:
         plain.rollback()
         assert plain.execute(text("select 2")).scalar_one() == 2
         plain.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_record_knows_the_fairy_holding_it_until_its_check_in_begins() -> None:
+    """checked_out_by / record_of read ``_ConnectionRecord.fairy_ref`` and
+    ``_ConnectionFairy._connection_record``; the budget pool's abandon relies on the
+    check-in clearing fairy_ref before it returns the record (the ``checkin`` event)."""
+    engine = create_engine("sqlite://", poolclass=QueuePool)
+    seen_in_checkin: list[bool] = []
+    try:
+        fairy = engine.pool.connect()
+        record = record_of(fairy)
+        assert record is not None, versions()
+        assert checked_out_by(record, fairy)
+        other = engine.pool.connect()
+        assert not checked_out_by(record, other)
+
+        def on_checkin(dbapi_connection: Any, rec: Any) -> None:
+            seen_in_checkin.append(checked_out_by(rec, fairy))
+
+        event.listen(engine.pool, "checkin", on_checkin)
+        fairy.close()
+        other.close()
+        assert seen_in_checkin == [False, False], versions()  # cleared before the return
+        assert not checked_out_by(record, fairy) and record_of(fairy) is None
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_that_forgot_its_pooled_connection_asks_to_reconnect() -> None:
+    class Refusing(ReclaimAwareConnection):
+        def refuse_reconnect(self) -> None:
+            raise Refused("refused")
+
+    class RefusingView(EngineView):
+        _connection_cls = Refusing
+
+    engine = create_engine("sqlite://", poolclass=QueuePool)
+    try:
+        conn = RefusingView(engine, {}).connect()
+        fairy = conn.connection  # the pooled connection, as a thread holding it would
+        forget_dbapi_connection(conn)
+        assert conn.invalidated, versions()
+        with pytest.raises(Refused):
+            conn.execute(text("select 1"))
+        assert engine.pool.checkedout() == 1  # nothing was returned: left to its holder
+        del fairy  # ... or to the garbage collector, once nobody holds it
+        gc.collect()
+        assert engine.pool.checkedout() == 0
     finally:
         engine.dispose()
 

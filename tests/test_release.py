@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
@@ -337,3 +338,87 @@ def test_one_stuck_release_never_delays_another_runs_reclaim(
         t.join(30)
         assert not t.is_alive()
     assert mgr.drain(30)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_straggler_returning_its_connection_as_it_is_reclaimed_never_shares_it(
+    driver: str, pg_db: Database, configure_default: Callable[..., ExecutionConnectionManager]
+) -> None:
+    """A run's thread is returning its connection (inside SQLAlchemy's check-in) at the
+    moment its run is released: the connection must not end up handed to two runs.
+
+    The thread is held inside the pool's check-in (its ``reset`` event) while the run is
+    released by force; then another run takes the budget's one connection, the thread
+    finishes its check-in, and a third run asks for a connection while the second
+    still holds its own.  It must wait: before, the release returned the record to the
+    pool from its own thread and the straggler's check-in returned it a second time, so
+    the third run got a connection past the budget (or the second run's backend).
+    """
+    mgr = configure_default(pg_db.url_with(driver), max_connections=1, pool_timeout=30)
+    pool = mgr.pool_for().engine.pool
+    straggler: dict[str, Any] = {}
+    in_checkin, checkin_may_go = threading.Event(), threading.Event()
+
+    def hold_the_checkin(dbapi_connection: Any, record: Any, state: Any) -> None:
+        if threading.get_ident() == straggler.get("thread"):
+            in_checkin.set()
+            checkin_may_go.wait(30)
+
+    sa_event.listen(pool, "reset", hold_the_checkin)
+
+    def straggler_run() -> None:
+        straggler["thread"] = threading.get_ident()
+        with lsc.ExecutionScope("straggler"):
+            conn = lsc.get_scoped_engine().connect()
+            straggler["pid"] = backend_pid(conn)
+            try:
+                conn.close()  # held in the check-in by the event above
+            except Exception as exc:  # its run was released meanwhile: its own error
+                straggler["error"] = exc
+
+    held: dict[str, Any] = {}
+    second_may_end = threading.Event()
+
+    def run(name: str, keep: threading.Event | None) -> None:
+        try:
+            with lsc.ExecutionScope(name), lsc.get_scoped_engine().connect() as conn:
+                held[name] = backend_pid(conn)
+                if keep is not None:
+                    keep.wait(30)
+                    held[f"{name} again"] = backend_pid(conn)
+        except BaseException as exc:
+            held[name] = exc
+
+    t = threading.Thread(target=straggler_run, daemon=True)
+    t.start()
+    assert in_checkin.wait(30), "the straggler reached the check-in"
+    mgr.reap(execution_id="straggler", reason="released by request")
+    second = threading.Thread(target=run, args=("second", second_may_end), daemon=True)
+    second.start()
+    eventually(
+        lambda: "second" in held or mgr.get_stats()["requests_waiting"] == 1,
+        "the second run holds the connection or waits for it",
+    )
+    checkin_may_go.set()
+    t.join(30)
+    eventually(lambda: "second" in held, "the second run got a connection")
+    assert isinstance(held["second"], int), held
+    third = threading.Thread(target=run, args=("third", None), daemon=True)
+    third.start()
+    # the budget's one connection is the second run's: the third run waits for it
+    eventually(
+        lambda: "third" in held or mgr.get_stats()["requests_waiting"] == 1,
+        "the third run holds a connection or waits for one",
+    )
+    assert "third" not in held, f"a second connection on a budget of one: {held}"
+    assert pg_db.query(
+        "select count(*) from pg_stat_activity where application_name like %s",
+        "langgraph_scoped_conn%",
+    ) == [(1,)]
+    second_may_end.set()
+    second.join(30)
+    third.join(30)
+    assert held["second again"] == held["second"], held  # its backend stayed its own
+    assert isinstance(held["third"], int), held
+    assert mgr.drain(30)
+    assert mgr.get_stats()["connections_in_use"] == 0
