@@ -30,6 +30,8 @@ BENCHMARKS = {
     "reset": "what DISCARD ALL on check-in costs, and that a dirty connection is reset",
     "soak": "executions one after another: RSS and the registry's maps do not grow",
     "pgbouncer": "4 processes through a real PgBouncer, the pool choice, and budget sizing",
+    "checkpoint": "K runs paused and resumed with AsyncPostgresSaver and a SQL tool, budget 4: "
+    "the package's checkpointer against LangGraph's from_conn_string and a psycopg_pool beside it",
 }
 #: storm rows: (executor threads, budget); a budget of 10 under 20 threads is saturated
 STORM_ROWS = ((20, 20), (20, 10), (6, 20), (6, 10))
@@ -85,6 +87,11 @@ COLUMNS: dict[str, list[Column]] = {
     ),
     "pgbouncer.pool_choice": _columns(
         "target | budget pool ms=pool_ms | new connection ms=new_ms | new / pool=new_over_pool"
+    ),
+    "checkpoint": _columns(
+        "round | checkpointer=name | ok | failed | budget | peak backends=peak_backends"
+        " | peak checkpointer backends=peak_saver | over budget=over_budget | s=elapsed_s"
+        " | p50 ms=p50_ms | p99 ms=p99_ms | first error=first_error"
     ),
     "pgbouncer.sizing": _columns(
         "scenario=name | budget | predicted peak=predicted_peak | measured peak=peak_server"
@@ -245,6 +252,23 @@ FIGURES: list[Figure] = [
         "pgbouncer",
         "sizing: failures at 2x the formula (no target: this load has not reached the slots)",
         "checks.oversized_failed",
+    ),
+    Figure("checkpoint", "package: failed runs", "checks.package_failed", "== 0"),
+    Figure(
+        "checkpoint",
+        "package: peak backends, tools and checkpointer (budget 4)",
+        "checks.package_peak",
+        "<= 4",
+    ),
+    Figure(
+        "checkpoint",
+        "from_conn_string beside the package: peak backends (what the user pays)",
+        "checks.from_conn_string_peak",
+    ),
+    Figure(
+        "checkpoint",
+        "AsyncConnectionPool(max_size=20) beside the package: peak backends",
+        "checks.psycopg_pool_peak",
     ),
 ]
 

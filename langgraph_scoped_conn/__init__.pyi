@@ -1,6 +1,10 @@
 # The package's public names: the one list.  ``__init__.py`` loads each on first use
 # (lazy_loader reads this stub), and type checkers read it as the package's interface.
 from ._version import __version__ as __version__
+from .checkpoint import apostgres_checkpointer as apostgres_checkpointer
+from .checkpoint import apostgres_store as apostgres_store
+from .checkpoint import postgres_checkpointer as postgres_checkpointer
+from .checkpoint import postgres_store as postgres_store
 from .configure import aconfigure as aconfigure
 from .configure import configure as configure
 from .configure import get_connection_manager as get_connection_manager
@@ -19,6 +23,7 @@ from .errors import UnsafeQueryError as UnsafeQueryError
 from .graph import with_scoped_connections as with_scoped_connections
 from .handler import ScopedConnectionHandler as ScopedConnectionHandler
 from .manager import ExecutionConnectionManager as ExecutionConnectionManager
+from .middleware import ScopedConnectionMiddleware as ScopedConnectionMiddleware
 from .scope import ExecutionScope as ExecutionScope
 from .scope import close_database_connections as close_database_connections
 from .scope import create_execution_scoped_engine as create_execution_scoped_engine

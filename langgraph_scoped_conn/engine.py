@@ -44,7 +44,7 @@ from langgraph_scoped_conn.session import (
 from langgraph_scoped_conn.settings import ScopedConnSettings
 from langgraph_scoped_conn.urls import resolve_strategy, shown_url
 
-__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean", "pool_name"]
+__all__ = ["PRE_PING_IDLE", "PoolHandle", "ScopedEngine", "mark_clean", "pool_name", "tag_name"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
@@ -198,6 +198,10 @@ class PoolHandle:
         #: caches of the layers above that belong to this pool (e.g. the read-only guard's
         #: function catalog); cleared with the schema cache
         self.catalog: dict[str, Any] = {}
+        #: the first connection was checked for a transaction pooler in between
+        self.pooler_checked = False
+        #: a pooler answered where the strategy is ``shared`` (see _check_for_a_pooler)
+        self.pooler_detected = False
         self._prototype: ScopedEngine | None = None
         #: thread id -> the execution it checks a connection out for, while it does
         self.connecting: dict[int, Execution] = {}
@@ -307,11 +311,13 @@ class PoolHandle:
 
     def _tag(self, fairy: PoolProxiedConnection, execution: Execution) -> bool:
         """Name the execution (and the tool call, if known) in ``application_name``."""
-        name = f"{self.settings.application_name}:{execution.execution_id}"
         tool_call = current_tool_call.get()
-        if tool_call is not None:
-            name += f":{tool_call[1]}"
-        return set_application_name(fairy.driver_connection, name[:63])
+        name = tag_name(
+            self.settings.application_name,
+            execution.execution_id,
+            tool_call[1] if tool_call is not None else None,
+        )
+        return set_application_name(fairy.driver_connection, name)
 
     def waiting_executions(self) -> set[Execution]:
         """The executions with a thread waiting for a connection of this pool right now."""
@@ -351,6 +357,7 @@ class PoolHandle:
             "pool_name": self.pool_name,
             "strategy": self.strategy,
             "strategy_reason": self.strategy_reason,
+            "pooler_detected": self.pooler_detected,
             "dialect": self.dialect_name,
             "driver": self.url.get_driver_name(),
             "waiting": pool.requests_waiting() if pool is not None else 0,
@@ -442,6 +449,8 @@ class PoolHandle:
 
         def on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_open()
+            if resets and not self.pooler_checked:
+                self._check_for_a_pooler(dbapi_connection)
 
         def on_close(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
             counters.on_close()
@@ -487,6 +496,43 @@ class PoolHandle:
         pool.counters = counters
         pool.on_return = on_return
 
+    def _check_for_a_pooler(self, dbapi_connection: Any) -> None:
+        """Warn once if a ``shared`` pool's server answers through a transaction pooler.
+
+        A pooler (PgBouncer, Supavisor) hands the client a made-up backend key: the pid
+        the driver got at login is not the pid the server reports.  Behind one, session
+        resets and prepared statements reach whatever server connection the pooler picks
+        next.  One query, on the pool's first connection.
+        """
+        self.pooler_checked = True
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        info = getattr(driver, "info", None)
+        login_pid = getattr(info, "backend_pid", None)  # psycopg 3
+        if login_pid is None and hasattr(driver, "get_backend_pid"):
+            login_pid = driver.get_backend_pid()  # psycopg2
+        try:
+            cursor = driver.cursor()
+            try:
+                cursor.execute("SELECT pg_backend_pid()")
+                server_pid = cursor.fetchone()[0]
+            finally:
+                cursor.close()
+            driver.rollback()
+        except Exception as exc:  # the caller's own query will report a broken connection
+            logger.debug("could not check for a pooler: %s", type(exc).__name__)
+            return
+        if login_pid is None or login_pid == server_pid:
+            return
+        self.pooler_detected = True
+        logger.warning(
+            "%s answers through a connection pooler (PgBouncer or Supavisor: the backend "
+            "pid given at login is not the server's), but the strategy is 'shared' (%s). "
+            "Session resets and prepared statements would reach other clients' server "
+            "connections: use strategy='pooler', or add ?pgbouncer=true to the URL",
+            self.safe_url,
+            self.strategy_reason,
+        )
+
     def scoped_engine(self, execution: Execution, **options: Any) -> ScopedEngine:
         """A new :class:`ScopedEngine` of this pool for ``execution``."""
         if options:
@@ -508,6 +554,18 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
+
+
+def tag_name(application_name: str, execution_id: str, tool_call_id: str | None) -> str:
+    """``<application_name>:<execution id>[:<tool call id>]`` within PostgreSQL's 63 bytes.
+
+    A uuid execution id and a tool call id do not both fit: the execution id is cut
+    (to 8 characters at least), not the tool call id, which names one call of one run.
+    """
+    if not tool_call_id:
+        return f"{application_name}:{execution_id}"[:63]
+    room = 63 - len(application_name) - len(tool_call_id) - 2
+    return f"{application_name}:{execution_id[: max(room, 8)]}:{tool_call_id}"[:63]
 
 
 def pool_name(url: URL) -> str:

@@ -102,6 +102,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
 #: sample only if its row has the key (the checkpointer's rows have psycopg_pool's).
 POOL_GAUGES: dict[str, tuple[str, str]] = {
     "pool_max_connections": (keys.MAX_CONNECTIONS, "The pool's connection budget."),
+    "pool_connections_reserved": (
+        keys.RESERVED,
+        "Connections of the budget set aside for the checkpointer and store (the tools' pool "
+        "may use max_connections minus these).",
+    ),
     "pool_connections_in_use": (keys.IN_USE, "Connections checked out of the pool."),
     "pool_connections_idle": (keys.IDLE, "Connections open and idle in the pool."),
     "pool_requests_waiting": (keys.WAITING, "Callers waiting for a connection right now."),

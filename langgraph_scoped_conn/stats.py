@@ -141,6 +141,7 @@ def build_stats(
             USED_BY: USED_BY_TOOLS,
             STRATEGY: pool["strategy"],
             "strategy_reason": pool["strategy_reason"],
+            "pooler_detected": pool["pooler_detected"],
             "dialect": pool["dialect"],
             "driver": pool["driver"],
             MAX_CONNECTIONS: pool["max_connections"],

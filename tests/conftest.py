@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.configure import swap_default_manager
+from langgraph_scoped_conn.current import _current as _current_execution
 from langgraph_scoped_conn.testing import (
     SAMPLE_SQL,
     BackendSampler,
@@ -287,3 +288,14 @@ def _no_scope_left_open() -> Iterator[None]:
     mgr = installed_default()
     if mgr is not None:
         assert_clean(mgr)
+
+
+@pytest.fixture(autouse=True)
+def _no_scope_left_current() -> Iterator[None]:
+    """After every test, this thread's context names no execution: a scope entered and
+    not exited here would make the next test's lookups see a released execution."""
+    token = _current_execution.set(None)
+    yield
+    left = _current_execution.get()
+    _current_execution.reset(token)
+    assert left is None, f"a test left execution {left[0].execution_id!r} current"

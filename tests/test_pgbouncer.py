@@ -10,6 +10,7 @@ from ``pg_stat_activity`` by ``usename``; the samplers use the superuser.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
 import time
@@ -188,6 +189,47 @@ def test_pgbouncer_flag_is_stripped_and_queries_go_through_the_pooler(
     assert stats["connections_in_use"] == 0
     assert 1 <= bdb.server_backends() <= POOL_SIZE
     assert bdb.pool()["cl_active"] >= 1  # our idle client connection, held by PgBouncer only
+
+
+@pytest.mark.pgbouncer
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_pooler_behind_a_shared_strategy_is_named_once(
+    bdb: BouncedDb, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PgBouncer on a port the URL does not give away: the first connection finds it."""
+    url = bdb.url(driver, flag=False)  # no ?pgbouncer=true, a free port: auto says shared
+    mgr = ExecutionConnectionManager(url, max_connections=2, pool_timeout=10)
+    try:
+        with caplog.at_level(logging.WARNING, logger="langgraph_scoped_conn"):
+            for _ in range(3):
+                with lsc.ExecutionScope(manager=mgr):
+                    engine = lsc.get_scoped_engine(manager=mgr)
+                    with engine.connect() as conn:
+                        conn.execute(text("select 1"))
+        warnings = [r.getMessage() for r in caplog.records if "connection pooler" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert "strategy='pooler'" in warnings[0] and ROLE_PASSWORD not in warnings[0]
+        row = mgr.get_stats()["pools"][0]
+        assert row["strategy"] == "shared" and row["pooler_detected"] is True
+    finally:
+        mgr.close()
+
+
+def test_a_direct_server_is_not_taken_for_a_pooler(
+    pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = ExecutionConnectionManager(pg_db.url, max_connections=1)
+    try:
+        with (
+            caplog.at_level(logging.WARNING),
+            lsc.ExecutionScope(manager=mgr),
+            lsc.get_scoped_engine(manager=mgr).connect() as conn,
+        ):
+            conn.execute(text("select 1"))
+        assert mgr.get_stats()["pools"][0]["pooler_detected"] is False
+        assert not [r for r in caplog.records if "connection pooler" in r.getMessage()]
+    finally:
+        mgr.close()
 
 
 @pytest.mark.pgbouncer

@@ -7,6 +7,7 @@ ended by ``pool_timeout``.  The head of the line now looks again while it waits.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -28,8 +29,8 @@ def test_a_deadlock_that_completes_without_a_new_waiter_fails_before_pool_timeou
     holders_may_go = threading.Event()
     outcome: dict[str, Any] = {}
     scopes = {name: lsc.ExecutionScope(name, manager=mgr) for name in ("dl-a", "dl-b")}
-    for scope in scopes.values():
-        scope.__enter__()
+    for scope in scopes.values():  # entered in a copy of the context: the waiters exit
+        contextvars.copy_context().run(scope.__enter__)  # them, and this one stays clean
     holding = threading.Barrier(3, timeout=30)
 
     def holder(name: str) -> None:

@@ -38,14 +38,15 @@ create table gate (opened boolean);
 create function stubborn() returns int language plpgsql as $$
 begin
   loop
-    begin
+    begin  -- every statement inside the block: a cancel lands in one of them
       perform pg_sleep(0.05);
+      if exists (select 1 from gate) then
+        return 1;
+      end if;
     exception when query_canceled then
       null;
     end;
-    exit when exists (select 1 from gate);
   end loop;
-  return 1;
 end $$;
 """
 

@@ -128,6 +128,13 @@ def test_only_the_package_root_and_the_demo_import_the_package_root() -> None:
         ("manager", "configure"),
         ("redaction", "settings"),
         ("urls", "engine"),
+        # the checkpointer's and store's pools and the create_agent middleware sit on top:
+        # the core never imports them, so their extras stay optional
+        ("manager", "checkpoint"),
+        ("engine", "checkpoint_pool"),
+        ("checkpoint_pool", "checkpoint"),
+        ("manager", "middleware"),
+        ("handler", "middleware"),
     ],
 )
 def test_layers_point_down(lower: str, upper: str) -> None:
