@@ -327,7 +327,8 @@ def check_curl(args: list[str]) -> None:
     assert method in routes[path], f"{method} {path} is not served"
 
 
-def check_command(command: str) -> None:
+def check_command(command: str, cwd: Path = ROOT) -> None:
+    """Check one command run in ``cwd`` (a directory of the repository)."""
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
         check_env_name(words.pop(0).split("=")[0])
@@ -337,13 +338,16 @@ def check_command(command: str) -> None:
         return
     program, args = words[0], words[1:]
     assert program in CHECKS, f"{command!r}: this test has no check for {program}"
-    CHECKS[program](args)
+    if program == "langgraph":
+        check_langgraph(args, cwd)
+    else:
+        CHECKS[program](args)
 
 
-def check_langgraph(args: list[str]) -> None:
+def check_langgraph(args: list[str], cwd: Path = ROOT) -> None:
     assert args[:1] == ["dev"], args
-    if "--config" in args:
-        assert (ROOT / args[args.index("--config") + 1]).exists()
+    config = args[args.index("--config") + 1] if "--config" in args else "langgraph.json"
+    assert (cwd / config).is_file(), f"no {config} in {cwd.relative_to(ROOT)}/"
     studio = PYPROJECT["project"]["optional-dependencies"]["studio"]
     assert any(d.startswith("langgraph-cli") for d in studio), "the studio extra lost the CLI"
 
@@ -380,7 +384,7 @@ CHECKS: dict[str, Callable[[list[str]], None]] = {
     "twine": subcommand("check"),
     "git": subcommand("clone"),
     "apt-get": subcommand("install"),
-    "cd": lambda args: None,
+    "cd": lambda args: None,  # followed by test_each_shell_command_is_one_that_works
     ".ci/run": lambda args: None,
 }
 
@@ -393,8 +397,12 @@ def bash_blocks() -> list[Block]:
 def test_each_shell_command_is_one_that_works(block: Block) -> None:
     commands = list(commands_of(block.body))
     assert commands, f"{block.where}: an empty bash block"
+    cwd = ROOT  # every block starts at the root of a clone
     for command in commands:
-        check_command(command)
+        check_command(command, cwd)
+        if command.startswith("cd "):
+            cwd = (cwd / shlex.split(command)[1]).resolve()
+            assert cwd.is_dir() and ROOT in (cwd, *cwd.parents), f"{block.where}: {command}"
 
 
 @pytest.mark.parametrize(
