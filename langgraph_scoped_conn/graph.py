@@ -10,6 +10,12 @@ The copy's config also carries ``configurable["sql_database"]``: a
 :class:`~langgraph_scoped_conn.ScopedSQLDatabaseProxy`, so a node or tool can take
 the run's SQLDatabase from its config without importing anything.  A value the
 compiled graph's config or the caller's config sets for that key wins.
+
+LangGraph Server copies every ``configurable`` value whose key does not start with
+``__`` into the metadata it hands a checkpointer named in langgraph.json
+(``langgraph_api/_checkpointer/_adapter.py``), unlike LangGraph's own savers, which keep
+only plain values; LangGraph's Postgres savers write that metadata as JSON and refuse the
+proxy.  ``sql_database_key`` names another key (``__sql_database``) or none for that case.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def with_scoped_connections(
     *,
     manager: ExecutionConnectionManager | None = ...,
     execution_id: ExecutionIdFactory | None = ...,
+    sql_database_key: str | None = ...,
 ) -> G: ...
 
 
@@ -50,6 +57,7 @@ def with_scoped_connections(
     *,
     manager: ExecutionConnectionManager | None = ...,
     execution_id: ExecutionIdFactory | None = ...,
+    sql_database_key: str | None = ...,
 ) -> F: ...
 
 
@@ -60,6 +68,7 @@ def with_scoped_connections(
     *,
     manager: ExecutionConnectionManager | None = ...,
     execution_id: ExecutionIdFactory | None = ...,
+    sql_database_key: str | None = ...,
 ) -> Callable[[F], F]: ...
 
 
@@ -69,6 +78,7 @@ def with_scoped_connections(
     *,
     manager: ExecutionConnectionManager | None = None,
     execution_id: ExecutionIdFactory | None = None,
+    sql_database_key: str | None = SQL_DATABASE_KEY,
 ) -> Any:
     """Open an execution scope for every run of a compiled graph and release it at the end.
 
@@ -94,26 +104,49 @@ def with_scoped_connections(
             per run: a run cannot join an execution another live run holds, so an id
             taken from ``thread_id`` alone fails the second run of a thread that
             overlaps the first.
+        sql_database_key: the ``configurable`` key under which runs find a
+            :class:`~langgraph_scoped_conn.ScopedSQLDatabaseProxy` (``"sql_database"``);
+            ``None`` puts none there.  Under LangGraph Server with a checkpointer of
+            LangGraph's own (``AsyncPostgresSaver.from_conn_string`` in langgraph.json),
+            pass ``None`` or a key starting with ``__``: the server copies every other
+            configurable value into the checkpoint's metadata, which that saver writes
+            as JSON, and every run fails with "Object of type ScopedSQLDatabaseProxy is
+            not JSON serializable".  ``lsc.apostgres_checkpointer()`` writes such a
+            value as its repr, so the default key works with it.
 
     Returns:
         A compiled graph of the same class (still ``isinstance(x, Pregel)``), or a
         factory that returns one.
 
     Raises:
-        TypeError: ``graph`` is neither a compiled graph nor a callable.
+        TypeError: ``graph`` is neither a compiled graph nor a callable, or
+            ``sql_database_key`` is neither a non-empty string nor ``None``.
     """
+    if sql_database_key is not None and (
+        not isinstance(sql_database_key, str) or not sql_database_key
+    ):
+        raise TypeError(
+            f"with_scoped_connections(sql_database_key=...) takes a non-empty configurable "
+            f"key or None; got {sql_database_key!r}"
+        )
     if graph is None:
         return functools.partial(
-            with_scoped_connections, manager=manager, execution_id=execution_id
+            with_scoped_connections,
+            manager=manager,
+            execution_id=execution_id,
+            sql_database_key=sql_database_key,
         )
+    wrap = functools.partial(
+        _wrap, manager=manager, execution_id=execution_id, key=sql_database_key
+    )
     if isinstance(graph, Pregel):
-        return _wrap(graph, manager, execution_id)
+        return wrap(graph)
     if inspect.iscoroutinefunction(graph):
         factory = graph
 
         @functools.wraps(factory)
         async def async_factory(*args: Any, **kwargs: Any) -> Any:
-            return _wrap_result(await factory(*args, **kwargs), manager, execution_id)
+            return _wrap_result(await factory(*args, **kwargs), wrap)
 
         return async_factory
     if callable(graph):
@@ -123,8 +156,8 @@ def with_scoped_connections(
         def factory_wrapper(*args: Any, **kwargs: Any) -> Any:
             result = sync_factory(*args, **kwargs)
             if inspect.isawaitable(result):
-                return _await_and_wrap(result, manager, execution_id)
-            return _wrap_result(result, manager, execution_id)
+                return _await_and_wrap(result, wrap)
+            return _wrap_result(result, wrap)
 
         return factory_wrapper
     raise TypeError(
@@ -134,23 +167,25 @@ def with_scoped_connections(
     )
 
 
-async def _await_and_wrap(
-    result: Awaitable[Any], manager: ExecutionConnectionManager | None, execution_id: Any
-) -> Any:
-    return _wrap_result(await result, manager, execution_id)
+async def _await_and_wrap(result: Awaitable[Any], wrap: Callable[[Any], Any]) -> Any:
+    return _wrap_result(await result, wrap)
 
 
-def _wrap_result(result: Any, manager: ExecutionConnectionManager | None, execution_id: Any) -> Any:
+def _wrap_result(result: Any, wrap: Callable[[Any], Any]) -> Any:
     if not isinstance(result, Pregel):
         raise TypeError(
             f"the graph factory wrapped by with_scoped_connections returned "
             f"{type(result).__name__}, not a compiled graph; return builder.compile()"
         )
-    return _wrap(result, manager, execution_id)
+    return wrap(result)
 
 
 def _wrap(
-    graph: G, manager: ExecutionConnectionManager | None, execution_id: ExecutionIdFactory | None
+    graph: G,
+    *,
+    manager: ExecutionConnectionManager | None,
+    execution_id: ExecutionIdFactory | None,
+    key: str | None,
 ) -> G:
     callbacks = (graph.config or {}).get("callbacks")
     if isinstance(callbacks, list) and any(
@@ -159,11 +194,11 @@ def _wrap(
         return graph  # already wrapped: one scope per run, not two
     handler = ScopedConnectionHandler(manager, execution_id=execution_id)
     configurable = (graph.config or {}).get("configurable") or {}
-    if SQL_DATABASE_KEY in configurable:
+    if key is None or key in configurable:
         return graph.with_config(callbacks=[handler])  # the user's own choice stays
     # imported here: it brings langchain-community, which `import graph` should not
     from langgraph_scoped_conn.sql_database_proxy import ScopedSQLDatabaseProxy
 
     # a proxy, not a SQLDatabase: every run that reads it gets its own scoped object
     proxy = ScopedSQLDatabaseProxy(manager=manager)
-    return graph.with_config(callbacks=[handler], configurable={SQL_DATABASE_KEY: proxy})
+    return graph.with_config(callbacks=[handler], configurable={key: proxy})

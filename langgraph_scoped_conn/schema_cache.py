@@ -76,7 +76,7 @@ class SchemaCache:
         self._inflight: dict[Any, threading.Event] = {}
         #: URL text -> (a new copy's attributes but its engine, the shared pool): what a
         #: SQLDatabase with no options needs, so making one skips every lookup above
-        self._ready: dict[str, tuple[dict[str, Any], PoolHandle]] = {}
+        self._ready: dict[tuple[str, bool], tuple[dict[str, Any], PoolHandle]] = {}
         self._generation = 0  # bumped by clear(): a reflection begun before it is not kept
         #: URL text -> the read-only guard's catalog of the database's functions
         self._catalogs: dict[str, Any] = {}
@@ -170,16 +170,23 @@ class SchemaCache:
         if handle is not None and self._manager.settings.cache_reflection:
             self.template(handle.engine, database_url, options)
 
-    def ready(self, database_url: str | URL | None) -> tuple[dict[str, Any], PoolHandle] | None:
-        """What a SQLDatabase with no options for ``database_url`` starts from, once known.
+    def ready(
+        self, database_url: str | URL | None, read_only: bool
+    ) -> tuple[dict[str, Any], PoolHandle] | None:
+        """What a SQLDatabase with no options but ``read_only`` for ``database_url`` starts
+        from, once known.
 
         Kept by URL text only: a ``URL`` object (returned as is by ``resolve_url``) is not.
         """
         url = self._manager.settings.resolve_url(database_url)
-        return self._ready.get(url) if isinstance(url, str) else None
+        return self._ready.get((url, read_only)) if isinstance(url, str) else None
 
     def remember_ready(
-        self, database_url: str | URL | None, attributes: dict[str, Any], handle: PoolHandle
+        self,
+        database_url: str | URL | None,
+        read_only: bool,
+        attributes: dict[str, Any],
+        handle: PoolHandle,
     ) -> None:
         """Keep ``attributes`` (no engine) for later :meth:`ready` calls, if still current."""
         url = self._manager.settings.resolve_url(database_url)
@@ -187,7 +194,7 @@ class SchemaCache:
             return
         with self._lock:
             if self._states.get((url, ())) is not None:
-                self._ready[url] = (attributes, handle)
+                self._ready[url, read_only] = (attributes, handle)
 
     def catalog(self, url_text: str) -> Any:
         """The function catalog read for ``url_text``'s database, if any yet."""

@@ -465,9 +465,11 @@ def new_scoped_sql_database(
     """A new ScopedSQLDatabase for ``execution`` (recorded under ``sql_databases``)."""
     manager = manager_of(execution)
     cache = manager.schema_cache
-    plain = not options  # the manager's defaults (a URL object is never kept ready)
+    settings = manager.settings
+    read_only = bool(options.pop("read_only", settings.read_only))
+    plain = not options  # the manager's defaults but read_only (a URL object is never kept)
     if plain:
-        ready = cache.ready(database_url)
+        ready = cache.ready(database_url, read_only)
         if ready is not None:  # the usual call, after the first: copy and bind
             attributes, handle = ready
             engine = handle.scoped_engine(execution)
@@ -476,15 +478,12 @@ def new_scoped_sql_database(
             db._engine = engine
             execution.add_engine_and_database(engine, db)
             return db
-    settings = manager.settings
-    read_only = bool(options.pop("read_only", settings.read_only))
+    overrides = {name: options.pop(name) for name in _CAP_OPTIONS if name in options}
+    if overrides:
+        _check_caps(overrides)
     scope_options = {
-        "_lsc_statement_timeout": options.pop("statement_timeout", settings.statement_timeout),
-        "_lsc_max_query_length": options.pop("max_query_length", settings.max_query_length),
-        "_lsc_max_result_rows": options.pop("max_result_rows", settings.max_result_rows),
-        "_lsc_max_result_bytes": options.pop("max_result_bytes", settings.max_result_bytes),
+        f"_lsc_{name}": overrides.get(name, getattr(settings, name)) for name in _CAP_OPTIONS
     }
-    _check_caps(scope_options)
     engine = manager.engine_for(execution, database_url)
     if read_only and engine.dialect.name not in _READ_ONLY_DIALECTS:
         raise ConfigurationError(
@@ -500,21 +499,19 @@ def new_scoped_sql_database(
     attributes["_lsc_url_text"] = cache.url_text(database_url)
     attributes.update(scope_options)
     if plain and engine._lsc_handle.strategy != "per_execution":
-        cache.remember_ready(database_url, attributes.copy(), engine._lsc_handle)
+        cache.remember_ready(database_url, read_only, attributes.copy(), engine._lsc_handle)
     attributes["_engine"] = engine
     db.__dict__ = attributes
     execution.add("databases", db)
     return db
 
 
-def _check_caps(options: dict[str, Any]) -> None:
+#: per-call overrides of the settings' caps a ScopedSQLDatabase takes
+_CAP_OPTIONS = ("statement_timeout", "max_query_length", "max_result_rows", "max_result_bytes")
+
+
+def _check_caps(overrides: dict[str, Any]) -> None:
     """Check per-call overrides of the settings' caps (same rules as configure())."""
     from langgraph_scoped_conn.settings import ScopedConnSettings
 
-    names = {
-        "_lsc_statement_timeout": "statement_timeout",
-        "_lsc_max_query_length": "max_query_length",
-        "_lsc_max_result_rows": "max_result_rows",
-        "_lsc_max_result_bytes": "max_result_bytes",
-    }
-    ScopedConnSettings(**{names[k]: v for k, v in options.items()})
+    ScopedConnSettings(**overrides)

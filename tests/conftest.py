@@ -12,10 +12,13 @@ install, when the ``pgbouncer`` binary is missing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -37,10 +40,13 @@ from langgraph_scoped_conn.testing import (
     pgbouncer_binary,
 )
 from langgraph_scoped_conn.testing.pgbouncer import DEBIAN_PACKAGE
+from tests.modes import ALL_MODES, Mode
 
 #: application_name of the tests' own admin connections, never counted as the code's
 ADMIN_APP = "lsc-test-admin"
 PGBOUNCER_MISSING = f"pgbouncer is not installed: apt-get install -y {DEBIAN_PACKAGE}"
+#: the checkout's root (what a fresh interpreter puts on its PYTHONPATH)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -279,6 +285,45 @@ def live_pids(pg_db: Database) -> dict[int, str]:
         "and backend_type = 'client backend' and application_name like 'langgraph_scoped_conn%%'"
     )
     return {int(pid): str(state) for pid, state in rows}  # type: ignore[call-overload]
+
+
+def app_backends(pg_db: Database, name: str) -> list[str]:
+    """application_name of this database's client backends named like ``name``, sorted."""
+    rows = pg_db.query(
+        "select application_name from pg_stat_activity where datname = current_database() "
+        "and backend_type = 'client backend' and application_name like %s",
+        name,
+    )
+    return sorted(str(r[0]) for r in rows)
+
+
+def run_fresh(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter on this checkout, without SCOPED_CONN_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def no_scoped_conn_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test starts from an environment without SCOPED_CONN_* options."""
+    for name in list(os.environ):
+        if name.startswith("SCOPED_CONN_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(params=ALL_MODES)
+def mode(request: pytest.FixtureRequest) -> Mode:
+    """One invocation mode (tests/modes.py); narrow it with an indirect parametrize."""
+    return Mode(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -45,6 +47,22 @@ from tests.conftest import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 TOO_MANY = "FATAL: sorry, too many clients already"
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory outside pytest's own temporary root, for the demo's TMPDIR.
+
+    The demo's PostgreSQL runs as a non-root user that must traverse the directory's
+    parents.  Every pytest session that starts resets ``/tmp/pytest-of-<user>`` to mode
+    0700, so a second session (another checkout's tests) would lock the server out
+    midway through this one.
+    """
+    path = Path(tempfile.mkdtemp(prefix="lsc-demo-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def demo_env(tmp_path: Path, **extra: str) -> dict[str, str]:

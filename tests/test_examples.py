@@ -25,6 +25,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn.configure import swap_default_manager
 from langgraph_scoped_conn.demo.data import SALES_ROWS
 from tests.conftest import installed_default
+from tests.modes import Mode
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sql_agent" / "graph.py"
 COUNT_ANSWER = f"Result: [({SALES_ROWS},)]\n\nSQL: SELECT COUNT(*) AS count FROM sales"
@@ -62,29 +63,12 @@ def own_default_manager() -> Iterator[None]:
         swap_default_manager(before)
 
 
-async def run_mode(graph: Any, mode: str, inputs: Any, config: dict | None = None) -> dict:
-    """Run ``graph`` once in ``mode`` and return the final state."""
-    config = config or {}
-    if mode == "invoke":
-        return await asyncio.to_thread(graph.invoke, inputs, config)
-    if mode == "ainvoke":
-        return await graph.ainvoke(inputs, config)
-    if mode == "stream":
-        chunks = await asyncio.to_thread(
-            lambda: list(graph.stream(inputs, config, stream_mode="values"))
-        )
-        return chunks[-1]
-    if mode == "astream":
-        return [c async for c in graph.astream(inputs, config, stream_mode="values")][-1]
-    raise AssertionError(mode)
-
-
-@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream", "astream"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream", "astream"], indirect=True)
 async def test_example_graph_answers_on_postgres(
-    example_on_postgres: ModuleType, manager, pg_db, mode: str
+    example_on_postgres: ModuleType, manager, pg_db, mode: Mode
 ) -> None:
     graph = example_on_postgres.graph
-    state = await run_mode(graph, mode, {"messages": [("user", "How many sales are there?")]})
+    state = await mode.final(graph, {"messages": [("user", "How many sales are there?")]})
     assert state["messages"][-1].content == COUNT_ANSWER
     names = [m.name for m in state["messages"] if m.type == "tool"]
     assert names == ["sql_db_list_tables", "sql_db_schema", "sql_db_query"]
@@ -146,9 +130,9 @@ async def test_approval_interrupt_and_resume(
     assert pg_db.backends("langgraph_scoped_conn%") <= 5
 
 
-@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"], indirect=True)
 async def test_example_runs_offline_on_the_sqlite_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_default_manager: None, mode: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_default_manager: None, mode: Mode
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("LSC_CHAT_MODEL", raising=False)
@@ -160,9 +144,7 @@ async def test_example_runs_offline_on_the_sqlite_default(
         raise AssertionError(f"the offline example tried to connect to {address!r}")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    state = await run_mode(
-        example.graph, mode, {"messages": [("user", "How many sales are there?")]}
-    )
+    state = await mode.final(example.graph, {"messages": [("user", "How many sales are there?")]})
     assert state["messages"][-1].content == COUNT_ANSWER
     stats = lsc.get_connection_manager().get_stats()
     assert stats["active_executions"] == 0

@@ -30,6 +30,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.testing import SAMPLE_SQL, SUPERUSER_PASSWORD, PostgresCluster
 from tests.conftest import Database, assert_clean
+from tests.modes import Mode
 
 APP = "langgraph_scoped_conn"
 
@@ -489,13 +490,7 @@ async def test_thousand_runs_every_third_cancelled(pg_db: Database) -> None:
     async def one(i: int) -> None:
         nonlocal done, cancelled
         if i % 3 != 2:
-            mode = rng.choice(("ainvoke", "astream"))
-            if mode == "ainvoke":
-                out = await graph.ainvoke({"n": i})
-            else:
-                out = {}
-                async for chunk in graph.astream({"n": i}, stream_mode="values"):
-                    out = chunk
+            out = await Mode(rng.choice(("ainvoke", "astream"))).final(graph, {"n": i})
             assert out["total"] == min(1 + i % 500, 500) + 1
             done += 1
             return

@@ -1,4 +1,9 @@
-"""A fresh process's first burst: concurrent first uses all succeed.
+"""A fresh process's first use of the SQLDatabase adapter (imported lazily, on first use).
+
+The first SQLDatabase of a fresh process, through each entry point, works without the
+adapter having been imported before it (and without langchain-community's sunset warning).
+
+A fresh process's first burst: concurrent first uses all succeed.
 
 Reproduction: 8 threads opening executions at once and calling
 ``get_scoped_sql_database()`` as a fresh process's first use of the adapter failed 7 of 8
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Database
+from tests.conftest import Database, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +96,44 @@ def test_the_first_burst_of_a_fresh_process_all_succeeds(
     for _ in range(6):  # fresh interpreters: the race is in the first import only
         outcome = run_burst(pg_db.url, how, first)
         assert outcome == {"errors": [], "answers": 8}, outcome
+
+
+# -- the first SQLDatabase of a fresh process ---------------------------------------------
+
+
+FIRST_USE = """
+import json, sys, warnings
+warnings.simplefilter("error", DeprecationWarning)  # langchain-community's sunset warning too
+import langgraph_scoped_conn as lsc
+loaded = "langgraph_scoped_conn.sql_database" in sys.modules
+manager = lsc.configure(sys.argv[1], max_connections=2)
+entry = sys.argv[2]
+with lsc.ExecutionScope():
+    if entry == "get_scoped_sql_database":
+        db = lsc.get_scoped_sql_database()
+    elif entry == "get_scoped_sql_database_read_only":
+        db = lsc.get_scoped_sql_database(read_only=True)
+    else:
+        db = lsc.create_execution_scoped_sql_database_sync()
+    out = db.run("select count(*) from customers")
+manager.close()
+print(json.dumps([loaded, out]))
+"""
+
+
+@pytest.mark.usefixtures("no_scoped_conn_env")  # no SCOPED_CONN_* options
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "get_scoped_sql_database",
+        "get_scoped_sql_database_read_only",
+        "create_execution_scoped_sql_database_sync",
+    ],
+)
+def test_the_first_sql_database_of_a_fresh_process(pg_db: Database, entry: str) -> None:
+    # nothing has imported the SQLDatabase adapter yet: the lazy import path itself runs
+    result = run_fresh(FIRST_USE, pg_db.url, entry)
+    assert result.returncode == 0, result.stderr
+    loaded, out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded is False, "the adapter was imported before its first use"
+    assert out == "[(50,)]"

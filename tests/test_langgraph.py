@@ -3,7 +3,8 @@
 Every test runs real graphs (StateGraph, ToolNode, Send, subgraphs, interrupt with
 InMemorySaver, RetryPolicy, ToolRuntime) against the throwaway PostgreSQL from
 conftest, and checks ``pg_stat_activity`` as well as the package's own counters.
-The invocation mode is a fixture parameter (``mode``), not a copy of the test.
+The invocation mode is a fixture parameter (``mode``, from conftest; the driver is
+``tests/modes.py``), not a copy of the test.
 """
 
 from __future__ import annotations
@@ -33,78 +34,13 @@ from sqlalchemy import text
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from tests.conftest import Database, eventually
+from tests.modes import ALL_MODES, ASYNC_MODES, SYNC_MODES, Mode
 
 APP = "langgraph_scoped_conn%"
 
 # -- invocation modes ----------------------------------------------------------------
-
-SYNC_MODES = ("invoke", "stream", "batch")
-ASYNC_MODES = ("ainvoke", "astream", "abatch", "astream_events")
-ALL_MODES = ("invoke", "ainvoke", "stream", "astream", "batch", "abatch", "astream_events")
-
-
-@dataclass
-class Mode:
-    """Runs a graph the way one invocation mode does; async modes get their own loop."""
-
-    name: str
-
-    @property
-    def is_async(self) -> bool:
-        return self.name in ASYNC_MODES
-
-    @property
-    def is_batch(self) -> bool:
-        return self.name in ("batch", "abatch")
-
-    def run(
-        self, graph: Any, inputs: list[Any], configs: list[RunnableConfig] | None = None
-    ) -> list[Any]:
-        """Run every input as its own root run (one batch call for the batch modes)."""
-        configs = configs or [{} for _ in inputs]
-        if self.is_async:
-            return asyncio.run(self.arun(graph, inputs, configs))
-        if self.name == "batch":
-            return list(graph.batch(inputs, configs))
-        out = []
-        for inp, cfg in zip(inputs, configs, strict=True):
-            if self.name == "invoke":
-                out.append(graph.invoke(inp, cfg))
-            else:
-                last = None
-                for chunk in graph.stream(inp, cfg, **_values(graph)):
-                    last = chunk
-                out.append(last)
-        return out
-
-    async def arun(self, graph: Any, inputs: list[Any], configs: list[RunnableConfig]) -> list[Any]:
-        if self.name == "abatch":
-            return list(await graph.abatch(inputs, configs))
-        out = []
-        for inp, cfg in zip(inputs, configs, strict=True):
-            if self.name == "ainvoke":
-                out.append(await graph.ainvoke(inp, cfg))
-            elif self.name == "astream":
-                last = None
-                async for chunk in graph.astream(inp, cfg, **_values(graph)):
-                    last = chunk
-                out.append(last)
-            else:
-                result = None
-                async for event in graph.astream_events(inp, cfg, version="v2"):
-                    if event["event"] == "on_chain_end" and not event["parent_ids"]:
-                        result = event["data"]["output"]
-                out.append(result)
-        return out
-
-
-def _values(runnable: Any) -> dict[str, Any]:
-    return {"stream_mode": "values"} if isinstance(runnable, Pregel) else {}
-
-
-@pytest.fixture(params=ALL_MODES)
-def mode(request: pytest.FixtureRequest) -> Mode:
-    return Mode(request.param)
+# The driver is tests/modes.py's Mode; conftest's ``mode`` fixture runs a test once per
+# mode.  ``any_mode`` is the same set under another name.
 
 
 @pytest.fixture(params=ALL_MODES)

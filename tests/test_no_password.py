@@ -18,7 +18,7 @@ import logging
 import threading
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote
@@ -31,12 +31,15 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from starlette.testclient import TestClient
 from typing_extensions import TypedDict
 
 import langgraph_scoped_conn as lsc
 import langgraph_scoped_conn.redaction as lsc_redaction
 import langgraph_scoped_conn.urls as lsc_urls
+from langgraph_scoped_conn import ExecutionConnectionManager
+from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
 from langgraph_scoped_conn.http import STATUS_PATH, create_app
 from langgraph_scoped_conn.redaction import redact_url
 from langgraph_scoped_conn.testing import SUPERUSER_PASSWORD, free_port
@@ -297,6 +300,72 @@ def _plain_graph(manager: lsc.ExecutionConnectionManager) -> Any:
 
 def _with_port(url: str, port: int) -> str:
     return make_url(url).set(port=port).render_as_string(hide_password=False)
+
+
+# -- a role with a URL-special password, under both drivers ------------------------------
+
+
+@pytest.fixture
+def secret_role(pg_db: Database) -> Iterator[tuple[str, str]]:
+    """A login role whose password has URL-special characters: (role, password)."""
+    role = f"lsc_pw_{uuid.uuid4().hex[:8]}"
+    password = f"P@ss:/w%rd?#-{uuid.uuid4().hex[:10]}"
+    pg_db.query(f"create role {role} login password '{password}'")
+    pg_db.query(f"grant select on customers, orders to {role}")
+    try:
+        yield role, password
+    finally:
+        pg_db.query(f'drop owned by {role}; drop role if exists "{role}"')
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_password_never_appears_in_stats_reprs_logs_or_errors(
+    configure_default: Callable[..., ExecutionConnectionManager],
+    pg_db: Database,
+    secret_role: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+    driver: str,
+) -> None:
+    role, password = secret_role
+    base = make_url(pg_db.url_with(driver))
+    url = base.set(username=role, password=password).render_as_string(hide_password=False)
+    assert quote(password, safe="") in url
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy")
+    caplog.set_level(logging.DEBUG, logger="langgraph_scoped_conn")
+    texts: list[str] = []
+    manager = configure_default(url, max_connections=2, pool_timeout=0.2)
+    with lsc.ExecutionScope("secret-run") as scope:
+        db = lsc.create_execution_scoped_sql_database_sync()
+        assert db.run("select count(*) from customers") == "[(50,)]"
+        engine = lsc.create_execution_scoped_engine_sync()
+        held = [engine.connect(), engine.connect()]
+        with lsc.ExecutionScope("starved"), pytest.raises(ConnectionBudgetExceededError) as budget:
+            lsc.create_execution_scoped_engine_sync().connect()
+        texts += [str(budget.value), repr(budget.value)]
+        texts += [repr(x) for x in (manager, manager.settings, scope, engine, db, held[0])]
+        texts += [repr(manager.settings.public_dict()), json.dumps(lsc.get_connection_stats())]
+        texts.append(repr(manager.pool_for()))
+        held[0].close()  # the other one leaks: its reclaim is logged
+    texts.append(json.dumps(lsc.get_connection_stats()))
+    # a wrong password and unparseable URLs
+    wrong = base.set(username=role, password=password[::-1]).render_as_string(hide_password=False)
+    with lsc.ExecutionScope("wrong-pw"), pytest.raises(OperationalError) as auth:
+        lsc.create_execution_scoped_engine_sync(wrong).connect()
+    assert "password authentication failed" in str(auth.value)
+    texts += [str(auth.value), repr(auth.value)]
+    for bad in (url.replace(f":{base.port}/", ":port/"), url.split("://", 1)[1]):
+        with pytest.raises(ConfigurationError) as caught:
+            ExecutionConnectionManager(bad)
+        texts += [str(caught.value), repr(caught.value)]
+    texts += [r.getMessage() for r in caplog.records]
+    assert any("Created new connection" in r.getMessage() for r in caplog.records), (
+        "SQLAlchemy's pool DEBUG log was not captured; the check would be vacuous"
+    )
+    everything = "\n".join(texts)
+    for form in {password, quote(password, safe=""), quote(password), password[::-1]}:
+        assert form not in everything
+    assert "***" in everything
 
 
 # -- the reported leaks, one test each ------------------------------------------------------

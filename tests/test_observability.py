@@ -1,4 +1,7 @@
-"""Leak report, attribution, orphan reaper and Prometheus metrics, on real PostgreSQL and graphs."""
+"""Leak report, attribution and Prometheus metrics, on real PostgreSQL and graphs.
+
+The orphan reaper (``reap()``, ``max_scope_lifetime``) is in test_manager.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
@@ -23,7 +25,7 @@ from sqlalchemy import text
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.metrics import ScopedConnCollector, render_latest
-from tests.conftest import Database, eventually
+from tests.conftest import Database, app_backends, eventually
 
 LOGGER = "langgraph_scoped_conn"
 _held: list[Any] = []  # connections a "leaky" node keeps past the end of its run
@@ -71,15 +73,6 @@ def leak_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
         for r in caplog.records
         if r.name == LOGGER and r.levelno == logging.WARNING and "still checked out" in r.message
     ]
-
-
-def app_backends(pg_db: Database, name: str) -> list[str]:
-    rows = pg_db.query(
-        "select application_name from pg_stat_activity where datname = current_database() "
-        "and backend_type = 'client backend' and application_name like %s",
-        name,
-    )
-    return sorted(str(r[0]) for r in rows)
 
 
 # -- leak report ------------------------------------------------------------------------
@@ -220,62 +213,6 @@ def test_per_execution_strategy_names_the_execution(
     eventually(
         lambda: app_backends(pg_db, "langgraph_scoped_conn%") == [], "the engine was disposed"
     )
-
-
-# -- orphan reaper ------------------------------------------------------------------------
-
-
-def test_reap_releases_only_scopes_past_their_lifetime(
-    configure_default: Any, pg_db: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    mgr = configure_default(max_connections=3, max_scope_lifetime=600)
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with lsc.ExecutionScope("orphan") as orphan:
-        old_conn = lsc.create_execution_scoped_engine_sync().connect()
-        old_conn.execute(text("select 1"))
-        with lsc.ExecutionScope("live"):
-            live_conn = lsc.create_execution_scoped_engine_sync().connect()
-            live_conn.execute(text("select 1"))
-            execution = mgr.execution(orphan.execution_id)
-            assert execution is not None
-            execution.created -= 3600  # as if opened an hour ago and never ended
-
-            assert mgr.reap() == ["orphan"]
-
-            stats = mgr.get_stats()
-            assert list(stats["executions"]) == ["live"]
-            assert stats["scopes_reaped"] == 1
-            assert stats["connections_in_use"] == 1
-            assert len(app_backends(pg_db, "langgraph_scoped_conn%")) == 1
-            assert live_conn.execute(text("select 2")).scalar() == 2  # untouched
-            live_conn.close()
-        assert old_conn.invalidated
-        with pytest.raises(lsc.ScopeClosedError):
-            old_conn.execute(text("select 1"))  # no silent reconnect outside the budget
-    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
-    assert any("reaped execution orphan" in m for m in messages)
-    assert mgr.get_stats()["scopes_reaped"] == 1
-
-
-def test_scopes_past_their_lifetime_are_reaped_when_the_next_one_opens(
-    configure_default: Any, pg_db: Database
-) -> None:
-    mgr = configure_default(max_connections=3, max_scope_lifetime=0.2)
-    orphan = mgr.open_execution("never-released")
-    conn = mgr.engine_for(orphan).connect()
-    conn.execute(text("select 1"))
-    time.sleep(0.3)  # past the lifetime (and past the reap interval of lifetime/4)
-
-    with lsc.ExecutionScope("next"):
-        assert mgr.drain()  # the open handed the reaping to a release thread
-        assert mgr.active_executions() == ["next"]
-    stats = mgr.get_stats()
-    assert stats["scopes_reaped"] == 1 and stats["leaks_reclaimed"] == 1
-    eventually(
-        lambda: len(app_backends(pg_db, "langgraph_scoped_conn%")) == stats["connections_idle"],
-        "only pooled backends remain",
-    )
-    mgr.release_execution(orphan)  # a late release of a reaped scope is harmless
 
 
 # -- Prometheus ------------------------------------------------------------------------

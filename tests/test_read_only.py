@@ -973,7 +973,10 @@ BENIGN_PG: list[tuple[str, str]] = [
     ("SELECT coalesce(NULL, 'x'), nullif(1, 1), greatest(1, 3, 2)", "[('x', None, 3)]"),
     ("SELECT current_date = now()::date AS a, version() LIKE 'PostgreSQL%' AS b", "[(True, True)]"),
     ("SELECT pg_size_pretty(1024::bigint), current_database() <> ''", "[('1024 bytes', True)]"),
-    ("EXPLAIN SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id", "Join"),
+    (
+        "EXPLAIN SELECT c.name FROM customers c JOIN orders o ON o.customer_id = c.id",
+        "on customers c",
+    ),  # whatever plan: a join, a nested loop
 ]
 
 
@@ -1230,6 +1233,32 @@ def test_manager_wide_read_only_default(pg_db: Database) -> None:
             # an explicit read_only=False overrides the default for trusted code
             assert not lsc.get_scoped_sql_database(manager=mgr, read_only=False).read_only
         assert_clean(mgr)
+    finally:
+        mgr.close()
+    assert _checksum(pg_db) == before
+
+
+def test_each_read_only_choice_keeps_its_own_ready_copy(pg_db: Database) -> None:
+    """read_only=True and read_only=False, asked for in turn over many executions (each
+    kind made ready after its first), never hand one kind's database for the other."""
+    mgr = lsc.ExecutionConnectionManager(pg_db.url, max_connections=2)
+    before = _checksum(pg_db)
+    try:
+        for i in range(6):
+            with lsc.ExecutionScope(manager=mgr):
+                guarded = lsc.get_scoped_sql_database(manager=mgr, read_only=True)
+                trusted = lsc.get_scoped_sql_database(manager=mgr, read_only=i % 2 == 0)
+                plain = lsc.get_scoped_sql_database(manager=mgr)
+                assert guarded.read_only and not plain.read_only
+                assert trusted.read_only is (i % 2 == 0)
+                assert "Error: " in guarded.run_no_throw("DELETE FROM orders WHERE id = -1")
+                assert plain.run("SELECT count(*) FROM orders") == "[(500,)]"
+            assert_clean(mgr)
+        with (  # an override of a cap is still checked
+            lsc.ExecutionScope(manager=mgr),
+            pytest.raises(lsc.ConfigurationError, match="max_result_rows"),
+        ):
+            lsc.get_scoped_sql_database(manager=mgr, read_only=True, max_result_rows=0)
     finally:
         mgr.close()
     assert _checksum(pg_db) == before

@@ -1,6 +1,10 @@
-"""Releasing an execution while its connections are in use (langgraph_scoped_conn.release).
+"""Ending an execution (langgraph_scoped_conn.release): leaked connections reclaimed, and
+releases while connections are in use.
 
-"In use" is read from the connection (a statement in flight, a transaction open), never
+Leaks: a connection a run never returned (or detached) is closed on the server at scope
+end, counted, refuses reuse with a clear error, and frees its budget slot.
+
+In use: "in use" is read from the connection (a statement in flight, a transaction open), never
 from the frame that checked it out.  Reproductions: a connection checked out in a helper
 function, or on the loop and then used in ``asyncio.to_thread``, looked like a leak and
 was closed without a cancel.  With psycopg 3 the server kept running the statement past
@@ -8,13 +12,14 @@ the budget; with psycopg2 a forced release blocked for the statement's length; a
 statement that ignored the cancel overshot the budget once the grace ended; and two such
 releases occupied both release threads, so a third run's plain leak was never reclaimed.
 
-Every test samples the server (``pg_stat_activity``) and asserts the backends of the
+Every in-use test samples the server (``pg_stat_activity``) and asserts the backends of the
 package's pool never exceed the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +30,8 @@ from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
-from tests.conftest import Database, eventually
+from langgraph_scoped_conn.errors import ConnectionReclaimedError, ScopeClosedError
+from tests.conftest import Database, backend_pid, eventually, live_pids
 
 DRIVERS = ["psycopg2", "psycopg"]
 APP = "langgraph_scoped_conn%"
@@ -77,6 +83,74 @@ def stubborn(pg_db: Database) -> Iterator[Callable[[], None]]:
         yield open_gate
     finally:
         open_gate()
+
+
+# -- leaks: connections nobody uses any more -------------------------------------------
+
+
+def test_leaked_connection_is_reclaimed_counted_and_refuses_reuse(
+    manager: ExecutionConnectionManager, pg_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    with lsc.ExecutionScope("leaky"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        leaked = engine.connect()  # never closed
+        leaked_pid = backend_pid(leaked)
+        with engine.connect() as fine:  # returned properly
+            kept_pid = backend_pid(fine)
+        assert live_pids(pg_db)[leaked_pid] == "idle in transaction"
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 1
+    assert stats["connections_in_use"] == 0
+    # closed on the server, not left to garbage collection
+    eventually(lambda: leaked_pid not in live_pids(pg_db), "the leaked backend is gone")
+    pids = live_pids(pg_db)
+    assert pids.get(kept_pid) == "idle"  # the returned one stays pooled
+    warning = next(r for r in caplog.records if "still checked out" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "leaky" in warning.getMessage()
+    # using it again is a clear error, with or without a rollback first
+    with pytest.raises(ConnectionReclaimedError, match="execution 'leaky', which has ended"):
+        leaked.execute(text("select 1"))
+    leaked.rollback()
+    with pytest.raises(ScopeClosedError, match="closed at scope exit"):
+        leaked.execute(text("select 1"))
+    assert lsc.get_connection_stats()["connections_in_use"] == 0
+    # and the engine cannot check out anything new for the ended execution
+    with pytest.raises(ScopeClosedError, match="has ended"):
+        engine.connect()
+
+
+def test_a_detached_connection_is_still_reclaimed_at_scope_end(
+    manager: ExecutionConnectionManager, pg_db: Database
+) -> None:
+    # detach() takes the DBAPI connection out of SQLAlchemy's pool: it is never checked
+    # in, so the execution keeps it as a leak and closes it on the server at scope end
+    with lsc.ExecutionScope("detaching"):
+        engine = lsc.create_execution_scoped_engine_sync()
+        detached = engine.connect()
+        pid = backend_pid(detached)
+        detached.detach()
+        assert pid in live_pids(pg_db)
+    assert lsc.get_connection_stats()["leaks_reclaimed"] == 1
+    eventually(lambda: pid not in live_pids(pg_db), "the detached backend is gone")
+
+
+def test_leaked_connection_frees_its_budget_slot(
+    configure_default: Callable[..., ExecutionConnectionManager], pg_db: Database
+) -> None:
+    configure_default(max_connections=2, pool_timeout=1)
+    for i in range(5):  # without reclaiming, the third execution would time out
+        with lsc.ExecutionScope(f"leak{i}"):
+            engine = lsc.create_execution_scoped_engine_sync()
+            engine.connect().execute(text("select 1"))
+            engine.connect().execute(text("select 1"))
+    stats = lsc.get_connection_stats()
+    assert stats["leaks_reclaimed"] == 10
+    assert stats["checkout_timeouts"] == 0
+    eventually(lambda: live_pids(pg_db) == {}, "every leaked backend is gone")
+
+
+# -- releases while connections are in use ----------------------------------------------
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

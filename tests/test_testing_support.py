@@ -33,8 +33,7 @@ from langgraph_scoped_conn.testing import (
 )
 from langgraph_scoped_conn.testing import binaries as binaries_module
 from langgraph_scoped_conn.testing.binaries import give_server_user_access
-from tests.conftest import ADMIN_APP, Database, Server, eventually
-from tests.test_config import run_fresh
+from tests.conftest import ADMIN_APP, Database, Server, eventually, run_fresh
 
 # -- which binaries (stand-in bin directories: no server needed) -----------------------------
 

@@ -313,6 +313,17 @@ def test_tool_takes_the_run_database_from_its_config(configure_default: Any) -> 
     assert seen == [mine, mine]
 
 
+@pytest.mark.parametrize("bad", ["", 3, b"sql_database"])
+def test_a_bad_sql_database_key_is_refused_by_name(bad: Any) -> None:
+    builder = StateGraph(MessagesState)
+    builder.add_node("node", lambda state: {})
+    builder.add_edge(START, "node")
+    with pytest.raises(TypeError, match=r"sql_database_key=\.\.\.\) takes a non-empty"):
+        lsc.with_scoped_connections(builder.compile(), sql_database_key=bad)
+    with pytest.raises(TypeError, match="sql_database_key"):
+        lsc.with_scoped_connections(sql_database_key=bad)
+
+
 def postgres_saver_url(pg_db: Database) -> str:
     return make_url(pg_db.url).set(drivername="postgresql").render_as_string(hide_password=False)
 
