@@ -62,11 +62,11 @@ _DYNAMIC_SQL = re.compile(r"(?i)(?:query|cursor)_to_xml|dblink")
 _READ_ONLY_SQLSTATES = frozenset({"25006", "25001"})
 _READ_ONLY_DIALECTS = ("postgresql", "sqlite")
 #: One plain statement that is a transaction of its own in autocommit mode, exactly as
-#: between BEGIN and COMMIT: it starts with a query or DML keyword and has no semicolon
-#: but an optional last one (a semicolon anywhere else, even in a string or a comment,
-#: takes the BEGIN/COMMIT path: that errs on the safe side).
+#: between BEGIN and COMMIT: it starts with a query, DML, SHOW or EXPLAIN keyword and has
+#: no semicolon but an optional last one (a semicolon anywhere else, even in a string or
+#: a comment, takes the BEGIN/COMMIT path: that errs on the safe side).
 _LONE_STATEMENT = re.compile(
-    r"\s*(?:select|insert|update|delete|with|values|table|merge)\b[^;]*;?\s*",
+    r"\s*(?:select|insert|update|delete|with|values|table|merge|show|explain)\b[^;]*;?\s*",
     re.IGNORECASE,
 )
 #: Ends a read-only transaction in one round trip, whether the query succeeded or
