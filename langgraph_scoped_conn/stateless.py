@@ -31,6 +31,8 @@ reset as before.  Nothing here ever stops a statement from running.
 The catalog is read once per URL (by the first read-only query or the first candidate
 write-mode statement) and kept until ``invalidate_schema_cache()``: a function, view or
 policy created later that shadows a name the catalog saw as safe is not seen until then.
+The answer for a statement is kept with the catalog, so one sent again is not parsed
+again (the parse costs 20-100 µs; the reset it saves, a round trip).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ __all__ = ["CATALOG_SQL", "DYNAMIC_SQL", "DatabaseCatalog", "leaves_no_state", "
 #: Functions that run SQL text of their own, which the guard cannot see into: a statement
 #: that names one may leave session state (a prepared statement) behind.
 DYNAMIC_SQL = re.compile(r"(?i)(?:query|cursor)_to_xml|dblink")
+#: Answers kept per catalog for statements sent again (at most this many, this long): a
+#: parse costs 20-100 us, a lookup well under one.
+_MEMO_SIZE = 256
+_MEMO_LENGTH = 4096
 #: The first keyword of a statement that may only read; anything else is never parsed.
 _READ_KEYWORD = re.compile(r"\s*(?:select|with|values|table|show|explain)\b", re.IGNORECASE)
 #: A relation that runs no code of its own when read: y, or n for the others (views,
@@ -99,6 +105,8 @@ class DatabaseCatalog(FunctionCatalog):
         self.relations: dict[str, bool] = {}
         #: functions behind operators, casts and domain checks that may change something
         self.hidden_code = 0
+        #: (statement, max_length) -> leaves_no_state's answer with this catalog
+        self.memo: dict[tuple[str, int], bool] = {}
         for kind, schema, name, value in rows:
             if kind == "f" and schema is not None and name is not None:
                 functions.append((schema, name, value))
@@ -116,7 +124,21 @@ def may_read_only(command: str) -> bool:
 
 def leaves_no_state(command: str, catalog: DatabaseCatalog, max_length: int) -> bool:
     """True if ``command``, run on its own, provably leaves no session state (see above)."""
-    if catalog.hidden_code or not may_read_only(command) or DYNAMIC_SQL.search(command):
+    if catalog.hidden_code or not may_read_only(command):
+        return False
+    key = (command, max_length)
+    clean = catalog.memo.get(key)
+    if clean is None:
+        clean = _leaves_no_state(command, catalog, max_length)
+        if len(command) <= _MEMO_LENGTH:
+            if len(catalog.memo) >= _MEMO_SIZE:
+                catalog.memo.clear()
+            catalog.memo[key] = clean
+    return clean
+
+
+def _leaves_no_state(command: str, catalog: DatabaseCatalog, max_length: int) -> bool:
+    if DYNAMIC_SQL.search(command):
         return False
     try:
         checked = inspect_read_only_sql(command, max_length=max_length, functions=catalog)

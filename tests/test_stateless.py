@@ -411,3 +411,17 @@ def test_allowed_functions_hidden_code_and_the_length_cap_keep_it_marked() -> No
     assert functions.builtin("pg_catalog", "lower")
     assert not functions.builtin(None, "lower")
     assert not functions.builtin("public", "lower")
+
+
+def test_answers_are_kept_with_the_catalog_for_statements_sent_again() -> None:
+    known = catalog()
+    assert leaves_no_state("select 1", known, 20_000)
+    assert not leaves_no_state("select random()", known, 20_000)
+    assert not leaves_no_state("insert into orders values (1)", known, 20_000)  # no parse
+    assert known.memo == {("select 1", 20_000): True, ("select random()", 20_000): False}
+    for i in range(300):
+        leaves_no_state(f"select {i}", known, 20_000)
+    assert 0 < len(known.memo) <= 256
+    long = "select 1" + " " * 5000
+    assert leaves_no_state(long, known, 20_000)
+    assert (long, 20_000) not in known.memo
