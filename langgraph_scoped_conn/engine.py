@@ -11,7 +11,9 @@
 Session state does not cross executions: a connection that comes back is marked with
 its owner and whether it may carry session state; the next checkout by another
 execution resets it first (one round trip), and a checkout by the same execution does
-not.  Only the guarded read-only path leaves nothing behind, so it never needs a reset.
+not.  Only the guarded read-only path and write-mode statements that provably change
+nothing (:mod:`langgraph_scoped_conn.stateless`) mark their checkout clean
+(:func:`mark_clean`), so they never need a reset.
 """
 
 from __future__ import annotations

@@ -67,6 +67,8 @@ HARMLESS_VOLATILE = frozenset(
         "uuid_generate_v4",
     }
 )
+#: Of those, the ones that advance the session's random sequence, which a reset re-seeds.
+_SEEDED = frozenset({"random", "random_normal"})
 #: Functions refused whatever their volatility: they watch other sessions (most are
 #: marked stable), or run SQL text or read a relation by a name the guard cannot see.
 SESSION_FUNCTIONS = frozenset(
@@ -145,10 +147,13 @@ class CheckedQuery:
         text: the statement as written, without a trailing ``;`` or outer comments.
         cursor: True for a query a cursor can run (``DECLARE ... FOR``), so its rows
             can be fetched a few at a time; False for ``EXPLAIN`` and ``SHOW``.
+        names: ``(kind, schema, name)`` of each function called (``"function"``),
+            relation read (``"relation"``) and ``WITH`` query (``"cte"``) it names.
     """
 
     text: str
     cursor: bool
+    names: tuple[tuple[str, str | None, str], ...] = ()
 
 
 class FunctionCatalog:
@@ -203,6 +208,24 @@ class FunctionCatalog:
                 "plus those listed in allow_functions"
             )
         return None
+
+    def builtin(self, schema: str | None, name: str) -> bool:
+        """True if a call of ``schema.name`` (``name`` unqualified) can only reach built-in
+        functions that leave no session state: every function of that name lives in
+        ``pg_catalog`` (or the call names it), is immutable or stable or harmless
+        volatile (but ``random()``: its sequence is the session's), and none is allowed
+        by ``allow_functions`` (a user function may ``set_config()`` even when stable).
+        """
+        if schema not in (None, "pg_catalog"):
+            return False
+        if any(entry.rpartition(".")[2] == name for entry in self.allowed):
+            return False  # named in allow_functions, in whichever schema
+        if schema is None and self._schemas.get(name) != {"pg_catalog"}:
+            return False  # unknown, or also in another schema that may come first
+        volatility = self._qualified.get(("pg_catalog", name))
+        if volatility == "v":
+            return name in HARMLESS_VOLATILE and name not in _SEEDED
+        return volatility is not None
 
     def volatility(self, name: str) -> str | None:
         """``immutable``, ``stable`` or ``volatile`` for an unqualified name, if known."""
@@ -331,26 +354,33 @@ def _check_postgresql(sql: str, functions: FunctionCatalog | None) -> CheckedQue
             "only SELECT, WITH, VALUES, TABLE, EXPLAIN and SHOW queries may run"
         )
     _refuse_nodes(parsed)
-    _refuse_names(raw, functions)
+    names = _refuse_names(raw, functions)
     cursor = name == "SelectStmt"
     if tokens is not None:
         code = [t for t in tokens if t.name not in ("SQL_COMMENT", "C_COMMENT", "ASCII_59")]
-        return CheckedQuery(sql[code[0].start : code[-1].end + 1], cursor)
+        return CheckedQuery(sql[code[0].start : code[-1].end + 1], cursor, names)
     # no comment in the text: the statement runs from its location (a byte offset) to
     # its length, or to the end; the rest is PostgreSQL's whitespace and a ";"
     data = sql.encode()
     begin = raw.get("stmt_location", 0)
     length = raw.get("stmt_len", 0)
     text = data[begin : begin + length] if length else data[begin:]
-    return CheckedQuery(text.decode().strip(_PG_SPACE).rstrip(";").rstrip(_PG_SPACE), cursor)
+    statement = text.decode().strip(_PG_SPACE).rstrip(";").rstrip(_PG_SPACE)
+    return CheckedQuery(statement, cursor, names)
 
 
-def _refuse_names(tree: Any, functions: FunctionCatalog | None) -> None:
+def _refuse_names(
+    tree: Any, functions: FunctionCatalog | None
+) -> tuple[tuple[str, str | None, str], ...]:
     """Refuse relations that expose other sessions, then calls the catalog refuses.
 
-    Each kind in the order written, so a refusal names the first offender.
+    Each kind in the order written, so a refusal names the first offender.  Returns
+    every name seen (see :attr:`CheckedQuery.names`).
     """
-    for kind, schema, name, _ in sorted(_named(tree), key=lambda n: (n[0] != "relation", n[3])):
+    named = sorted(_named(tree), key=lambda n: (n[0] != "relation", n[3]))
+    for kind, schema, name, _ in named:
+        if kind == "cte":
+            continue
         if kind == "relation":
             if name in SESSION_RELATIONS or name.startswith(_SESSION_RELATION_PREFIXES):
                 raise UnsafeQueryError(
@@ -363,10 +393,12 @@ def _refuse_names(tree: Any, functions: FunctionCatalog | None) -> None:
                 raise UnsafeQueryError(reason)
         elif name in SESSION_FUNCTIONS or name.startswith(_SESSION_PREFIXES):
             raise UnsafeQueryError(FunctionCatalog(()).refusal(schema, name) or name)
+    return tuple((kind, schema, name) for kind, schema, name, _ in named)
 
 
 def _named(tree: Any) -> Iterator[tuple[str, str | None, str, int]]:
-    """``("function" | "relation", schema, name, location)`` of each call and relation."""
+    """``("function" | "relation" | "cte", schema, name, location)`` of each call,
+    relation and ``WITH`` query."""
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -381,6 +413,9 @@ def _named(tree: Any) -> Iterator[tuple[str, str | None, str, int]]:
             if isinstance(relation, dict) and "relname" in relation:
                 location = relation.get("location", 0)
                 yield "relation", relation.get("schemaname"), relation["relname"], location
+            cte = node.get("CommonTableExpr")
+            if isinstance(cte, dict) and "ctename" in cte:
+                yield "cte", None, cte["ctename"], cte.get("location", 0)
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)

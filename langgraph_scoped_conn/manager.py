@@ -280,7 +280,8 @@ class ExecutionConnectionManager:
         return obj
 
     def invalidate_schema_cache(self) -> None:
-        """Forget reflected schemas and the read-only guard's function catalogs."""
+        """Forget reflected schemas and the catalogs of functions and relations (the
+        read-only guard's, and the write-mode check of :mod:`~langgraph_scoped_conn.stateless`)."""
         self.schema_cache.clear()
         for handle in self.pools.handles():
             handle.catalog.clear()

@@ -6,6 +6,10 @@ held by the manager's :class:`~langgraph_scoped_conn.schema_cache.SchemaCache`; 
 execution gets a shallow copy of the template bound to its own scoped engine, which
 costs microseconds.  Call ``invalidate_schema_cache()`` after a migration.
 
+In write mode a lone statement runs in autocommit mode in one round trip; one that
+provably changed nothing in the session (:mod:`langgraph_scoped_conn.stateless`) leaves
+its connection clean, so the next execution that gets it pays no reset.
+
 In read-only mode every statement passes the guard (:mod:`langgraph_scoped_conn.guard`)
 and runs in a read-only transaction, and its rows are fetched through a cursor, a few
 at a time, up to ``max_result_rows`` and ``max_result_bytes``: rows past the cap never
@@ -29,7 +33,7 @@ from sqlalchemy.sql.expression import Executable
 
 from langgraph_scoped_conn.engine import mark_clean
 from langgraph_scoped_conn.errors import ConfigurationError, ReadOnlyViolationError
-from langgraph_scoped_conn.guard import CheckedQuery, FunctionCatalog, inspect_read_only_sql
+from langgraph_scoped_conn.guard import CheckedQuery, inspect_read_only_sql
 from langgraph_scoped_conn.langchain_sql_database import SQLDatabase
 from langgraph_scoped_conn.manager import manager_of
 from langgraph_scoped_conn.redaction import redact_url, safe_url
@@ -42,6 +46,13 @@ from langgraph_scoped_conn.results import (
     rows_within,
 )
 from langgraph_scoped_conn.schema_cache import SchemaCache
+from langgraph_scoped_conn.stateless import (
+    CATALOG_SQL,
+    DYNAMIC_SQL,
+    DatabaseCatalog,
+    leaves_no_state,
+    may_read_only,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.reflection import Inspector
@@ -53,31 +64,23 @@ __all__ = ["SchemaCache", "ScopedSQLDatabase", "new_scoped_sql_database"]
 
 logger = logging.getLogger("langgraph_scoped_conn")
 
-#: Functions that run SQL text of their own, which the guard cannot see into: a guarded
-#: statement that names one may leave session state (a prepared statement) behind.
-_DYNAMIC_SQL = re.compile(r"(?i)(?:query|cursor)_to_xml|dblink")
 #: SQLSTATE codes that mean "refused because the transaction is read-only" (25006), or
 #: "cannot do this inside the read-only transaction" (25001, e.g. set_config of
 #: transaction_read_only).
 _READ_ONLY_SQLSTATES = frozenset({"25006", "25001"})
 _READ_ONLY_DIALECTS = ("postgresql", "sqlite")
 #: One plain statement that is a transaction of its own in autocommit mode, exactly as
-#: between BEGIN and COMMIT: it starts with a query or DML keyword and has no semicolon
-#: but an optional last one (a semicolon anywhere else, even in a string or a comment,
-#: takes the BEGIN/COMMIT path: that errs on the safe side).
+#: between BEGIN and COMMIT: it starts with a query, DML, SHOW or EXPLAIN keyword and has
+#: no semicolon but an optional last one (a semicolon anywhere else, even in a string or
+#: a comment, takes the BEGIN/COMMIT path: that errs on the safe side).
 _LONE_STATEMENT = re.compile(
-    r"\s*(?:select|insert|update|delete|with|values|table|merge)\b[^;]*;?\s*",
+    r"\s*(?:select|insert|update|delete|with|values|table|merge|show|explain)\b[^;]*;?\s*",
     re.IGNORECASE,
 )
 #: Ends a read-only transaction in one round trip, whether the query succeeded or
 #: failed: the rollback works in an aborted transaction too (and closes the cursor), and
 #: the session advisory locks the query may have taken are dropped after it.
 _END_READ_ONLY = "ROLLBACK; SELECT pg_advisory_unlock_all()"
-#: Reads the database's functions and their volatility for the guard (once per URL).
-_CATALOG_SQL = (
-    "SELECT n.nspname, p.proname, p.provolatile FROM pg_catalog.pg_proc p "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
-)
 _UNCHANGED = object()
 
 
@@ -206,21 +209,35 @@ class ScopedSQLDatabase(SQLDatabase):
             command, max_length=self._lsc_max_query_length, dialect=dialect, functions=catalog
         )
 
-    def _catalog(self) -> FunctionCatalog | None:
-        """The database's function catalog, if a read-only query has read it yet."""
+    def _catalog(self) -> DatabaseCatalog | None:
+        """The database's catalog, if a query has read it yet."""
         manager = manager_of(self._engine._lsc_execution)
-        catalog: FunctionCatalog | None = manager.schema_cache.catalog(self._lsc_url_text)
+        catalog: DatabaseCatalog | None = manager.schema_cache.catalog(self._lsc_url_text)
         return catalog
 
-    def _read_catalog(self, connection: Any) -> FunctionCatalog:
-        """Read the database's functions and their volatility on ``connection`` (autocommit)."""
+    def _read_catalog(self, connection: Any) -> DatabaseCatalog:
+        """Read the database's functions, relations and their safety on ``connection``
+        (autocommit; see :mod:`langgraph_scoped_conn.stateless`)."""
         manager = manager_of(self._engine._lsc_execution)
-        rows = connection.exec_driver_sql(_CATALOG_SQL).fetchall()
-        catalog = FunctionCatalog(
-            ((r[0], r[1], r[2]) for r in rows), manager.settings.allow_functions
+        rows = connection.exec_driver_sql(CATALOG_SQL).fetchall()
+        catalog = DatabaseCatalog(
+            ((r[0], r[1], r[2], r[3]) for r in rows), manager.settings.allow_functions
         )
         manager.schema_cache.remember_catalog(self._lsc_url_text, catalog)
         return catalog
+
+    def _leaves_no_state(self, connection: Any, command: str) -> bool:
+        """Whether a write-mode statement that just ran provably left no session state."""
+        if not may_read_only(command):
+            return False  # a write: not even parsed
+        try:
+            catalog = self._catalog()
+            if catalog is None:  # this database's first query that needs it
+                catalog = self._read_catalog(connection)
+            return leaves_no_state(command, catalog, self._lsc_max_query_length)
+        except Exception as exc:  # the statement ran: its connection just stays marked
+            logger.debug("could not check a statement for session state: %s", type(exc).__name__)
+            return False
 
     def _execute_autocommit(
         self,
@@ -237,11 +254,14 @@ class ScopedSQLDatabase(SQLDatabase):
         its first rows, and ``ROLLBACK; SELECT pg_advisory_unlock_all()`` in one (a
         result larger than the first fetch costs more fetches, until the caps).  A lone
         plain statement (:data:`_LONE_STATEMENT`) is a transaction of its own, exactly
-        as between the driver's BEGIN and COMMIT, and costs one.  The connection leaves
-        autocommit mode before it goes back to the pool; one whose transaction could
-        not be ended is invalidated, never handed out again.
+        as between the driver's BEGIN and COMMIT, and costs one; if it provably left no
+        session state (:mod:`langgraph_scoped_conn.stateless`), its connection needs no
+        reset when it changes hands.  The connection leaves autocommit mode before it
+        goes back to the pool; one whose transaction could not be ended is invalidated,
+        never handed out again.
         """
         read_only = checked is not None
+        clean = False
         with self._engine.connect() as connection:
             raw: Any = connection.connection.driver_connection
             raw.autocommit = True
@@ -267,6 +287,7 @@ class ScopedSQLDatabase(SQLDatabase):
                         text(command), parameters or {}, execution_options=execution_options or {}
                     )
                     result = self._fetch(cursor, fetch)
+                    clean = self._leaves_no_state(connection, command)
             except DBAPIError as exc:
                 if read_only:
                     _raise_if_read_only_refusal(exc)
@@ -275,10 +296,10 @@ class ScopedSQLDatabase(SQLDatabase):
                 ended = _end_autocommit(connection, raw, in_transaction)
                 if threshold is not _UNCHANGED:
                     raw.prepare_threshold = threshold
-            if ended and read_only and not _DYNAMIC_SQL.search(command):
-                # the rollback undid everything the statement could change, the unlock
-                # the session advisory locks; a statement that runs SQL text of its own
-                # is not marked, and the next owner resets that session
+            if ended and (clean or (read_only and not DYNAMIC_SQL.search(command))):
+                # read-only: the rollback undid everything the statement could change,
+                # the unlock the session advisory locks; a statement that runs SQL text of
+                # its own is not marked, and the next owner resets that session
                 mark_clean(connection)
             return result
 

@@ -180,8 +180,14 @@ def test_clean_read_only_query_pays_no_session_reset(
     assert set(live_pids(pg_db)) == pids  # the same backend served every run
     assert after_reads["connections_opened"] == before["connections_opened"]
 
+    # a write-mode statement that provably changes nothing in the session pays none either
     with lsc.ExecutionScope("write"):
         assert lsc.get_scoped_sql_database(read_only=False).run("select 1") == "[(1,)]"
+    assert mgr.get_stats().get("session_resets", 0) == before.get("session_resets", 0)
+    # one that may change it is reset
+    with lsc.ExecutionScope("write"):
+        db = lsc.get_scoped_sql_database(read_only=False)
+        assert db.run("select set_config('work_mem', '8MB', false)") == "[('8MB',)]"
     after_write = mgr.get_stats()
     assert after_write.get("session_resets", 0) == before.get("session_resets", 0) + 1
     assert live_pids(pg_db) == dict.fromkeys(pids, "idle")  # reset, kept, idle

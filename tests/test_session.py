@@ -24,6 +24,9 @@ from langgraph_scoped_conn.testing import SAMPLE_SQL, PostgresCluster
 from tests.conftest import Database
 
 QUERY = "select count(*) from orders"
+#: The same answer from a statement that changes the session, so every change of hands
+#: resets it (QUERY leaves nothing behind and pays no reset: tests/test_stateless.py).
+DIRTY = "select count(*) from orders where set_config('work_mem', '8MB', false) <> ''"
 #: prepared statements of the session but this query (psycopg may prepare it too)
 OTHERS_PREPARED = (
     "select count(*) from pg_prepared_statements where statement not like '%pg_prepared%'"
@@ -54,14 +57,14 @@ def test_psycopg3_repeated_statements_never_name_a_dropped_one(
         options["engine_options"] = {"connect_args": {"prepare_threshold": threshold}}
     mgr = configure_default(pg_db.url_with("psycopg"), max_connections=1, **options)
     answers = []
-    for _ in range(20):  # one backend: every run gets the previous run's session
+    for _ in range(20):  # one backend: every run gets the previous run's session, reset
         with lsc.ExecutionScope():
-            answers.append(lsc.get_scoped_sql_database().run(QUERY))
+            answers.append(lsc.get_scoped_sql_database().run(DIRTY))
     # one run repeats a statement six times (prepared on its 5th), the next repeats it
     for _ in range(3):
         with lsc.ExecutionScope():
             db = lsc.get_scoped_sql_database()
-            answers += [db.run(QUERY) for _ in range(6)]
+            answers += [db.run(DIRTY) for _ in range(6)]
     assert answers == ["[(500,)]"] * len(answers)
     assert mgr.get_stats()["connections_opened"] == 1  # the same session all along
     # and the server holds none of the runs' prepared statements once they ended
@@ -154,16 +157,18 @@ def test_one_reset_per_owner_change_and_none_for_the_same_owner(
             with lsc.ExecutionScope(manager=mgr):
                 db = lsc.get_scoped_sql_database(manager=mgr)
                 for _ in range(3):  # the same connection comes back each time
-                    assert db.run(QUERY) == "[(500,)]"
+                    assert db.run(DIRTY) == "[(500,)]"
 
         # the three checkouts of one execution: no reset; its end: one
         assert resets_sent(logged, one_owner_writes_three_times) == 1
 
-        # read-only runs leave nothing behind: no reset at all
+        # read-only runs leave nothing behind: no reset at all; nor do write-mode
+        # statements that provably change nothing in the session
         def reads() -> None:
-            for _ in range(3):
+            for read_only in (True, True, True, False, False, False):
                 with lsc.ExecutionScope(manager=mgr):
-                    lsc.get_scoped_sql_database(manager=mgr, read_only=True).run(QUERY)
+                    db = lsc.get_scoped_sql_database(manager=mgr, read_only=read_only)
+                    assert db.run(QUERY) == "[(500,)]"
 
         assert resets_sent(logged, reads) == 0
 
@@ -173,12 +178,12 @@ def test_one_reset_per_owner_change_and_none_for_the_same_owner(
             a, b = lsc.ExecutionScope(manager=mgr), lsc.ExecutionScope(manager=mgr)
             with a:
                 db_a = lsc.get_scoped_sql_database(manager=mgr)
-                db_a.run(QUERY)  # dirty, by a
-                db_a.run(QUERY)  # a again: no reset
+                db_a.run(DIRTY)  # dirty, by a
+                db_a.run(QUERY)  # a again: no reset (and still marked by a)
                 with b:
                     db_b = lsc.get_scoped_sql_database(manager=mgr)
-                    db_b.run(QUERY)  # change of hands a -> b: reset
-                    db_b.run(QUERY)  # b again: no reset
+                    db_b.run(DIRTY)  # change of hands a -> b: reset
+                    db_b.run(DIRTY)  # b again: no reset
                 # b ended while the connection was idle and marked by b: reset
             # a ended: the connection is b's reset one, not marked by a: nothing
 
