@@ -34,11 +34,18 @@ from langgraph_scoped_conn.checkout import Activity, Checkout
 from langgraph_scoped_conn.compat import EngineView, ReclaimAwareConnection
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionReclaimedError
 from langgraph_scoped_conn.execution import Execution
-from langgraph_scoped_conn.pool import RECLAIMED_KEY, BudgetPool, CountingPool, PoolCounters
+from langgraph_scoped_conn.pool import (
+    RECLAIMED_KEY,
+    BudgetPool,
+    CountingPool,
+    PoolCounters,
+    roll_back_unless_abandoned,
+)
 from langgraph_scoped_conn.redaction import safe_url
 from langgraph_scoped_conn.runs import current_tool_call
 from langgraph_scoped_conn.session import (
     activity,
+    behind_a_pooler,
     has_input,
     reset_session,
     set_application_name,
@@ -494,7 +501,7 @@ class PoolHandle:
             checkout.returned(dirty)
 
         if isinstance(pool, BudgetPool):
-            event.listen(pool, "reset", _roll_back_unless_abandoned)
+            event.listen(pool, "reset", roll_back_unless_abandoned)
         event.listen(pool, "connect", on_connect)
         event.listen(pool, "close", on_close)
         event.listen(pool, "close_detached", on_close)
@@ -506,29 +513,12 @@ class PoolHandle:
     def _check_for_a_pooler(self, dbapi_connection: Any) -> None:
         """Warn once if a ``shared`` pool's server answers through a transaction pooler.
 
-        A pooler (PgBouncer, Supavisor) hands the client a made-up backend key: the pid
-        the driver got at login is not the pid the server reports.  Behind one, session
-        resets and prepared statements reach whatever server connection the pooler picks
-        next.  One query, on the pool's first connection.
+        Behind one (PgBouncer, Supavisor), session resets and prepared statements reach
+        whatever server connection the pooler picks next.  One query, on the pool's
+        first connection (:func:`~langgraph_scoped_conn.session.behind_a_pooler`).
         """
         self.pooler_checked = True
-        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        info = getattr(driver, "info", None)
-        login_pid = getattr(info, "backend_pid", None)  # psycopg 3
-        if login_pid is None and hasattr(driver, "get_backend_pid"):
-            login_pid = driver.get_backend_pid()  # psycopg2
-        try:
-            cursor = driver.cursor()
-            try:
-                cursor.execute("SELECT pg_backend_pid()")
-                server_pid = cursor.fetchone()[0]
-            finally:
-                cursor.close()
-            driver.rollback()
-        except Exception as exc:  # the caller's own query will report a broken connection
-            logger.debug("could not check for a pooler: %s", type(exc).__name__)
-            return
-        if login_pid is None or login_pid == server_pid:
+        if not behind_a_pooler(dbapi_connection):
             return
         self.pooler_detected = True
         logger.warning(
@@ -561,20 +551,6 @@ class PoolHandle:
 
     def __repr__(self) -> str:
         return f"PoolHandle({self.safe_url}, strategy={self.strategy!r}, size={self.size})"
-
-
-def _roll_back_unless_abandoned(
-    dbapi_connection: Any, record: ConnectionPoolEntry, state: Any
-) -> None:
-    """SQLAlchemy's reset on return (a rollback), as the budget pool's ``reset`` listener.
-
-    Not for a connection a release closed under its thread (``BudgetPool.abandon``): it
-    is closed, and its record is closed too when it comes back.
-    """
-    if state.transaction_was_reset or not state.asyncio_safe:
-        return
-    if RECLAIMED_KEY not in record.info:
-        dbapi_connection.rollback()
 
 
 def tag_name(application_name: str, execution_id: str, tool_call_id: str | None) -> str:

@@ -31,7 +31,13 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from langgraph_scoped_conn.compat import HookedQueuePool, checked_out_by
 from langgraph_scoped_conn.errors import ConfigurationError, ConnectionBudgetExceededError
 
-__all__ = ["RECLAIMED_KEY", "BudgetPool", "CountingPool", "PoolCounters"]
+__all__ = [
+    "RECLAIMED_KEY",
+    "BudgetPool",
+    "CountingPool",
+    "PoolCounters",
+    "roll_back_unless_abandoned",
+]
 
 #: Seconds a caller waits in line before it first looks for a budget deadlock, and the
 #: longest gap between two looks after that (the gap doubles from the first).
@@ -526,3 +532,17 @@ class BudgetPool(CountingPool):
             f"connections: {holders}. Raise max_connections if the server allows it, lower "
             "concurrency, or make tools return connections sooner"
         )
+
+
+def roll_back_unless_abandoned(
+    dbapi_connection: Any, record: ConnectionPoolEntry, state: Any
+) -> None:
+    """SQLAlchemy's reset on return (a rollback), as the budget pool's ``reset`` listener.
+
+    Not for a connection a release closed under its thread (``BudgetPool.abandon``): it
+    is closed, and its record is closed too when it comes back.
+    """
+    if state.transaction_was_reset or not state.asyncio_safe:
+        return
+    if RECLAIMED_KEY not in record.info:
+        dbapi_connection.rollback()

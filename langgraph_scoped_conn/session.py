@@ -25,6 +25,7 @@ from langgraph_scoped_conn.compat import (
 __all__ = [
     "RESET_SQL",
     "activity",
+    "behind_a_pooler",
     "close_and_wait",
     "close_unused",
     "has_input",
@@ -170,6 +171,33 @@ def close_and_wait(driver_connection: Any, timeout: float = BACKEND_EXIT_WAIT) -
         return  # reset by the peer: gone as well
     finally:
         os.close(copy)
+
+
+def behind_a_pooler(dbapi_connection: Any) -> bool:
+    """True if a new connection answers through a transaction pooler (one query).
+
+    A pooler (PgBouncer, Supavisor) hands the client a made-up backend key: the pid the
+    driver got at login is not the pid the server reports.  False when unsure.
+    """
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    info = getattr(driver, "info", None)
+    login_pid = getattr(info, "backend_pid", None)  # psycopg 3
+    if login_pid is None and hasattr(driver, "get_backend_pid"):
+        login_pid = driver.get_backend_pid()  # psycopg2
+    if login_pid is None:
+        return False
+    try:
+        cursor = driver.cursor()
+        try:
+            cursor.execute("SELECT pg_backend_pid()")
+            server_pid = cursor.fetchone()[0]
+        finally:
+            cursor.close()
+        driver.rollback()
+    except Exception as exc:  # the caller's own query will report a broken connection
+        logger.debug("could not check for a pooler: %s", type(exc).__name__)
+        return False
+    return bool(login_pid != server_pid)
 
 
 def _cancel_quietly(driver_connection: Any) -> None:
