@@ -23,7 +23,8 @@ __all__ = ["main"]
 
 _RICH_MISSING = (
     "the demo needs rich for its progress bar and table; install it with:\n"
-    "    pip install 'langgraph-scoped-conn[demo]'"
+    "    pip install 'langgraph-scoped-conn[demo]'\n"
+    "(from a clone of the repository: pip install '.[demo]')"
 )
 _MAX_EXECUTIONS = 10_000
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -298,7 +298,8 @@ def create_routes(
         except ImportError:
             return PlainTextResponse(
                 "prometheus-client is not installed; install it with "
-                "`pip install 'langgraph-scoped-conn[metrics]'`\n",
+                "`pip install 'langgraph-scoped-conn[metrics]'` (from a clone of the "
+                "repository: `pip install '.[metrics]'`)\n",
                 status_code=501,
             )
         body, content_type = render_latest(get_manager())

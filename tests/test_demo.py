@@ -409,7 +409,7 @@ def test_without_matplotlib_the_chart_is_drawn_in_the_terminal(tmp_path: Path, p
     panel = out[out.index("scoped: one pool of 5") :]
     assert re.search(r"^\s*5 ┤.*budget 5$", panel, re.M)
     assert re.search(r"^\s*0 └─+$", panel, re.M)
-    assert "pip install 'langgraph-scoped-conn[plot]' (matplotlib)" in out
+    assert "pip install 'langgraph-scoped-conn[plot]' (matplotlib; from a clone" in out
     assert not png.exists()
 
 

@@ -17,7 +17,10 @@ from langgraph_scoped_conn.demo.sampler import Sample
 
 __all__ = ["PLOT_MISSING", "Series", "series_of", "terminal_chart", "write_png"]
 
-PLOT_MISSING = "pip install 'langgraph-scoped-conn[plot]' (matplotlib)"
+PLOT_MISSING = (
+    "pip install 'langgraph-scoped-conn[plot]' (matplotlib; from a clone of the "
+    "repository: pip install '.[plot]')"
+)
 
 _EIGHTHS = " ▁▂▃▄▅▆▇█"
 _COLOURS = {"naive": "#d62728", "scoped": "#2ca02c"}
