@@ -32,6 +32,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 
 import langgraph_scoped_conn as lsc
+import langgraph_scoped_conn.session as session_module
 from langgraph_scoped_conn import ExecutionConnectionManager
 from tests.conftest import Database, eventually
 from tests.modes import ALL_MODES, ASYNC_MODES, SYNC_MODES, Mode
@@ -987,6 +988,7 @@ def test_blocking_call_checker_never_fires_on_our_code(
     pg_db: Database,
     leaked: list[Any],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from blockbuster import BlockingError
 
@@ -1028,6 +1030,16 @@ def test_blocking_call_checker_never_fires_on_our_code(
     ]
     for name, fn in listeners:
         sa_event.listen(pool, name, fn)
+    # a reclaim closes the driver's connection through session.close_and_wait, whether the
+    # pool invalidates the record (the node's thread is gone) or abandons it (the thread
+    # that checked it out is alive, as an executor's worker is): record that one's thread too
+    close_and_wait = session_module.close_and_wait
+
+    def recorded_close_and_wait(driver: Any) -> None:
+        io_threads.append(("close_and_wait", threading.get_ident()))
+        close_and_wait(driver)
+
+    monkeypatch.setattr(session_module, "close_and_wait", recorded_close_and_wait)
     loop_thread: list[int] = []
 
     async def main() -> None:
@@ -1069,7 +1081,8 @@ def test_blocking_call_checker_never_fires_on_our_code(
         for name, fn in listeners:
             sa_event.remove(pool, name, fn)
     assert outcomes == ["error", "cancel", "wait_for"]
-    assert {n for n, _ in io_threads} >= {"connect", "checkout", "checkin", "invalidate"}
+    assert {n for n, _ in io_threads} >= {"connect", "checkout", "checkin"}
+    assert [n for n, _ in io_threads].count("close_and_wait") >= 3  # the three leaks
     assert [n for n, t in io_threads if t == loop_thread[0]] == []
     assert not [r for r in caplog.records if "BlockingError" in r.getMessage()]
     assert sorted(recorder.by_tag()) == sorted(
