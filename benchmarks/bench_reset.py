@@ -1,21 +1,25 @@
-"""reset: what the session reset (``DISCARD ALL`` on check-in) costs, and that it happens.
+"""reset: what the session reset on check-in costs, and that it happens.
 
 A connection that goes back to the shared pool after a checkout that may have changed
-session state is reset with ``DISCARD ALL``; the guarded read-only path leaves its
-checkout clean and pays no reset.  Variants, interleaved iteration by iteration, the
+session state is reset (``session.RESET_SQL``: what ``DISCARD ALL`` does, statement by
+statement, in one round trip) when its owner changes or ends; the guarded
+read-only path and provably stateless write-mode statements leave it clean and pay no
+reset.  Variants, interleaved iteration by iteration, the
 order flipped every iteration; only the ``run()`` call is timed (the reset runs inside
 it, at check-in):
 
 * ``global_from_uri``: ``run("select 1")`` on ``SQLDatabase.from_uri(url)``, the yardstick;
 * ``read_only`` / ``write``: ``get_scoped_sql_database(read_only=...).run("select 1")``
-  in an open execution;
-* ``dirty``: write mode, ``run("set work_mem = '8MB'; select 1")``: session state left behind;
-* ``discard_all``: ``DISCARD ALL`` alone on a raw psycopg2 connection dirtied (untimed)
-  before each call.
+  in an open execution; a write-mode lone ``select 1`` provably leaves no session state
+  (``stateless.py``), so it pays no reset either;
+* ``dirty``: write mode, ``run("set work_mem = '8MB'; select 1")``: session state left
+  behind, reset when the connection goes back at the execution's end;
+* ``reset``: the package's reset alone (``session.reset_session``: ``RESET_SQL`` and a
+  new random seed) on a raw psycopg2 connection dirtied (untimed) before each call.
 
-Resets sent are ``DISCARD ALL`` lines in the server's log, counted in a phase of their
-own.  Then a check: on a one-connection manager, an execution dirties its connection
-and the next one, on the same backend, must see ``work_mem`` back at its default.
+Resets sent are ``RESET_SQL`` (or ``DISCARD ALL``) lines in the server's log, counted in
+a phase of their own.  Then a check: on a one-connection manager, an execution dirties its
+connection and the next one, on the same backend, must see ``work_mem`` back at its default.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ import psycopg2
 
 import langgraph_scoped_conn as lsc
 from benchmarks import harness
+from langgraph_scoped_conn.session import RESET_SQL, reset_session
 
 QUERY = "select 1"
 DIRT = "set work_mem = '8MB'"
-VARIANTS = ("global_from_uri", "read_only", "write", "dirty", "discard_all")
+VARIANTS = ("global_from_uri", "read_only", "write", "dirty", "reset")
+#: how a reset starts in the server's log (whitespace folded, as ServerStatementLog does)
+RESETS = (" ".join(RESET_SQL.split()), "DISCARD ALL")
 SIZES = {
     "n": (3000, 500, "timed iterations"),
     "warmup": (200, 50, "untimed iterations first"),
@@ -53,7 +60,7 @@ class Variants:
             "read_only": lambda: self._scoped(True, QUERY),
             "write": lambda: self._scoped(False, QUERY),
             "dirty": lambda: self._scoped(False, f"{DIRT}; {QUERY}"),
-            "discard_all": self._discard_all,
+            "reset": self._reset,
         }
 
     def _timed(self, run: Callable[[str], Any], sql: str) -> float:
@@ -69,12 +76,13 @@ class Variants:
             db = lsc.get_scoped_sql_database(manager=self.manager, read_only=read_only)
             return self._timed(db.run, sql)
 
-    def _discard_all(self) -> float:
+    def _reset(self) -> float:
         with self.raw.cursor() as cur:
             cur.execute(DIRT)
-            t0 = time.perf_counter_ns()
-            cur.execute("DISCARD ALL")
-            return (time.perf_counter_ns() - t0) / 1e3
+        t0 = time.perf_counter_ns()
+        if not reset_session(self.raw):
+            raise AssertionError("the reset failed")
+        return (time.perf_counter_ns() - t0) / 1e3
 
     def close(self) -> None:
         self.manager.close()
@@ -83,7 +91,7 @@ class Variants:
 
 
 def count(server: harness.BenchServer, n: int) -> dict[str, dict[str, float]]:
-    """Per call of each variant: statements sent (its set-up excluded) and DISCARD ALLs."""
+    """Per call of each variant: statements sent (its set-up excluded) and resets."""
     log = harness.ServerStatementLog(server)
     log.enable()
     variants = Variants(server)
@@ -94,10 +102,10 @@ def count(server: harness.BenchServer, n: int) -> dict[str, dict[str, float]]:
             with log:
                 for _ in range(n):
                     variants.run[v]()
-            untimed = log.counts[DIRT] if v == "discard_all" else 0
+            untimed = log.counts[DIRT] if v == "reset" else 0
             out[v] = {
                 "round_trips": (log.total() - untimed) / n,
-                "resets": log.counts["DISCARD ALL"] / n,
+                "resets": sum(c for s, c in log.counts.items() if s.startswith(RESETS)) / n,
             }
     finally:
         variants.close()
@@ -156,8 +164,8 @@ def summarize(samples: dict[str, list[float]], counted: dict[str, dict[str, floa
         "ratios": {r["variant"]: r["vs_global"] for r in table},
         "resets": {v: counted[v]["resets"] for v in VARIANTS},
         "reset_cost": {
-            "discard_all_us": round(us["discard_all"], 1),
-            "share_of_dirty": round(us["discard_all"] / us["dirty"], 3),
+            "reset_us": round(us["reset"], 1),
+            "share_of_dirty": round(us["reset"] / us["dirty"], 3),
         },
     }
 

@@ -27,7 +27,7 @@ BENCHMARKS = {
     "overhead": "invoke of a trivial graph, wrapped against bare and a no-op callback handler",
     "memory": "K executions open at once, then closed: RSS against the from_uri global, "
     "and the allocations still alive (tracemalloc)",
-    "reset": "what DISCARD ALL on check-in costs, and that a dirty connection is reset",
+    "reset": "what the session reset on check-in costs, and that a dirty connection is reset",
     "soak": "executions one after another: RSS and the registry's maps do not grow",
     "pgbouncer": "4 processes through a real PgBouncer, the pool choice, and budget sizing",
     "checkpoint": "K runs paused and resumed with AsyncPostgresSaver and a SQL tool, budget 4: "
@@ -67,7 +67,7 @@ COLUMNS: dict[str, list[Column]] = {
     "overhead": _columns("variant | µs/invoke=us | p10 µs=p10_us | p90 µs=p90_us | x bare=vs_bare"),
     "reset": _columns(
         "variant | µs=us | p90 µs=p90_us | x global=vs_global | round trips=round_trips"
-        " | DISCARD ALL per call=resets"
+        " | resets per call=resets"
     ),
     "soak": _columns(
         "executions | s=elapsed_s | RSS MB=rss_mb | tracked runs=tracked_runs"
@@ -225,9 +225,16 @@ FIGURES: list[Figure] = [
         "`shared`, traced pass: Python memory still allocated after close, MB",
         "traced.traced_after_mb",
     ),
-    Figure("reset", "DISCARD ALL per clean (read-only) call", "resets.read_only", "== 0"),
+    Figure("reset", "resets per clean (read-only) call", "resets.read_only", "== 0"),
+    Figure(
+        "reset",
+        "resets per write-mode `select 1` (provably stateless)",
+        "resets.write",
+        "== 0",
+    ),
+    Figure("reset", "resets per dirty write call (a `SET` left behind)", "resets.dirty", "== 1"),
     Figure("reset", "a dirty checkout is reset before the next execution", "dirty_reset", "== 1"),
-    Figure("reset", "DISCARD ALL alone, µs", "reset_cost.discard_all_us"),
+    Figure("reset", "the reset (`session.reset_session`) alone, µs", "reset_cost.reset_us"),
     Figure("reset", "the reset's share of a dirty write call", "reset_cost.share_of_dirty"),
     Figure("reset", "write call / `global_from_uri` query", "ratios.write"),
     Figure("reset", "read-only call / `global_from_uri` query", "ratios.read_only"),
