@@ -119,9 +119,10 @@ class ExecutionConnectionManager:
         bind = None
         if root_run is not None:
             runs = self._runs
+            loop = asyncio._get_running_loop()  # an async run's loop (see end_orphaned_runs)
 
             def bind(execution: Execution) -> None:
-                runs.bind_root(root_run, execution, exclusive=exclusive)
+                runs.bind_root(root_run, execution, exclusive=exclusive, loop=loop)
 
         execution = self._registry.open(execution_id, bind)
         logger.debug("execution %s opened", execution.execution_id)
@@ -201,6 +202,7 @@ class ExecutionConnectionManager:
             True if nothing is pending any more.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.end_orphaned_runs()
         while True:
             self.reclaim_abandoned()
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -223,6 +225,7 @@ class ExecutionConnectionManager:
     def upkeep(self) -> None:
         """Reap expired executions and close abandoned connections (blocking)."""
         self._registry.upkeep_started()
+        self.end_orphaned_runs()
         self.reclaim_abandoned()
         if self.settings.max_scope_lifetime is not None:
             self.reap(wait=False)
@@ -332,6 +335,31 @@ class ExecutionConnectionManager:
             self._releaser.submit(release)
         if self._registry.draining:
             self._schedule_upkeep()
+
+    def end_orphaned_runs(self) -> int:
+        """End the root runs whose event loop closed before their end was reported.
+
+        See :meth:`~langgraph_scoped_conn.runs.RunIndex.orphaned`: ``asyncio.run``
+        can cancel LangGraph's report of a run's error before it is sent.  Runs from
+        upkeep, :meth:`drain` and :meth:`reap`.
+
+        Returns:
+            How many runs were ended.
+        """
+        orphans = self._runs.orphaned()
+        for run_id in orphans:
+            target = self._runs.root_target(run_id)
+            if isinstance(target, Execution):
+                logger.warning(
+                    "run %s of execution %s: its event loop closed before the run's end was "
+                    "reported (asyncio.run cancels the runs still going when its main "
+                    "coroutine ends, as an abatch or gather does after one run's error); "
+                    "releasing the execution now",
+                    run_id,
+                    target.execution_id,
+                )
+            self.end_run(run_id, reason="ended with its event loop")
+        return len(orphans)
 
     def bind_failed_run(self, run_id: uuid.UUID, error: BaseException) -> None:
         """Remember that the scope of root run ``run_id`` could not be opened."""

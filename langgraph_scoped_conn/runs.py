@@ -15,10 +15,12 @@ execution another live run holds unless it was asked to (an enclosing
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import sys
 import threading
 import uuid
+import weakref
 from typing import Any
 
 from langgraph_scoped_conn.errors import ScopeUnavailableError
@@ -49,14 +51,23 @@ def _key(run_id: uuid.UUID) -> Any:
 
 
 class _Root:
-    """A root run: what it holds, and how many live invocations use its run id."""
+    """A root run: what it holds, how many live invocations use its run id, and the
+    event loop it started on (a weak reference; None for a run started off any loop)."""
 
-    __slots__ = ("live", "released", "target")
+    __slots__ = ("live", "loop", "released", "target")
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, loop: weakref.ref[asyncio.AbstractEventLoop] | None) -> None:
         self.target = target
         self.live = 1
         self.released = False
+        self.loop = loop
+
+    def loop_gone(self) -> bool:
+        """True if it started on an event loop that is closed (or collected) now."""
+        if self.loop is None:
+            return False
+        loop = self.loop()
+        return loop is None or loop.is_closed()
 
 
 class RunIndex:
@@ -78,8 +89,15 @@ class RunIndex:
         #: execution -> its root runs (live runs that hold it)
         self._roots_of: dict[Execution, list[Any]] = {}
 
-    def bind_root(self, run_id: uuid.UUID, target: Target, *, exclusive: bool = True) -> None:
-        """Map the root run ``run_id`` to ``target``.
+    def bind_root(
+        self,
+        run_id: uuid.UUID,
+        target: Target,
+        *,
+        exclusive: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Map the root run ``run_id`` to ``target``; ``loop``: the event loop it runs on.
 
         Raises:
             ScopeUnavailableError: ``run_id`` is already a live root run (from then on,
@@ -107,7 +125,7 @@ class RunIndex:
                 )
             self._runs[key] = (target, key)
             self._children[key] = []
-            self._roots[key] = _Root(target)
+            self._roots[key] = _Root(target, weakref.ref(loop) if loop is not None else None)
             if isinstance(target, Execution):
                 self._roots_of.setdefault(target, []).append(key)
 
@@ -176,6 +194,19 @@ class RunIndex:
             if first and isinstance(root.target, Execution):
                 self._unlink(root.target, key)
         return root.target if first else None
+
+    def orphaned(self) -> list[Any]:
+        """Ids of live root runs whose event loop is closed: their end never comes.
+
+        ``asyncio.run`` cancels the tasks still running when its main coroutine ends,
+        such as the other runs of an ``abatch`` or ``gather`` that one run's error
+        ended.  LangGraph reports a run's error from a shielded task; when that task
+        is cancelled before its first step, the handler never hears of the end.  A run
+        whose loop is closed cannot go on, so it is over.
+        """
+        with self._lock:
+            keys = [k for k, r in self._roots.items() if not r.released and r.loop_gone()]
+        return [uuid.UUID(int=k) if isinstance(k, int) else k for k in keys]
 
     def forget_execution(self, execution: Execution) -> None:
         """Forget every root run of an execution that ended (released, reaped, closed)."""
