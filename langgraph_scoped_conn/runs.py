@@ -50,6 +50,18 @@ def _key(run_id: uuid.UUID) -> Any:
         return run_id
 
 
+def _weak(
+    loop: asyncio.AbstractEventLoop | None,
+) -> weakref.ref[asyncio.AbstractEventLoop] | None:
+    """A weak reference to ``loop``; None without one, or for a loop that allows none."""
+    if loop is None:
+        return None
+    try:
+        return weakref.ref(loop)
+    except TypeError:  # an event loop class with __slots__ and no __weakref__
+        return None
+
+
 class _Root:
     """A root run: what it holds, how many live invocations use its run id, and the
     event loop it started on (a weak reference; None for a run started off any loop)."""
@@ -125,7 +137,7 @@ class RunIndex:
                 )
             self._runs[key] = (target, key)
             self._children[key] = []
-            self._roots[key] = _Root(target, weakref.ref(loop) if loop is not None else None)
+            self._roots[key] = _Root(target, _weak(loop))
             if isinstance(target, Execution):
                 self._roots_of.setdefault(target, []).append(key)
 
