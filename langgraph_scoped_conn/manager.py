@@ -432,6 +432,8 @@ class ExecutionConnectionManager:
         Returns:
             The ids that were released.
         """
+        if execution_id is None:
+            self.end_orphaned_runs()
         now = time.monotonic()
         limit = max_age if max_age is not None else self.settings.max_scope_lifetime
         released = []

@@ -595,10 +595,16 @@ async def until_started():
 loop.run_until_complete(until_started())
 open_before = manager.active_executions()
 loop.close()  # the run's task never finishes: no end reaches the handler
+if sys.argv[2] == "reap":  # the debug app's reaper (max_scope_lifetime is an hour)
+    manager.reap()
+    open_after_reap = manager.active_executions()
+else:
+    open_after_reap = []
 drained = manager.drain(timeout=30)
 stats = manager.get_stats()
 print(json.dumps({
-    "open_before": len(open_before), "drained": drained, "backend": leaked[0][1],
+    "open_before": len(open_before), "after_reap": len(open_after_reap), "drained": drained,
+    "backend": leaked[0][1],
     "invalidated": leaked[0][0].invalidated, "active": stats["active_executions"],
     "in_use": stats["connections_in_use"], "reclaimed": stats["leaks_reclaimed"],
     "warnings": [w for w in warnings if "event loop closed" in w],
@@ -608,7 +614,10 @@ os._exit(0)  # skip the never-finished coroutines' finalizers
 """
 
 
-def test_a_run_whose_event_loop_closed_before_its_end_is_released(pg_db: Database) -> None:
+@pytest.mark.parametrize("how", ["drain", "reap"])
+def test_a_run_whose_event_loop_closed_before_its_end_is_released(
+    how: str, pg_db: Database
+) -> None:
     # asyncio.run cancels the runs still going when its main coroutine ends (the other
     # runs of an abatch after one run's error), and LangGraph reports a run's error from
     # a shielded task that the same shutdown may cancel before its first step: then the
@@ -618,7 +627,7 @@ def test_a_run_whose_event_loop_closed_before_its_end_is_released(pg_db: Databas
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPED_CONN_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     with subprocess.Popen(
-        [sys.executable, "-c", ORPHANED_RUN, pg_db.url],
+        [sys.executable, "-c", ORPHANED_RUN, pg_db.url, how],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -639,7 +648,7 @@ def test_a_run_whose_event_loop_closed_before_its_end_is_released(pg_db: Databas
         finally:
             if child.poll() is None:
                 child.kill()
-    assert seen["open_before"] == 1
+    assert (seen["open_before"], seen["after_reap"]) == (1, 0)
     assert seen["drained"] is True
     assert (seen["active"], seen["in_use"], seen["reclaimed"]) == (0, 0, 1)
     assert seen["invalidated"] is True
