@@ -188,16 +188,20 @@ class Execution:
 
     # -- holders -------------------------------------------------------------------
 
+    # the registry is the one caller of hold() and drop(), always under its lock, so the
+    # hold count needs no lock of its own (it is read nowhere else)
+
     def hold(self) -> None:
         """One more holder (a joining scope or run); the registry calls it under its lock."""
-        with self._lock:
-            self._holds += 1
+        self._holds += 1
 
     def drop(self, *, every: bool = False) -> bool:
-        """Drop one hold (all with ``every``); True when none is left and it should end."""
-        with self._lock:
-            self._holds = 0 if every else self._holds - 1
-            return self._holds <= 0
+        """Drop one hold (all with ``every``); True when none is left and it should end.
+
+        The registry calls it under its lock.
+        """
+        self._holds = 0 if every else self._holds - 1
+        return self._holds <= 0
 
     # -- checkouts -----------------------------------------------------------------
 
@@ -410,8 +414,10 @@ class Execution:
           transaction back on the server and ends the backend at once.
         """
         with self._lock:
-            dirty = list(self.dirtied.values())
-            self.dirtied.clear()
+            dirty: list[tuple[Any, Any]] = []
+            if self.dirtied:
+                dirty = list(self.dirtied.values())
+                self.dirtied.clear()
             if not (self.checkouts or self.reserved or self._inflight or self.custom):
                 # the usual end: nothing out, nothing tracked
                 self.state = "closed"

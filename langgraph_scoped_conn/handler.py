@@ -104,7 +104,10 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._start(run_id, parent_run_id, tags, metadata)
+        # every node's start comes here: a child's costs one call into the run index
+        manager = self._manager if self._manager is not None else get_connection_manager()
+        if parent_run_id is None or not manager.link_run(run_id, parent_run_id):
+            self._open(manager, run_id, tags, metadata)
 
     def on_tool_start(
         self,
@@ -145,12 +148,20 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         tool_call_id: str | None = None,
     ) -> None:
         manager = self._manager if self._manager is not None else get_connection_manager()
-        if parent_run_id is not None and manager.link_run(
+        if parent_run_id is None or not manager.link_run(
             run_id, parent_run_id, name, tool_call_id
         ):
-            return
-        # a root: no parent, or a parent this manager has not seen (the wrapped graph
-        # called from inside another runnable, or used as a subgraph of a plain graph)
+            self._open(manager, run_id, tags, metadata)
+
+    def _open(
+        self,
+        manager: ExecutionConnectionManager,
+        run_id: uuid.UUID,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        """A root: no parent, or a parent this manager has not seen (the wrapped graph
+        called from inside another runnable, or used as a subgraph of a plain graph)."""
         try:
             chosen, exclusive = self._choose_id(manager, run_id, tags, metadata)
             manager.open_execution(chosen, root_run=run_id, exclusive=exclusive)
@@ -209,7 +220,9 @@ class ScopedConnectionHandler(BaseCallbackHandler):
     # -- run ends ------------------------------------------------------------------
 
     def on_chain_end(self, outputs: Any, *, run_id: uuid.UUID, **kwargs: Any) -> None:
-        self._end(run_id, None)
+        # every node's end comes here: a child's costs one lookup
+        manager = self._manager if self._manager is not None else get_connection_manager()
+        manager.end_run(run_id)
 
     def on_chain_error(self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any) -> None:
         self._end(run_id, error)

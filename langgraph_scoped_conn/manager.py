@@ -73,6 +73,9 @@ class ExecutionConnectionManager:
         if self.settings.database_url:
             parse_url(self.settings.database_url)  # fail early, with the password redacted
         self._registry = Registry(self)
+        lifetime = self.settings.max_scope_lifetime
+        #: seconds between two reaping passes, None without a lifetime (settings are frozen)
+        self._reap_every = None if lifetime is None else self._registry.reap_interval(lifetime)
         self._runs = RunIndex()
         self._retired = RetiredCounters()
         self._releaser = Releaser(count=self._registry.count, disposed=self._retired.add)
@@ -115,7 +118,8 @@ class ExecutionConnectionManager:
             ScopeUnavailableError: ``root_run`` is already a live run's id, or
                 ``exclusive`` and another live run holds the execution.
         """
-        self._schedule_upkeep()
+        if self._registry.upkeep_due(self._reap_every):  # _schedule_upkeep(), inline
+            self._releaser.call(self.upkeep)
         bind = None
         if root_run is not None:
             runs = self._runs
@@ -219,7 +223,7 @@ class ExecutionConnectionManager:
 
     def _schedule_upkeep(self) -> None:
         """Hand reaping and abandoned-connection closing to a release thread when due."""
-        if self._registry.upkeep_due(self.settings.max_scope_lifetime):
+        if self._registry.upkeep_due(self._reap_every):
             self._releaser.call(self.upkeep)
 
     def upkeep(self) -> None:
@@ -323,16 +327,20 @@ class ExecutionConnectionManager:
         The blocking part of the release runs on a release thread: a callback must
         not block the thread (or event loop) that runs the graph.
         """
-        target = self._runs.root_target(run_id)
-        release = None
-        if isinstance(target, Execution):
-            release = self._registry.detach(target, reason=reason, force=False)
+        runs = self._runs
+        root = runs.root(run_id)
+        if root is not None:
+            target = None if root.released else root.target
+            release = None
+            if isinstance(target, Execution):
+                release = self._registry.detach(target, reason=reason, force=False)
+                if release is not None and (release.reclaim or release.draining):
+                    self._name_outstanding(target, release.reclaim)
+            runs.end_root(run_id)
             if release is not None:
-                self._name_outstanding(target, release.reclaim)
-        self._runs.end_root(run_id)  # a child's end: one dict lookup, no lock
-        if release is not None:
-            self._runs.forget_execution(release.execution)
-            self._releaser.submit(release)
+                runs.forget_execution(release.execution)
+                self._releaser.submit(release)
+        # a child's end: one dict lookup, no lock
         if self._registry.draining:
             self._schedule_upkeep()
 

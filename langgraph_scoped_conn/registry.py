@@ -195,21 +195,18 @@ class Registry:
         """Seconds between two reaping passes: a quarter of the lifetime, at most a minute."""
         return min(lifetime / 4, 60.0) if lifetime else 60.0
 
-    def upkeep_due(self, lifetime: float | None) -> bool:
+    def upkeep_due(self, interval: float | None) -> bool:
         """True (once, until :meth:`upkeep_started`) when upkeep should run now.
 
-        Reaping is due every :meth:`reap_interval`; abandoned connections of draining
-        executions are looked for at most 20 times a second.  Costs nothing without a
-        lifetime and with nothing draining.
+        Reaping is due every ``interval`` seconds (:meth:`reap_interval`; ``None``
+        without a lifetime); abandoned connections of draining executions are looked
+        for at most 20 times a second.  Runs at every run's start: costs one clock
+        read, and nothing without a lifetime and with nothing draining.
         """
-        if lifetime is None and not self.draining:
-            return False
-        if self._upkeep_pending:
+        if self._upkeep_pending or (interval is None and not self.draining):
             return False
         since = time.monotonic() - self._last_upkeep
-        due = bool(self.draining) and since > 0.05
-        if lifetime is not None and not due:
-            due = since > self.reap_interval(lifetime)
+        due = (since > 0.05 and bool(self.draining)) or (interval is not None and since > interval)
         if due:
             self._upkeep_pending = True
         return due

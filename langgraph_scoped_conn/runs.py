@@ -137,7 +137,7 @@ class RunIndex:
                 )
             self._runs[key] = (target, key)
             self._children[key] = []
-            self._roots[key] = _Root(target, _weak(loop))
+            self._roots[key] = _Root(target, None if loop is None else _weak(loop))
             if isinstance(target, Execution):
                 self._roots_of.setdefault(target, []).append(key)
 
@@ -162,7 +162,10 @@ class RunIndex:
         lock) is settled after the append: if the root's children list is gone, the
         forget may have missed this run, and it removes its own entries.
         """
-        entry = self._runs.get(_key(parent_run_id))
+        try:  # _key(), inline: every child run's start comes here
+            entry = self._runs.get(parent_run_id.int)
+        except AttributeError:
+            entry = self._runs.get(parent_run_id)
         if entry is None:
             return False
         key = _key(run_id)
@@ -178,6 +181,13 @@ class RunIndex:
             self._names.pop(key, None)
         return True
 
+    def root(self, run_id: uuid.UUID) -> _Root | None:
+        """The root run ``run_id``, if this index still holds it (no lock: one lookup)."""
+        try:
+            return self._roots.get(run_id.int)  # _key(run_id), inline: every run's end asks
+        except AttributeError:
+            return self._roots.get(run_id)
+
     def root_target(self, run_id: uuid.UUID) -> Target | None:
         """What the root run ``run_id`` holds, if it is a live root not yet released."""
         root = self._roots.get(_key(run_id))
@@ -189,10 +199,9 @@ class RunIndex:
         """A root run ended: return what it held the first time (None for a child run).
 
         Its children are forgotten once no live invocation uses the run id any more.
+        A child's end need not come here (:meth:`root` tells them apart without a lock).
         """
         key = _key(run_id)
-        if key not in self._roots:  # a child's end: no lock
-            return None
         with self._lock:
             root = self._roots.get(key)
             if root is None:
