@@ -148,9 +148,7 @@ class ScopedConnectionHandler(BaseCallbackHandler):
         tool_call_id: str | None = None,
     ) -> None:
         manager = self._manager if self._manager is not None else get_connection_manager()
-        if parent_run_id is None or not manager.link_run(
-            run_id, parent_run_id, name, tool_call_id
-        ):
+        if parent_run_id is None or not manager.link_run(run_id, parent_run_id, name, tool_call_id):
             self._open(manager, run_id, tags, metadata)
 
     def _open(
