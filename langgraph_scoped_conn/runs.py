@@ -63,13 +63,15 @@ def _weak(
 
 
 class _Root:
-    """A root run: what it holds, how many live invocations use its run id, and the
-    event loop it started on (a weak reference; None for a run started off any loop)."""
+    """A root run: what it holds, the ids of its child runs, how many live invocations
+    use its run id, and the event loop it started on (a weak reference; None for a run
+    started off any loop)."""
 
-    __slots__ = ("live", "loop", "released", "target")
+    __slots__ = ("children", "live", "loop", "released", "target")
 
     def __init__(self, target: Target, loop: weakref.ref[asyncio.AbstractEventLoop] | None) -> None:
         self.target = target
+        self.children: list[Any] = []
         self.live = 1
         self.released = False
         self.loop = loop
@@ -92,11 +94,9 @@ class RunIndex:
         self._lock = threading.Lock()
         #: run id -> (its execution or failed scope, its root run id)
         self._runs: dict[Any, tuple[Target, Any]] = {}
-        #: root run id -> the ids of its child runs
-        self._children: dict[Any, list[Any]] = {}
         #: tool run id -> (the tool's name, its tool call id), for leak reports
         self._names: dict[Any, tuple[str, str | None]] = {}
-        #: root run id -> what it holds
+        #: root run id -> what it holds, and its child runs
         self._roots: dict[Any, _Root] = {}
         #: execution -> its root runs (live runs that hold it)
         self._roots_of: dict[Execution, list[Any]] = {}
@@ -136,7 +136,6 @@ class RunIndex:
                     "open one ExecutionScope around both runs to share it on purpose"
                 )
             self._runs[key] = (target, key)
-            self._children[key] = []
             self._roots[key] = _Root(target, None if loop is None else _weak(loop))
             if isinstance(target, Execution):
                 self._roots_of.setdefault(target, []).append(key)
@@ -159,7 +158,7 @@ class RunIndex:
 
         Every child run start comes here, so it takes no lock: each step is one atomic
         dict or list operation.  The race with the root's end (:meth:`_forget`, under the
-        lock) is settled after the append: if the root's children list is gone, the
+        lock) is settled after the append: if the root is gone, the
         forget may have missed this run, and it removes its own entries.
         """
         try:  # _key(), inline: every child run's start comes here
@@ -173,10 +172,10 @@ class RunIndex:
         self._runs[key] = entry  # the same (target, root) pair as its parent
         if name is not None:
             self._names[key] = (name, tool_call_id)
-        children = self._children.get(root)
-        if children is not None:
-            children.append(key)
-        if children is None or self._children.get(root) is not children:  # root ended meanwhile
+        parent_root = self._roots.get(root)
+        if parent_root is not None:
+            parent_root.children.append(key)
+        if parent_root is None or self._roots.get(root) is not parent_root:  # root ended meanwhile
             self._runs.pop(key, None)
             self._names.pop(key, None)
         return True
@@ -210,7 +209,6 @@ class RunIndex:
             root.released = True
             root.live -= 1
             if root.live <= 0:
-                del self._roots[key]
                 self._forget(key)
             if first and isinstance(root.target, Execution):
                 self._unlink(root.target, key)
@@ -236,7 +234,6 @@ class RunIndex:
         with self._lock:
             for key in self._roots_of.pop(execution, ()):
                 self._forget(key)
-                self._roots.pop(key, None)
 
     def _unlink(self, execution: Execution, key: Any) -> None:
         keys = self._roots_of.get(execution)
@@ -246,9 +243,11 @@ class RunIndex:
                 del self._roots_of[execution]
 
     def _forget(self, key: Any) -> None:
+        """Forget the root run ``key`` and its children (under the lock)."""
         self._runs.pop(key, None)
         # popped first: a link() that appends after this sees the root gone and cleans up
-        for child in self._children.pop(key, ()):
+        root = self._roots.pop(key, None)
+        for child in root.children if root is not None else ():
             self._runs.pop(child, None)
             self._names.pop(child, None)
 
@@ -291,18 +290,11 @@ class RunIndex:
     def size(self) -> int:
         """How many entries the index holds (for leak checks)."""
         with self._lock:
-            return (
-                len(self._runs)
-                + len(self._children)
-                + len(self._names)
-                + len(self._roots)
-                + len(self._roots_of)
-            )
+            return len(self._runs) + len(self._names) + len(self._roots) + len(self._roots_of)
 
     def clear(self) -> None:
         with self._lock:
             self._runs.clear()
-            self._children.clear()
             self._names.clear()
             self._roots.clear()
             self._roots_of.clear()
