@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 #: How many locks the executions of one registry share (see Execution).
 _STRIPES = 64
+#: bytes: an empty execution table larger than this is freed (see ``RunIndex._free_tables``)
+_BIG_TABLE = 16384
 
 
 class _Ids:
@@ -129,6 +132,8 @@ class Registry:
                 return None
             if self._executions.get(execution.execution_id) is execution:
                 del self._executions[execution.execution_id]
+                if not self._executions and sys.getsizeof(self._executions) > _BIG_TABLE:
+                    self._executions.clear()  # a burst's grown table, given back (see runs.py)
             self.counters["scopes_closed"] += 1
             if reason == "reaped":
                 self.counters["scopes_reaped"] += 1

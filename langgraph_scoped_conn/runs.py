@@ -37,6 +37,11 @@ current_tool_call: contextvars.ContextVar[tuple[str, str] | None] = contextvars.
 )
 
 
+#: bytes: an empty table larger than this is freed once no root run is live (a table
+#: this size held a few hundred entries; smaller ones are kept for the next runs)
+_BIG_TABLE = 16384
+
+
 def _key(run_id: uuid.UUID) -> Any:
     """A run id as a dict key: a UUID's 128-bit int, whose hash is computed in C.
 
@@ -208,10 +213,10 @@ class RunIndex:
             first = not root.released
             root.released = True
             root.live -= 1
-            if root.live <= 0:
-                self._forget(key)
             if first and isinstance(root.target, Execution):
                 self._unlink(root.target, key)
+            if root.live <= 0:
+                self._forget(key)  # after the unlink: the last root's frees the tables
         return root.target if first else None
 
     def orphaned(self) -> list[Any]:
@@ -250,6 +255,23 @@ class RunIndex:
         for child in root.children if root is not None else ():
             self._runs.pop(child, None)
             self._names.pop(child, None)
+        if not self._roots:
+            self._free_tables()
+
+    def _free_tables(self) -> None:
+        """Give back the tables a burst of runs grew, once no root run is live.
+
+        A dict keeps its largest table after its entries are deleted: after 10,000
+        concurrent runs the run index would hold several MB of empty tables until the
+        next burst.  ``clear()`` frees an empty dict's table, and keeps the object, so
+        a :meth:`link` racing with this (which never inserts into an emptied table for
+        good: it sees its root gone and removes its own entry) reads the same dict.
+        """
+        for table in (self._runs, self._names, self._roots_of):
+            if not table and sys.getsizeof(table) > _BIG_TABLE:
+                table.clear()
+        if sys.getsizeof(self._roots) > _BIG_TABLE:
+            self._roots.clear()
 
     def target(self, run_id: uuid.UUID) -> Target | None:
         """The execution or failed scope ``run_id`` belongs to."""

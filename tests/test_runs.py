@@ -162,3 +162,42 @@ def test_sequential_runs_may_reuse_an_id_once_the_first_ended(
     for config in configs:
         assert graph.invoke({"name": "a"}, config)["out"].endswith("[(500,)]")
     assert_released(manager, pg_db)
+
+
+def test_a_burst_of_runs_gives_its_grown_tables_back_once_none_is_live() -> None:
+    """A dict keeps its largest table after its entries are deleted: 2,000 concurrent
+    runs left the run index and the registry holding empty tables of 100+ KB each until
+    the next burst.  Measured on the real tables around a real concurrent ``abatch``
+    (no timer: the event loop's order alone decides how many runs are live at once)."""
+    import sys
+
+    mgr = ExecutionConnectionManager("postgresql+psycopg2://nobody@127.0.0.1:1/unused")
+    runs, registry = mgr._runs, mgr._registry
+    peak = {"runs": 0, "executions": 0}
+
+    async def node(state: State) -> State:
+        await asyncio.sleep(0)  # let every other run start
+        peak["runs"] = max(peak["runs"], sys.getsizeof(runs._runs))
+        peak["executions"] = max(peak["executions"], sys.getsizeof(registry._executions))
+        return {"out": "ok"}
+
+    builder = StateGraph(State)
+    builder.add_node("first", node)
+    builder.add_node("second", node)
+    builder.add_edge(START, "first")
+    builder.add_edge("first", "second")
+    builder.add_edge("second", END)
+    graph = lsc.with_scoped_connections(builder.compile(), manager=mgr)
+    try:
+        out = asyncio.run(graph.abatch([{"name": str(i)} for i in range(2000)]))
+        assert [o["out"] for o in out] == ["ok"] * 2000
+        assert mgr.tracked_runs() == 0 and mgr.active_executions() == []
+        assert peak["runs"] > 100_000 and peak["executions"] > 50_000, peak  # they did grow
+        for table in (runs._runs, runs._names, runs._roots, runs._roots_of):
+            assert sys.getsizeof(table) < 1024, table
+        assert sys.getsizeof(registry._executions) < 1024
+        # and the index works as before afterwards
+        assert asyncio.run(graph.ainvoke({"name": "again"}))["out"] == "ok"
+        assert mgr.tracked_runs() == 0
+    finally:
+        mgr.close()
