@@ -21,7 +21,7 @@ import langgraph_scoped_conn as lsc
 from langgraph_scoped_conn import ExecutionConnectionManager
 from langgraph_scoped_conn.session import RESET_SQL, activity
 from langgraph_scoped_conn.testing import SAMPLE_SQL, PostgresCluster
-from tests.conftest import Database
+from tests.conftest import Database, eventually
 
 QUERY = "select count(*) from orders"
 #: The same answer from a statement that changes the session, so every change of hands
@@ -205,6 +205,7 @@ def test_activity_reads_the_driver_state(driver: str, pg_db: Database) -> None:
         conn: Any = psycopg.connect(url)
     else:
         conn = psycopg2.connect(url)
+    worker: threading.Thread | None = None
     try:
         assert activity(conn) == "idle"
         cur = conn.cursor()
@@ -218,17 +219,33 @@ def test_activity_reads_the_driver_state(driver: str, pg_db: Database) -> None:
             except Exception as exc:  # cancelled below
                 outcome["error"] = exc
 
+        pid = conn.info.backend_pid if driver == "psycopg" else conn.get_backend_pid()
         worker = threading.Thread(target=sleep)
         worker.start()
         seen = None
         while worker.is_alive() and seen != "active":  # until the statement is in flight
             seen = activity(conn)
         assert seen == "active"  # a statement in flight, seen from another thread
+        # psycopg 3 counts a statement as in flight from the moment its thread takes the
+        # connection's lock, before the query reaches the server; a cancel sent before
+        # then is a no-op (and the sleep would run its 60 s), so cancel once it runs
+        eventually(
+            lambda: (
+                pg_db.query("select state, query from pg_stat_activity where pid = %s", pid)
+                == [("active", "select pg_sleep(60)")]
+            ),
+            "the sleep running on the server",
+        )
         conn.cancel()
         worker.join(30)
         assert "canceling statement" in str(outcome.get("error")), outcome
         conn.rollback()
         assert activity(conn) == "idle"
     finally:
+        # never close a connection under a thread still inside a statement: a driver may
+        # free what that thread is using (a failed assertion above must not crash the run)
+        while worker is not None and worker.is_alive():
+            conn.cancel()
+            worker.join(1)
         conn.close()
     assert activity(conn) == "gone"
