@@ -208,10 +208,14 @@ class ExecutionConnectionManager:
         deadline = None if timeout is None else time.monotonic() + timeout
         self.end_orphaned_runs()
         while True:
+            # read before the reclaim: a grace found over here is over for the reclaim
+            # too, which then closes that connection (read after, a grace ending between
+            # the two returned with the connection still out)
+            in_grace = self._registry.in_grace()
             self.reclaim_abandoned()
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             done = self._releaser.drain(left)
-            if not self._registry.in_grace():
+            if not in_grace:
                 return done
             if deadline is not None and time.monotonic() >= deadline:
                 return False

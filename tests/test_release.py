@@ -422,3 +422,43 @@ def test_a_straggler_returning_its_connection_as_it_is_reclaimed_never_shares_it
     assert isinstance(held["third"], int), held
     assert mgr.drain(30)
     assert mgr.get_stats()["connections_in_use"] == 0
+
+
+def test_drain_closes_a_connection_whose_grace_ends_while_it_waits(
+    pg_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain() read the grace after its reclaim, so a grace that ended in between (a slow
+    release thread on a busy machine) returned with the connection still out: seen as a
+    draining execution in a busy-core CI run.  Here the release threads' drain always
+    waits until the grace is over, so that interleaving happens every time."""
+    mgr = ExecutionConnectionManager(pg_db.url, max_connections=2)
+    try:
+        execution = mgr.open_execution("graced")
+        engine = mgr.engine_for(execution)
+        taken: dict[str, Any] = {}
+
+        def node() -> None:  # another thread than the closer, inside a transaction
+            conn = engine.connect()
+            conn.execute(text("select 1"))
+            taken["conn"], taken["pid"] = conn, backend_pid(conn)
+
+        worker = threading.Thread(target=node)
+        worker.start()
+        worker.join()
+        mgr.release_execution(execution)  # kept for its grace: its thread may go on
+        assert mgr.get_stats()["draining_executions"] == 1
+
+        slow = mgr._releaser.drain
+
+        def drain_after_the_grace(timeout: float | None) -> bool:
+            eventually(lambda: not execution.in_grace(), "the grace is over")
+            return slow(timeout)
+
+        monkeypatch.setattr(mgr._releaser, "drain", drain_after_the_grace)
+        assert mgr.drain(30)
+        stats = mgr.get_stats()
+        assert (stats["draining_executions"], stats["connections_in_use"]) == (0, 0)
+        assert stats["leaks_reclaimed"] == 1
+        eventually(lambda: taken["pid"] not in live_pids(pg_db), "the backend is gone")
+    finally:
+        mgr.close()
