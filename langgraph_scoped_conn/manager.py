@@ -118,8 +118,7 @@ class ExecutionConnectionManager:
             ScopeUnavailableError: ``root_run`` is already a live run's id, or
                 ``exclusive`` and another live run holds the execution.
         """
-        if self._registry.upkeep_due(self._reap_every):  # _schedule_upkeep(), inline
-            self._releaser.call(self.upkeep)
+        self._schedule_upkeep()
         bind = None
         if root_run is not None:
             runs = self._runs

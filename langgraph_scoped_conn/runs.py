@@ -194,7 +194,7 @@ class RunIndex:
 
     def root_target(self, run_id: uuid.UUID) -> Target | None:
         """What the root run ``run_id`` holds, if it is a live root not yet released."""
-        root = self._roots.get(_key(run_id))
+        root = self.root(run_id)
         if root is None or root.released:
             return None
         return root.target
@@ -267,11 +267,9 @@ class RunIndex:
         a :meth:`link` racing with this (which never inserts into an emptied table for
         good: it sees its root gone and removes its own entry) reads the same dict.
         """
-        for table in (self._runs, self._names, self._roots_of):
+        for table in (self._runs, self._names, self._roots, self._roots_of):
             if not table and sys.getsizeof(table) > _BIG_TABLE:
                 table.clear()
-        if sys.getsizeof(self._roots) > _BIG_TABLE:
-            self._roots.clear()
 
     def target(self, run_id: uuid.UUID) -> Target | None:
         """The execution or failed scope ``run_id`` belongs to."""
