@@ -24,10 +24,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from langgraph_scoped_conn.checkout import Checkout
 from langgraph_scoped_conn.errors import ScopeUnavailableError
 from langgraph_scoped_conn.execution import Execution, FailedScope, Release
 from langgraph_scoped_conn.pools import PoolObserver, Pools
@@ -155,16 +153,19 @@ class ExecutionConnectionManager:
     def _detach(self, execution: Execution, reason: str) -> Release | None:
         release = self._registry.detach(execution, reason=reason, force=False)
         if release is not None:
-            self._name_outstanding(execution, release.reclaim)
+            self._name_outstanding(release)
             self._runs.forget_execution(execution)
         return release
 
-    def _name_outstanding(self, execution: Execution, taken: Iterable[Checkout]) -> None:
+    def _name_outstanding(self, release: Release | None) -> None:
         """Work out which node and tool took the connections an ended execution still had.
 
-        Only for a report, and while the run index still knows the run's tools.
+        Only for a report, and while the run index still knows the run's tools; the
+        usual end (nothing taken back, nothing left out) costs nothing here.
         """
-        for checkout in (*taken, *execution.outstanding()):
+        if release is None or not (release.reclaim or release.draining or release.cancel):
+            return
+        for checkout in (*release.reclaim, *release.execution.outstanding()):
             if checkout.origin is None:
                 checkout.origin = self._runs.origin(checkout.context)
 
@@ -337,9 +338,9 @@ class ExecutionConnectionManager:
             release = None
             if isinstance(target, Execution):
                 release = self._registry.detach(target, reason=reason, force=False)
-                if release is not None and (release.reclaim or release.draining):
-                    self._name_outstanding(target, release.reclaim)
-            runs.end_root(run_id)
+                if release is not None:
+                    self._name_outstanding(release)
+            runs.end_root(root)
             if release is not None:
                 runs.forget_execution(release.execution)
                 self._releaser.submit(release)
@@ -452,7 +453,7 @@ class ExecutionConnectionManager:
             release = self._registry.force_release(execution, reason)
             if release is None:
                 continue
-            self._name_outstanding(execution, release.reclaim)
+            self._name_outstanding(release)
             self._runs.forget_execution(execution)
             age = now - execution.created
             if reason == "reaped":
@@ -554,7 +555,7 @@ class ExecutionConnectionManager:
         """
         for execution in self._registry.everything():
             release = self._registry.force_release(execution, "closed with its manager")
-            self._name_outstanding(execution, release.reclaim if release else ())
+            self._name_outstanding(release)
             self._runs.forget_execution(execution)
             self._releaser.run(release)
             if release is not None and release.cancel:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +24,9 @@ logger = logging.getLogger("langgraph_scoped_conn")
 
 #: How many locks the executions of one registry share (see Execution).
 _STRIPES = 64
-#: bytes: an empty execution table larger than this is freed (see ``RunIndex._free_tables``)
-_BIG_TABLE = 16384
+#: an execution table that held more entries than this is freed once empty (see
+#: ``RunIndex._free_tables``)
+_GROWN = 512
 
 
 class _Ids:
@@ -75,6 +75,8 @@ class Registry:
         locks = [threading.Lock() for _ in range(_STRIPES)]
         self._stripes = tuple((lock, threading.Condition(lock)) for lock in locks)
         self._executions: dict[str, Execution] = {}
+        #: the table held more than _GROWN executions since it was last freed
+        self._grown = False
         #: ended executions whose connections are still out (read without the lock)
         self.draining: set[Execution] = set()
         self.closed = False
@@ -131,9 +133,12 @@ class Registry:
             if execution.state != "open" or not execution.drop(every=force):
                 return None
             if self._executions.get(execution.execution_id) is execution:
+                if len(self._executions) > _GROWN:
+                    self._grown = True
                 del self._executions[execution.execution_id]
-                if not self._executions and sys.getsizeof(self._executions) > _BIG_TABLE:
+                if self._grown and not self._executions:
                     self._executions.clear()  # a burst's grown table, given back (see runs.py)
+                    self._grown = False
             self.counters["scopes_closed"] += 1
             if reason == "reaped":
                 self.counters["scopes_reaped"] += 1

@@ -37,9 +37,9 @@ current_tool_call: contextvars.ContextVar[tuple[str, str] | None] = contextvars.
 )
 
 
-#: bytes: an empty table larger than this is freed once no root run is live (a table
-#: this size held a few hundred entries; smaller ones are kept for the next runs)
-_BIG_TABLE = 16384
+#: a run table that held more entries than this at a root run's end has grown: its
+#: tables are freed once no root run is live (smaller ones are kept for the next runs)
+_GROWN = 512
 
 
 def _key(run_id: uuid.UUID) -> Any:
@@ -68,17 +68,28 @@ def _weak(
 
 
 class _Root:
-    """A root run: what it holds, the ids of its child runs, how many live invocations
-    use its run id, and the event loop it started on (a weak reference; None for a run
-    started off any loop)."""
+    """A root run: its key, what it holds, the ids of its child runs, how many live
+    invocations use its run id, whether it is forgotten, the error its lookups get once
+    a second invocation used its id, and the event loop it started on (a weak reference;
+    None for a run started off any loop).
 
-    __slots__ = ("children", "live", "loop", "released", "target")
+    Every run id of the run (its own and its children's) maps to this one object, so a
+    child's start and end read their root without another lookup.
+    """
 
-    def __init__(self, target: Target, loop: weakref.ref[asyncio.AbstractEventLoop] | None) -> None:
+    __slots__ = ("children", "failed", "forgotten", "key", "live", "loop", "released", "target")
+
+    def __init__(
+        self, key: Any, target: Target, loop: weakref.ref[asyncio.AbstractEventLoop] | None
+    ) -> None:
+        self.key = key
         self.target = target
         self.children: list[Any] = []
         self.live = 1
         self.released = False
+        self.forgotten = False
+        #: set when a second live invocation used the run id: what lookups get instead
+        self.failed: FailedScope | None = None
         self.loop = loop
 
     def loop_gone(self) -> bool:
@@ -97,14 +108,16 @@ class RunIndex:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: run id -> (its execution or failed scope, its root run id)
-        self._runs: dict[Any, tuple[Target, Any]] = {}
+        #: run id (a root's or a child's) -> its root run
+        self._runs: dict[Any, _Root] = {}
         #: tool run id -> (the tool's name, its tool call id), for leak reports
         self._names: dict[Any, tuple[str, str | None]] = {}
-        #: root run id -> what it holds, and its child runs
+        #: live root run id -> its root run (for the orphan scan)
         self._roots: dict[Any, _Root] = {}
         #: execution -> its root runs (live runs that hold it)
         self._roots_of: dict[Execution, list[Any]] = {}
+        #: the tables held more than _GROWN runs since they were last freed
+        self._grown = False
 
     def bind_root(
         self,
@@ -131,7 +144,7 @@ class RunIndex:
                     "connection from now on. Give each invocation its own run_id (or none)"
                 )
                 root.live += 1
-                self._runs[key] = (FailedScope(error), key)
+                root.failed = FailedScope(error)  # every run id of both runs reads it
                 raise error
             if exclusive and isinstance(target, Execution) and self._roots_of.get(target):
                 raise ScopeUnavailableError(
@@ -140,8 +153,9 @@ class RunIndex:
                     "callable return an id unique per run (e.g. include run['run_id']), or "
                     "open one ExecutionScope around both runs to share it on purpose"
                 )
-            self._runs[key] = (target, key)
-            self._roots[key] = _Root(target, None if loop is None else _weak(loop))
+            root = _Root(key, target, None if loop is None else _weak(loop))
+            self._runs[key] = root
+            self._roots[key] = root
             if isinstance(target, Execution):
                 self._roots_of.setdefault(target, []).append(key)
 
@@ -163,34 +177,34 @@ class RunIndex:
 
         Every child run start comes here, so it takes no lock: each step is one atomic
         dict or list operation.  The race with the root's end (:meth:`_forget`, under the
-        lock) is settled after the append: if the root is gone, the
-        forget may have missed this run, and it removes its own entries.
+        lock) is settled after the append: if the root is forgotten by then, the forget
+        may have missed this run, and it removes its own entries.
         """
         try:  # _key(), inline: every child run's start comes here
-            entry = self._runs.get(parent_run_id.int)
+            root = self._runs.get(parent_run_id.int)
         except AttributeError:
-            entry = self._runs.get(parent_run_id)
-        if entry is None:
+            root = self._runs.get(parent_run_id)
+        if root is None:
             return False
         key = _key(run_id)
-        root = entry[1]
-        self._runs[key] = entry  # the same (target, root) pair as its parent
+        self._runs[key] = root
         if name is not None:
             self._names[key] = (name, tool_call_id)
-        parent_root = self._roots.get(root)
-        if parent_root is not None:
-            parent_root.children.append(key)
-        if parent_root is None or self._roots.get(root) is not parent_root:  # root ended meanwhile
+        root.children.append(key)
+        if root.forgotten:  # the root ended meanwhile
             self._runs.pop(key, None)
             self._names.pop(key, None)
         return True
 
     def root(self, run_id: uuid.UUID) -> _Root | None:
         """The root run ``run_id``, if this index still holds it (no lock: one lookup)."""
+        key: Any
         try:
-            return self._roots.get(run_id.int)  # _key(run_id), inline: every run's end asks
+            key = run_id.int  # _key(run_id), inline: every run's end asks
         except AttributeError:
-            return self._roots.get(run_id)
+            key = run_id
+        root = self._runs.get(key)
+        return root if root is not None and root.key == key else None
 
     def root_target(self, run_id: uuid.UUID) -> Target | None:
         """What the root run ``run_id`` holds, if it is a live root not yet released."""
@@ -199,25 +213,22 @@ class RunIndex:
             return None
         return root.target
 
-    def end_root(self, run_id: uuid.UUID) -> Target | None:
-        """A root run ended: return what it held the first time (None for a child run).
+    def end_root(self, root: _Root) -> None:
+        """The root run ``root`` (from :meth:`root`) ended: stop it holding its execution.
 
         Its children are forgotten once no live invocation uses the run id any more.
         A child's end need not come here (:meth:`root` tells them apart without a lock).
         """
-        key = _key(run_id)
         with self._lock:
-            root = self._roots.get(key)
-            if root is None:
-                return None
+            if root.forgotten:  # its execution ended meanwhile (forget_execution)
+                return
             first = not root.released
             root.released = True
             root.live -= 1
             if first and isinstance(root.target, Execution):
-                self._unlink(root.target, key)
+                self._unlink(root.target, root.key)
             if root.live <= 0:
-                self._forget(key)  # after the unlink: the last root's frees the tables
-        return root.target if first else None
+                self._forget(root.key)  # after the unlink: the last root's frees the tables
 
     def orphaned(self) -> list[Any]:
         """Ids of live root runs whose event loop is closed: their end never comes.
@@ -249,13 +260,17 @@ class RunIndex:
 
     def _forget(self, key: Any) -> None:
         """Forget the root run ``key`` and its children (under the lock)."""
+        if len(self._runs) > _GROWN:
+            self._grown = True
         self._runs.pop(key, None)
-        # popped first: a link() that appends after this sees the root gone and cleans up
         root = self._roots.pop(key, None)
-        for child in root.children if root is not None else ():
-            self._runs.pop(child, None)
-            self._names.pop(child, None)
-        if not self._roots:
+        if root is not None:
+            # marked first: a link() that appends after this sees it and cleans up
+            root.forgotten = True
+            for child in root.children:
+                self._runs.pop(child, None)
+                self._names.pop(child, None)
+        if self._grown and not self._roots:
             self._free_tables()
 
     def _free_tables(self) -> None:
@@ -265,16 +280,20 @@ class RunIndex:
         concurrent runs the run index would hold several MB of empty tables until the
         next burst.  ``clear()`` frees an empty dict's table, and keeps the object, so
         a :meth:`link` racing with this (which never inserts into an emptied table for
-        good: it sees its root gone and removes its own entry) reads the same dict.
+        good: it sees its root forgotten and removes its own entry) reads the same dict.
         """
-        for table in (self._runs, self._names, self._roots, self._roots_of):
-            if not table and sys.getsizeof(table) > _BIG_TABLE:
+        tables = (self._runs, self._names, self._roots, self._roots_of)
+        for table in tables:
+            if not table:
                 table.clear()
+        self._grown = any(tables)  # a racing link(): try again at the next last end
 
     def target(self, run_id: uuid.UUID) -> Target | None:
         """The execution or failed scope ``run_id`` belongs to."""
-        entry = self._runs.get(_key(run_id))
-        return entry[0] if entry is not None else None
+        root = self._runs.get(_key(run_id))
+        if root is None:
+            return None
+        return root.target if root.failed is None else root.failed
 
     def name(self, run_id: uuid.UUID | None) -> str | None:
         """The tool name recorded for ``run_id``, if any."""
@@ -318,3 +337,4 @@ class RunIndex:
             self._names.clear()
             self._roots.clear()
             self._roots_of.clear()
+            self._grown = False
