@@ -258,6 +258,9 @@ class NoopHandler(BaseCallbackHandler):
     """A callback handler that does nothing, dispatched like the package's: the callback floor."""
 
     run_inline = True
+    ignore_chain = False
+    ignore_retriever = False
+    ignore_agent = False
     ignore_llm = True
     ignore_chat_model = True
     ignore_retry = True

@@ -69,6 +69,10 @@ class ScopedConnectionHandler(BaseCallbackHandler):
 
     run_inline = True
     raise_error = False
+    # plain class attributes, not langchain-core's properties: LangChain reads the
+    # matching one before every event it hands a handler (six per two-node run)
+    ignore_chain = False
+    ignore_retriever = False
     ignore_llm = True
     ignore_chat_model = True
     # langchain-core routes on_tool_start/end/error through ``ignore_agent``: it must stay
