@@ -147,6 +147,30 @@ def test_runs_share_an_execution_on_purpose_inside_one_scope(
     assert_released(manager, pg_db)
 
 
+def test_a_reused_run_id_fails_the_lookups_of_nodes_already_running_too() -> None:
+    """From the second invocation's start, every node of both runs gets the error: the
+    first run's node that started before it could otherwise still take connections from
+    an execution the second run's end may release under it.  No I/O: the manager's URL
+    is never connected to."""
+    mgr = ExecutionConnectionManager("postgresql+psycopg2://nobody@127.0.0.1:1/unused")
+    try:
+        root, early_node, late_node = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        execution = mgr.open_execution(str(root), root_run=root)
+        assert mgr.link_run(early_node, root)
+        assert mgr.execution_for_run(early_node) is execution
+        with pytest.raises(lsc.ScopeUnavailableError, match=str(root)):
+            mgr.open_execution(str(root), root_run=root)
+        assert mgr.link_run(late_node, root)
+        for run in (root, early_node, late_node):
+            with pytest.raises(lsc.ScopeUnavailableError, match="already used by a live run"):
+                mgr.execution_for_run(run)
+        mgr.end_run(root)  # each invocation's end
+        mgr.end_run(root)
+        assert mgr.tracked_runs() == 0 and mgr.active_executions() == []
+    finally:
+        mgr.close()
+
+
 @pytest.mark.parametrize("reuse", ["same execution id", "same run id"])
 def test_sequential_runs_may_reuse_an_id_once_the_first_ended(
     manager: ExecutionConnectionManager, pg_db: Database, reuse: str
