@@ -21,7 +21,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from langgraph_scoped_conn.checkout import Checkout
@@ -48,6 +49,11 @@ END_GRACE = 1.0
 
 #: serial numbers of executions: unique within the process, never reused (an id may be)
 _serials = itertools.count(1)
+
+#: what an execution's rarely used tables hold until their first entry (read-only, shared:
+#: most executions never track a resource, own a pool or leave a straggler, so they
+#: allocate none of those tables; see Execution._table)
+_NO_ENTRIES: Mapping[Any, Any] = MappingProxyType({})
 
 
 class ExecutionOwner(Protocol):
@@ -162,29 +168,51 @@ class Execution:
         self.created = time.monotonic()
         self._holds = 1
         self.state: State = "open"
-        self.engines: list[Any] = []
-        self.databases: list[Any] = []
-        self.custom: list[Any] = []
+        # the tables below stay shared empties until their first entry (_list, _table)
+        self.engines: Sequence[Any] = _NONE
+        self.databases: Sequence[Any] = _NONE
+        self.custom: Sequence[Any] = _NONE
         #: id(tracked object) -> (node that tracked it, stack when debug=True), for reports
-        self.custom_origins: dict[int, tuple[str | None, str | None]] = {}
+        self.custom_origins: Mapping[int, tuple[str | None, str | None]] = _NO_ENTRIES
         self.cached: dict[Any, Any] = {}
         #: per-execution pools (strategy per_execution), by redacted URL
-        self.handles: dict[str, Any] = {}
+        self.handles: Mapping[str, Any] = _NO_ENTRIES
         self.checkouts: dict[int, Checkout] = {}
         #: id(record) -> (pool handle, record): connections it gave back with session state
-        self.dirtied: dict[int, tuple[Any, Any]] = {}
+        self.dirtied: Mapping[int, tuple[Any, Any]] = _NO_ENTRIES
         self.reserved = 0  # checkouts in flight (counted against the cap, not yet recorded)
         self._lock = lock
         self._cond = cond
         self._waiters = 0  # threads waiting on the per-execution cap
         #: threads that held connections in use (or were checking one out) when the
         #: execution ended -> how many they hold now; they may go on until they hold none
-        self._stragglers: dict[int, int] = {}
+        self._stragglers: Mapping[int, int] = _NO_ENTRIES
         #: threads inside reserve() .. record()/unreserve() -> how many checkouts in flight
         self._inflight: dict[int, int] = {}
         self._warned_straggler = False
         #: until when a connection left inside a transaction stays its thread's
         self._grace_until = 0.0
+
+    def _list(self, name: str) -> list[Any]:
+        """The list ``name`` (engines, databases, custom), made on its first entry.
+
+        Holding the lock: an execution starts with shared read-only empties in the
+        places most executions never fill.
+        """
+        items = getattr(self, name)
+        if not isinstance(items, list):
+            items = []
+            setattr(self, name, items)
+        return items
+
+    def _table(self, name: str) -> dict[Any, Any]:
+        """The dict ``name`` (custom_origins, handles, dirtied, _stragglers), made on its
+        first entry (holding the lock; see :meth:`_list`)."""
+        table = getattr(self, name)
+        if not isinstance(table, dict):
+            table = {}
+            setattr(self, name, table)
+        return table
 
     # -- holders -------------------------------------------------------------------
 
@@ -266,10 +294,11 @@ class Execution:
         else:
             self._inflight.pop(thread, None)
         if thread in self._stragglers:  # the execution ended meanwhile
+            stragglers = self._table("_stragglers")
             if recorded:
-                self._stragglers[thread] += 1
-            elif not self._stragglers[thread] and thread not in self._inflight:
-                del self._stragglers[thread]
+                stragglers[thread] += 1
+            elif not stragglers[thread] and thread not in self._inflight:
+                del stragglers[thread]
 
     def returned(self, checkout: Checkout, dirty: Any = None) -> None:
         """Forget a checkout that came back to the pool; finish draining if it was the last.
@@ -279,7 +308,7 @@ class Execution:
         """
         with self._lock:
             if dirty is not None:
-                self.dirtied[id(dirty)] = (checkout.pool, dirty)
+                self._table("dirtied")[id(dirty)] = (checkout.pool, dirty)
             if self.checkouts.pop(id(checkout), None) is None:
                 return
             checkout.fairy = None
@@ -296,10 +325,11 @@ class Execution:
         left = self._stragglers.get(thread_id)
         if left is None:
             return
+        stragglers = self._table("_stragglers")
         if left <= 1 and thread_id not in self._inflight:
-            del self._stragglers[thread_id]
+            del stragglers[thread_id]
         else:
-            self._stragglers[thread_id] = max(left - 1, 0)
+            stragglers[thread_id] = max(left - 1, 0)
 
     def _drained(self) -> bool:
         """Move a draining execution to closed once nothing is out (holding the lock)."""
@@ -367,21 +397,21 @@ class Execution:
         """Record an engine or SQLDatabase created for this execution."""
         with self._lock:
             self._check_usable()
-            getattr(self, kind).append(obj)
+            self._list(kind).append(obj)
 
     def add_engine_and_database(self, engine: Any, database: Any) -> None:
         """Record a new SQLDatabase and its engine (one lock instead of two)."""
         with self._lock:
             self._check_usable()
-            self.engines.append(engine)
-            self.databases.append(database)
+            self._list("engines").append(engine)
+            self._list("databases").append(database)
 
     def add_custom(self, obj: Any, node: str | None, stack: str | None) -> None:
         """Record a resource to close when the execution ends."""
         with self._lock:
             self._check_usable()
-            self.custom.append(obj)
-            self.custom_origins[id(obj)] = (node, stack)
+            self._list("custom").append(obj)
+            self._table("custom_origins")[id(obj)] = (node, stack)
 
     def handle_for(self, key: str, create: Callable[[], Any]) -> Any:
         """This execution's own pool for ``key``, created by ``create()`` on first use."""
@@ -391,7 +421,7 @@ class Execution:
         if handle is None:
             made = create()
             with self._lock:
-                handle = self.handles.setdefault(key, made)
+                handle = self._table("handles").setdefault(key, made)
             if handle is not made:
                 made.dispose()
         return handle
@@ -417,7 +447,7 @@ class Execution:
             dirty: list[tuple[Any, Any]] = []
             if self.dirtied:
                 dirty = list(self.dirtied.values())
-                self.dirtied.clear()
+                self.dirtied = _NO_ENTRIES
             if not (self.checkouts or self.reserved or self._inflight or self.custom):
                 # the usual end: nothing out, nothing tracked
                 self.state = "closed"
@@ -441,11 +471,10 @@ class Execution:
                 if force:
                     checkout.cancelled = True
                     cancel.append(checkout)
-                self._stragglers[checkout.thread_id] = (
-                    self._stragglers.get(checkout.thread_id, 0) + 1
-                )
+                stragglers = self._table("_stragglers")
+                stragglers[checkout.thread_id] = stragglers.get(checkout.thread_id, 0) + 1
             for thread in self._inflight:  # mid-checkout: they go on like the holders
-                self._stragglers.setdefault(thread, 0)
+                self._table("_stragglers").setdefault(thread, 0)
             busy = bool(self.checkouts) or self.reserved > 0 or bool(self._inflight)
             self.state = "draining" if busy else "closed"
             self._grace_until = time.monotonic() + END_GRACE
