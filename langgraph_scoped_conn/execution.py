@@ -168,7 +168,8 @@ class Execution:
         self.created = time.monotonic()
         self._holds = 1
         self.state: State = "open"
-        # the tables below stay shared empties until their first entry (_list, _table)
+        # engines, databases, custom, custom_origins, handles, dirtied and _stragglers stay
+        # shared read-only empties until their first entry (_list, _table)
         self.engines: Sequence[Any] = _NONE
         self.databases: Sequence[Any] = _NONE
         self.custom: Sequence[Any] = _NONE
@@ -193,7 +194,7 @@ class Execution:
         #: until when a connection left inside a transaction stays its thread's
         self._grace_until = 0.0
 
-    def _list(self, name: str) -> list[Any]:
+    def _list(self, name: Literal["engines", "databases", "custom"]) -> list[Any]:
         """The list ``name`` (engines, databases, custom), made on its first entry.
 
         Holding the lock: an execution starts with shared read-only empties in the
@@ -205,7 +206,9 @@ class Execution:
             setattr(self, name, items)
         return items
 
-    def _table(self, name: str) -> dict[Any, Any]:
+    def _table(
+        self, name: Literal["custom_origins", "handles", "dirtied", "_stragglers"]
+    ) -> dict[Any, Any]:
         """The dict ``name`` (custom_origins, handles, dirtied, _stragglers), made on its
         first entry (holding the lock; see :meth:`_list`)."""
         table = getattr(self, name)
@@ -459,6 +462,7 @@ class Execution:
                 return Release(self, reason)
             reclaim: list[Checkout] = []
             cancel: list[Checkout] = []
+            stragglers = self._table("_stragglers")  # something is out: the rare end
             for checkout in list(self.checkouts.values()):
                 activity = checkout.activity()
                 kept = activity == "active" or (
@@ -471,10 +475,9 @@ class Execution:
                 if force:
                     checkout.cancelled = True
                     cancel.append(checkout)
-                stragglers = self._table("_stragglers")
                 stragglers[checkout.thread_id] = stragglers.get(checkout.thread_id, 0) + 1
             for thread in self._inflight:  # mid-checkout: they go on like the holders
-                self._table("_stragglers").setdefault(thread, 0)
+                stragglers.setdefault(thread, 0)
             busy = bool(self.checkouts) or self.reserved > 0 or bool(self._inflight)
             self.state = "draining" if busy else "closed"
             self._grace_until = time.monotonic() + END_GRACE

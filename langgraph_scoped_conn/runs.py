@@ -101,7 +101,8 @@ class _Root:
 
 
 class RunIndex:
-    """Maps every run id seen (roots and children) to its execution or failed scope.
+    """Maps every run id seen (roots and children) to its root run's record, and so to
+    its execution or failed scope (:meth:`target`).
 
     Keys are the ids' ints (:func:`_key`).
     """
@@ -112,7 +113,7 @@ class RunIndex:
         self._runs: dict[Any, _Root] = {}
         #: tool run id -> (the tool's name, its tool call id), for leak reports
         self._names: dict[Any, tuple[str, str | None]] = {}
-        #: live root run id -> its root run (for the orphan scan)
+        #: live root run id -> its root run (duplicate ids, forgetting, the orphan scan)
         self._roots: dict[Any, _Root] = {}
         #: execution -> its root runs (live runs that hold it)
         self._roots_of: dict[Execution, list[Any]] = {}
@@ -333,6 +334,8 @@ class RunIndex:
 
     def clear(self) -> None:
         with self._lock:
+            for root in self._roots.values():
+                root.forgotten = True  # a racing link() removes its own entry
             self._runs.clear()
             self._names.clear()
             self._roots.clear()

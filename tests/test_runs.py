@@ -161,12 +161,18 @@ def test_a_reused_run_id_fails_the_lookups_of_nodes_already_running_too() -> Non
         with pytest.raises(lsc.ScopeUnavailableError, match=str(root)):
             mgr.open_execution(str(root), root_run=root)
         assert mgr.link_run(late_node, root)
-        for run in (root, early_node, late_node):
+        grandchild = uuid.uuid4()  # a tool started by the node that was already running
+        assert mgr.link_run(grandchild, early_node)
+        for run in (root, early_node, late_node, grandchild):
             with pytest.raises(lsc.ScopeUnavailableError, match="already used by a live run"):
                 mgr.execution_for_run(run)
-        mgr.end_run(root)  # each invocation's end
-        mgr.end_run(root)
+        mgr.end_run(root)  # the first invocation's end releases the execution
+        assert mgr.active_executions() == []
+        with pytest.raises(lsc.ScopeUnavailableError, match="already used by a live run"):
+            mgr.execution_for_run(early_node)  # the other invocation is still live
+        mgr.end_run(root)  # the second's end forgets the run and its children
         assert mgr.tracked_runs() == 0 and mgr.active_executions() == []
+        assert not mgr.link_run(uuid.uuid4(), root)  # the id is free again
     finally:
         mgr.close()
 
